@@ -1,0 +1,49 @@
+"""kswap: knowledge swapping (forget, retain and learn classes at once) for vision models.
+
+The core is framework-free. The flow a host plugin follows:
+
+1. ``SwapConfig`` (or ``SwapConfig.preset(task)``) and ``LabelSpace.for_config`` resolve the class sets;
+2. ``inject_lora`` / ``freeze_all_but_lora_`` / ``extend_head`` prepare the model, ``lora_groups`` finds the
+   group-sparsity groups;
+3. ``plan_phases`` and ``PhaseScheduler`` walk the phases; ``PhaseLoss`` combines the host's task losses;
+4. ``SwapReport`` records per-set scores and writes JSON, Markdown and a plot; ``merge_and_export`` gives
+   the plain model back.
+"""
+
+from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from .config import PRESETS, LoraSettings, LossWeights, Order, PhaseLength, SwapConfig
+from .data import InfiniteLoader
+from .errors import CheckpointMismatchError, SwapConfigError
+from .groups import discover_groups
+from .heads import check_head_size, extend_embedding, extend_head, replace_module, sigmoid_prior_bias
+from .labels import ClassSets, LabelSpace
+from .lora import (
+    TARGET_PRESETS,
+    freeze_all_but_lora_,
+    inject_lora,
+    load_lora_model_state,
+    lora_groups,
+    lora_state_dict,
+    matching_linears,
+    merge_and_export,
+    reinit_lora_,
+    to_injected_keys,
+    to_plain_keys,
+)
+from .losses import PhaseLoss, PhaseLossOutput, bounded_forget_loss, group_sparse_loss, sum_task_loss
+from .metrics import AccuracyMeter, swap_hmean, top1_accuracy
+from .phases import Phase, PhaseKind, PhaseScheduler, plan_phases
+from .report import SwapReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccuracyMeter", "CheckpointMismatchError", "ClassSets", "InfiniteLoader", "LabelSpace", "LoraSettings",
+    "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput",
+    "PhaseScheduler", "SwapConfig", "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save",
+    "atomic_write_text", "bounded_forget_loss", "check_head_size", "discover_groups", "extend_embedding",
+    "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "inject_lora", "load_checkpoint",
+    "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export",
+    "plan_phases", "reinit_lora_", "replace_module", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean",
+    "to_injected_keys", "to_plain_keys", "top1_accuracy",
+]

@@ -1,0 +1,277 @@
+"""Swap configuration: class sets, phase order, per-phase loss weights, LoRA settings and task presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping, Sequence
+
+from .errors import SwapConfigError
+
+ClassRef = str | int
+
+
+class Order(str, Enum):
+    """Order of the learn and forget phases."""
+
+    LEARN_THEN_FORGET = "learn_then_forget"
+    FORGET_THEN_LEARN = "forget_then_learn"
+    LEARN_FORGET_LEARN = "learn_forget_learn"
+    FORGET_LEARN_FORGET = "forget_learn_forget"
+    # One phase with all three terms. Not from the reference code: an ablation of the library.
+    JOINT = "joint"
+
+
+@dataclass(frozen=True)
+class PhaseLength:
+    """Length of one phase, in optimizer steps or in epochs of the phase's retain-side loader."""
+
+    steps: int | None = None
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise SwapConfigError(f"PhaseLength needs exactly one of steps or epochs, got {self}.")
+        value = self.steps if self.steps is not None else self.epochs
+        if not isinstance(value, int) or value < 1:
+            raise SwapConfigError(f"PhaseLength must be a positive integer, got {self}.")
+
+    @classmethod
+    def parse(cls, value: str | int | Mapping[str, int] | PhaseLength) -> PhaseLength:
+        """Build from ``PhaseLength``, ``{"steps": n}``/``{"epochs": n}``, ``"500steps"``/``"5epochs"`` or an int (epochs)."""
+        if isinstance(value, PhaseLength):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**value)
+        if isinstance(value, int):
+            return cls(epochs=value)
+        text = str(value).strip().lower()
+        for unit in ("steps", "step", "epochs", "epoch"):
+            if text.endswith(unit) and text[: -len(unit)].strip().isdigit():
+                n = int(text[: -len(unit)])
+                return cls(steps=n) if unit.startswith("step") else cls(epochs=n)
+        raise SwapConfigError(f"Cannot read phase length {value!r}: write e.g. '500steps' or '5epochs'.")
+
+    def __str__(self) -> str:
+        return f"{self.steps}steps" if self.steps is not None else f"{self.epochs}epochs"
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of one phase's loss: ``w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS``.
+
+    Args:
+        retain_weight: weight ``w_R`` of the task loss on the retain-side batch.
+        learn_weight: weight ``w_L`` of the task loss on the learn batch (learn and joint phases).
+        beta: weight of the bounded forgetting term (forget and joint phases).
+        bnd: bound on the forget-set task loss; the forgetting term is zero once the loss exceeds it.
+        alpha: weight of the group-sparse penalty on the LoRA groups.
+    """
+
+    retain_weight: float = 1.0
+    learn_weight: float = 1.0
+    beta: float = 0.2
+    bnd: float = 105.0
+    alpha: float = 0.01
+
+    def validate(self, where: str) -> None:
+        for name in ("retain_weight", "learn_weight", "beta", "alpha"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise SwapConfigError(f"{where}.{name} must be >= 0, got {value}.")
+        if not self.bnd > 0:
+            raise SwapConfigError(
+                f"{where}.bnd must be > 0, got {self.bnd}: it bounds the forget-set task loss from above "
+                "(reference: 105 classification, 15 detection, 115 segmentation)."
+            )
+        if self.beta > 10:
+            raise SwapConfigError(f"{where}.beta={self.beta} is out of range (0..10; reference 0.2).")
+        if self.alpha > 10:
+            raise SwapConfigError(f"{where}.alpha={self.alpha} is out of range (0..10; reference 0.005-0.01).")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA placement and shape.
+
+    Args:
+        rank: LoRA rank ``r``.
+        scaling: multiplier of ``B·A`` (peft's ``lora_alpha / r``; reference 1/8).
+        targets: a regex fully matching module names, or the name of a target preset (see ``TARGET_PRESETS``).
+        dropout: dropout on the LoRA input.
+        group_by: optional regex whose match at the start of a module name is that module's group;
+            by default one group per transformer block is discovered from the names.
+        reference_init: re-initialise LoRA as the reference does (A: kaiming_uniform a=√50, B: 0).
+    """
+
+    rank: int = 8
+    scaling: float = 0.125
+    targets: str = "ffn"
+    dropout: float = 0.0
+    group_by: str | None = None
+    reference_init: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise SwapConfigError(f"lora.rank must be a positive integer, got {self.rank!r}.")
+        if not self.scaling > 0:
+            raise SwapConfigError(f"lora.scaling must be > 0, got {self.scaling}.")
+        if not 0 <= self.dropout < 1:
+            raise SwapConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        if not self.targets:
+            raise SwapConfigError("lora.targets is empty: give a regex or a preset name such as 'ffn'.")
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    """Everything that defines a knowledge swap, independent of the host framework.
+
+    Class sets are names or ids in the pretrained model's label space (``forget``, ``retain``) and names of
+    the new classes (``learn``). ``retain=None`` means every pretrained class not in ``forget``.
+
+    Args:
+        forget: classes to forget.
+        retain: classes to keep; ``None`` for all other pretrained classes.
+        learn: new classes to learn.
+        order: phase order; ``learn_then_forget`` is the recommended one.
+        learn_length: length of each learn phase.
+        forget_length: length of each forget phase (also the length of a joint phase).
+        learn_loss: loss weights of learn phases.
+        forget_loss: loss weights of forget phases.
+        lora: LoRA settings.
+        forget_retains_learned: a forget phase that follows a learn phase retains R ∪ L (as the reference).
+        reset_optimizer_between_phases: build a fresh optimizer at each phase start (reference: segmentation).
+        restart_lr_schedule: restart the LR schedule at each phase start (reference: classification, segmentation).
+        task: the preset this config came from, for the report.
+    """
+
+    forget: tuple[ClassRef, ...]
+    learn: tuple[ClassRef, ...]
+    retain: tuple[ClassRef, ...] | None = None
+    order: Order = Order.LEARN_THEN_FORGET
+    learn_length: PhaseLength = field(default_factory=lambda: PhaseLength(epochs=5))
+    forget_length: PhaseLength = field(default_factory=lambda: PhaseLength(epochs=5))
+    learn_loss: LossWeights = field(default_factory=lambda: LossWeights(retain_weight=0.2, alpha=0.005))
+    forget_loss: LossWeights = field(default_factory=lambda: LossWeights(beta=0.2, bnd=105.0, alpha=0.005))
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    forget_retains_learned: bool = True
+    reset_optimizer_between_phases: bool = False
+    restart_lr_schedule: bool = True
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        coerce = object.__setattr__
+        coerce(self, "forget", _as_class_tuple(self.forget, "forget"))
+        coerce(self, "learn", _as_class_tuple(self.learn, "learn"))
+        if self.retain is not None:
+            coerce(self, "retain", _as_class_tuple(self.retain, "retain"))
+        try:
+            coerce(self, "order", Order(self.order))
+        except ValueError:
+            names = ", ".join(o.value for o in Order)
+            raise SwapConfigError(f"Unknown order {self.order!r}; choose one of: {names}.") from None
+        coerce(self, "learn_length", PhaseLength.parse(self.learn_length))
+        coerce(self, "forget_length", PhaseLength.parse(self.forget_length))
+        for name, kind in (("learn_loss", LossWeights), ("forget_loss", LossWeights), ("lora", LoraSettings)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                coerce(self, name, kind(**value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check ranges and set shapes that need no model; raise ``SwapConfigError`` naming the fix."""
+        for name in ("forget", "learn"):
+            if not getattr(self, name):
+                raise SwapConfigError(f"The {name} set is empty: a swap needs at least one class to {name}.")
+        if self.retain is not None and not self.retain:
+            raise SwapConfigError("The retain set is empty: pass retain=None to keep every other class.")
+        self.learn_loss.validate("learn_loss")
+        self.forget_loss.validate("forget_loss")
+        self.lora.validate()
+
+    @property
+    def joint_loss(self) -> LossWeights:
+        """Weights of the joint phase: retain/beta/bnd/alpha of the forget phase, learn weight of the learn phase."""
+        return dataclasses.replace(self.forget_loss, learn_weight=self.learn_loss.learn_weight)
+
+    @classmethod
+    def preset(cls, task: str, **overrides: Any) -> SwapConfig:
+        """A config with the reference defaults of ``task`` (classification, detection or segmentation)."""
+        try:
+            defaults = PRESETS[task]
+        except KeyError:
+            raise SwapConfigError(f"Unknown task preset {task!r}; choose one of: {', '.join(PRESETS)}.") from None
+        return cls(**{**defaults, "task": task, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; ``SwapConfig.from_dict`` reads it back."""
+        out = dataclasses.asdict(self)
+        out["order"] = self.order.value
+        out["learn_length"] = str(self.learn_length)
+        out["forget_length"] = str(self.forget_length)
+        for name in ("forget", "learn", "retain"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SwapConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SwapConfigError(f"Unknown swap config keys {sorted(unknown)}; known keys: {sorted(known)}.")
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """A short hash of the config, stored in checkpoints so a resume with another config is refused."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _as_class_tuple(values: Sequence[ClassRef] | ClassRef, name: str) -> tuple[ClassRef, ...]:
+    if isinstance(values, (str, int)):
+        values = [values]
+    out = tuple(values)
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise SwapConfigError(f"The {name} set must hold class names or integer ids, got {v!r}.")
+    if len(set(out)) != len(out):
+        dup = sorted({str(v) for v in out if out.count(v) > 1})
+        raise SwapConfigError(f"The {name} set lists {dup} more than once.")
+    return out
+
+
+# Reference defaults (../shared/spec/algorithm.md §2.1, §2.5, §7): classification from the README command,
+# detection and segmentation from the constants in the reference engine and config.
+PRESETS: dict[str, dict[str, Any]] = {
+    "classification": dict(
+        learn_length=PhaseLength(epochs=5),
+        forget_length=PhaseLength(epochs=5),
+        learn_loss=LossWeights(retain_weight=0.2, learn_weight=1.0, alpha=0.005),
+        forget_loss=LossWeights(retain_weight=1.0, beta=0.2, bnd=105.0, alpha=0.005),
+        lora=LoraSettings(rank=8, scaling=0.125, targets="timm_vit"),
+        reset_optimizer_between_phases=False,
+        restart_lr_schedule=True,
+    ),
+    "detection": dict(
+        learn_length=PhaseLength(epochs=20),
+        forget_length=PhaseLength(epochs=20),
+        learn_loss=LossWeights(retain_weight=1.0, learn_weight=0.9, alpha=0.01),
+        forget_loss=LossWeights(retain_weight=1.0, beta=0.2, bnd=15.0, alpha=0.01),
+        lora=LoraSettings(rank=8, scaling=0.125, targets="mmdet_dino"),
+        reset_optimizer_between_phases=False,
+        restart_lr_schedule=False,
+    ),
+    "segmentation": dict(
+        learn_length=PhaseLength(steps=3500),
+        forget_length=PhaseLength(steps=3500),
+        learn_loss=LossWeights(retain_weight=1.0, learn_weight=0.9, alpha=0.01),
+        forget_loss=LossWeights(retain_weight=1.0, beta=0.2, bnd=115.0, alpha=0.01),
+        lora=LoraSettings(rank=8, scaling=0.125, targets="mask2former"),
+        reset_optimizer_between_phases=True,
+        restart_lr_schedule=True,
+    ),
+}

@@ -1,0 +1,119 @@
+"""The swap losses: bounded forgetting, group sparsity, and the per-phase combination of host task losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from .config import LossWeights
+
+TaskLoss = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def bounded_forget_loss(task_loss_forget: torch.Tensor, bnd: float, beta: float) -> torch.Tensor:
+    """``beta · relu(bnd − L_F)``: gradient ascent on the forget-set loss that stops once it reaches ``bnd``."""
+    return beta * torch.relu(bnd - task_loss_forget)
+
+
+def group_sparse_loss(groups: Mapping[str, Iterable[torch.Tensor]] | Iterable[Iterable[torch.Tensor]]) -> torch.Tensor:
+    """``Σ_g ||concat(g)||_2``: the sum over groups of the L2 norm of all of a group's LoRA tensors.
+
+    No per-group weight and no normalisation by the number of groups, as in GS-LoRA and the reference.
+    """
+    tensors = groups.values() if isinstance(groups, Mapping) else groups
+    norms = []
+    for group in tensors:
+        squares = [p.pow(2).sum() for p in group]
+        if squares:
+            # sqrt of a sum of squares has an infinite gradient at 0; clamp keeps an all-zero group finite.
+            norms.append(torch.stack(squares).sum().clamp_min(1e-12).sqrt())
+    if not norms:
+        raise ValueError("group_sparse_loss got no LoRA tensors: inject LoRA before building the loss.")
+    return torch.stack(norms).sum()
+
+
+def default_loss_key(key: str) -> bool:
+    """mmengine's rule: a term is optimised when its key contains ``'loss'``."""
+    return "loss" in key
+
+
+def sum_task_loss(losses: TaskLoss, is_loss: Callable[[str], bool] = default_loss_key) -> torch.Tensor:
+    """The task loss of one batch: a tensor as is, or the sum of the loss terms of a host loss dict.
+
+    Values that are lists of tensors (mmdet returns per-level lists) are summed too.
+    """
+    if isinstance(losses, torch.Tensor):
+        return losses
+    terms = []
+    for key, value in losses.items():
+        if not is_loss(key):
+            continue
+        if isinstance(value, torch.Tensor):
+            terms.append(value.sum() if value.dim() else value)
+        else:
+            terms.extend(v.sum() for v in value)
+    if not terms:
+        raise ValueError(f"The loss dict {sorted(losses)} holds no loss term (keys selected by {is_loss.__name__}).")
+    return torch.stack(terms).sum()
+
+
+@dataclass
+class PhaseLossOutput:
+    """The total loss to back-propagate and every term, detached, for logging."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+class PhaseLoss:
+    """Combines the host's task losses of one step into the phase loss.
+
+    ``total = w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS``; a role missing from ``task_losses``
+    contributes nothing, so the same object serves learn, forget and joint phases.
+
+    Args:
+        weights: the phase's loss weights.
+        is_loss: selects the optimised terms of a host loss dict (mmengine: keys with ``'loss'``;
+            detectron2: every key).
+    """
+
+    def __init__(self, weights: LossWeights, is_loss: Callable[[str], bool] = default_loss_key) -> None:
+        self.weights = weights
+        self.is_loss = is_loss
+
+    def __call__(self, task_losses: Mapping[str, TaskLoss], gs: torch.Tensor | None = None) -> PhaseLossOutput:
+        """Args:
+            task_losses: per role (``retain``, ``learn``, ``forget``) the host's loss tensor or loss dict.
+            gs: the group-sparse value of the LoRA groups, or ``None`` to leave it out.
+        """
+        unknown = set(task_losses) - {"retain", "learn", "forget"}
+        if unknown:
+            raise ValueError(f"Unknown loss roles {sorted(unknown)}; use retain, learn and forget.")
+        w = self.weights
+        parts: list[torch.Tensor] = []
+        terms: dict[str, torch.Tensor] = {}
+        for role, losses in task_losses.items():
+            task = sum_task_loss(losses, self.is_loss)
+            terms[f"{role}/task"] = task.detach()
+            if not isinstance(losses, torch.Tensor):
+                for key, value in losses.items():
+                    if isinstance(value, torch.Tensor) and value.numel() == 1:
+                        terms[f"{role}/{key}"] = value.detach().reshape(())
+            if role == "retain":
+                parts.append(w.retain_weight * task)
+            elif role == "learn":
+                parts.append(w.learn_weight * task)
+            else:
+                bounded = bounded_forget_loss(task, w.bnd, w.beta)
+                terms["forget/bounded"] = bounded.detach()
+                parts.append(bounded)
+        if gs is not None:
+            terms["group_sparse"] = gs.detach()
+            parts.append(w.alpha * gs)
+        if not parts:
+            raise ValueError("PhaseLoss got no task loss: pass at least one of retain, learn, forget.")
+        total = torch.stack([p.reshape(()) for p in parts]).sum()
+        terms["total"] = total.detach()
+        return PhaseLossOutput(total=total, terms=terms)

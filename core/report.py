@@ -1,0 +1,143 @@
+"""The swap report: per-set scores before and after each phase and over steps, as JSON, Markdown and a plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .checkpoint import atomic_write_text
+from .metrics import GOALS, SETS, swap_hmean
+
+Scores = dict[str, float]
+
+
+@dataclass
+class SwapReport:
+    """Collects scores while a swap runs and writes them out.
+
+    Args:
+        order: the phase order.
+        metric: the name of the per-set score (``top1``, ``bbox_mAP``, ``mIoU``), in percent.
+        classes: per set, the class names, for the report header.
+    """
+
+    order: str
+    metric: str = "top1"
+    classes: Mapping[str, list[str]] = field(default_factory=dict)
+    before: Scores | None = None
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, step: int, phase: str, scores: Mapping[str, float]) -> None:
+        """Add a point of the per-set curves (an evaluation at ``step`` during ``phase``)."""
+        self.curve.append({"step": step, "phase": phase, **_scores(scores)})
+
+    def set_before(self, scores: Mapping[str, float]) -> None:
+        self.before = _scores(scores)
+        self.record(0, "before", scores)
+
+    def end_phase(self, name: str, kind: str, step: int, scores: Mapping[str, float]) -> None:
+        """Record the scores at the end of a phase (the phase's "before" is the previous phase's "after")."""
+        start = self.phases[-1]["after"] if self.phases else self.before
+        self.phases.append({"name": name, "kind": kind, "end_step": step, "before": start, "after": _scores(scores)})
+        if not self.curve or self.curve[-1]["step"] != step:
+            self.record(step, name, scores)
+
+    @property
+    def after(self) -> Scores | None:
+        return self.phases[-1]["after"] if self.phases else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "order": self.order,
+            "metric": self.metric,
+            "classes": {k: list(v) for k, v in self.classes.items()},
+            "metrics": {"before": self.before, "after": self.after, "phases": self.phases},
+            "curve": self.curve,
+        }
+        if self.before and self.after:
+            out["hmean"] = swap_hmean(self.before, self.after)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SwapReport:
+        metrics = data["metrics"]
+        return cls(
+            order=data["order"],
+            metric=data.get("metric", "top1"),
+            classes=data.get("classes", {}),
+            before=metrics.get("before"),
+            phases=list(metrics.get("phases", [])),
+            curve=list(data.get("curve", [])),
+        )
+
+    def to_markdown(self) -> str:
+        """A table: one row per set, its goal, the score before and after each phase."""
+        heads = ["set", "goal", "before"] + [f"after {p['name']}" for p in self.phases]
+        lines = [
+            f"# Knowledge swap report ({self.order}, {self.metric} %)",
+            "",
+            "| " + " | ".join(heads) + " |",
+            "|" + "---|" * len(heads),
+        ]
+        for s in SETS:
+            row = [s, "lower" if GOALS[s] == "down" else "higher", _fmt(self.before, s)]
+            row += [_fmt(p["after"], s) for p in self.phases]
+            lines.append("| " + " | ".join(row) + " |")
+        summary = self.to_dict().get("hmean")
+        if summary is not None:
+            lines += ["", f"H-mean of (forget drop, retain, learn): {summary:.2f} (library extra, not a paper metric)"]
+        for s in SETS:
+            if self.classes.get(s):
+                lines.append(f"- {s}: {', '.join(map(str, self.classes[s]))}")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> Path:
+        """Save the per-set curves over steps, with the phase ends marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [p["step"] for p in self.curve]
+        for s in SETS:
+            ax.plot(steps, [p[s] for p in self.curve], marker="o", label=f"{s} ({GOALS[s]})")
+        for phase in self.phases:
+            ax.axvline(phase["end_step"], color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(phase["name"], (phase["end_step"], 1), rotation=90, va="bottom", ha="right", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{self.metric} (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"Knowledge swap ({self.order})")
+        ax.legend(loc="best")
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(path)
+        return path
+
+    def write(self, out_dir: str | Path, stem: str = "swap_report") -> dict[str, Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` atomically into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(paths["md"], self.to_markdown())
+        self.plot(paths["png"])
+        return paths
+
+
+def _scores(scores: Mapping[str, float]) -> Scores:
+    missing = [s for s in SETS if s not in scores]
+    if missing:
+        raise ValueError(f"Scores need forget, retain and learn; missing {missing}.")
+    return {s: float(scores[s]) for s in SETS}
+
+
+def _fmt(scores: Mapping[str, float] | None, s: str) -> str:
+    return "-" if scores is None else f"{scores[s]:.2f}"

@@ -1,0 +1,58 @@
+"""Patch an unpacked pb1-detectron2 0.6 sdist so it builds and imports on current torch/NumPy/Pillow.
+
+pb1-detectron2 is upstream detectron2 v0.6 without ``csrc/``. This makes it a pure-Python build:
+
+* ``setup.py``: no C++ extension, model-zoo configs shipped from ``detectron2/model_zoo/configs``;
+* ``detectron2/_C.py``: a stand-in that says the C++ ops were not built when one is used;
+* NumPy and Pillow aliases removed since v0.6 (``np.bool`` ..., ``Image.LINEAR``) replaced.
+
+Usage: ``python patch_detectron2_sdist.py SDIST_DIR``. Running it twice changes nothing.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+_C_STUB = '''"""Stand-in for detectron2's C++ ops, which this build does not compile (pure-Python install)."""
+
+
+def __getattr__(name):
+    raise ImportError(
+        f"detectron2._C.{name} is not available: detectron2 was built without its C++ ops "
+        "(rotated boxes, DeformConv, fast COCO eval). Use COCOEvaluator(use_fast_impl=False)."
+    )
+'''
+
+_NUMPY_ALIASES = {"bool": "bool", "int": "int64", "float": "float64", "str": "str_", "object": "object_"}
+
+
+def patch_setup(setup_py: Path) -> None:
+    text = setup_py.read_text()
+    text = text.replace("ext_modules=get_extensions(),", "ext_modules=[],")
+    text = re.sub(
+        r'package_data=\{"detectron2.model_zoo": get_model_zoo_configs\(\)\}',
+        'package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}',
+        text,
+    )
+    setup_py.write_text(text)
+
+
+def patch_aliases(package_dir: Path) -> None:
+    alias = re.compile(r"\bnp\.(bool|int|float|str|object)\b(?!_|\d)")
+    for source in package_dir.rglob("*.py"):
+        text = source.read_text()
+        new = alias.sub(lambda m: f"np.{_NUMPY_ALIASES[m.group(1)]}", text)
+        new = new.replace("Image.LINEAR", "Image.BILINEAR")
+        if new != text:
+            source.write_text(new)
+
+
+def main(root: str) -> None:
+    sdist = Path(root)
+    patch_setup(sdist / "setup.py")
+    patch_aliases(sdist / "detectron2")
+    (sdist / "detectron2" / "_C.py").write_text(_C_STUB)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,38 @@
+"""Shared fixtures: real small data (sklearn digits) and tiny timm models built in the test (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_vit(num_classes: int = 10, depth: int = 2):
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1,
+        embed_dim=32, depth=depth, num_heads=2, num_classes=num_classes,
+    )
+
+
+def tiny_swin(num_classes: int = 10):
+    import timm
+
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, in_chans=1,
+        window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=num_classes,
+    )
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 1,797 real 8x8 handwritten digits (UCI optdigits), scaled to [0, 1], shape (N, 1, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, torch.tensor(y)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

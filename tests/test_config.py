@@ -1,0 +1,106 @@
+import pytest
+
+from kswap import PRESETS, LabelSpace, LoraSettings, LossWeights, Order, PhaseLength, SwapConfig, SwapConfigError
+
+DIGITS = [str(i) for i in range(10)]
+
+
+def test_presets_reproduce_reference_defaults():
+    cls = SwapConfig.preset("classification", forget=[0], learn=["x"])
+    assert (cls.learn_loss.retain_weight, cls.learn_loss.learn_weight, cls.learn_loss.alpha) == (0.2, 1.0, 0.005)
+    assert (cls.forget_loss.beta, cls.forget_loss.bnd, cls.forget_loss.alpha) == (0.2, 105.0, 0.005)
+    assert cls.learn_length == PhaseLength(epochs=5) and not cls.reset_optimizer_between_phases
+    det = SwapConfig.preset("detection", forget=[0], learn=["x"])
+    assert (det.learn_loss.retain_weight, det.learn_loss.learn_weight) == (1.0, 0.9)
+    assert (det.forget_loss.beta, det.forget_loss.bnd, det.forget_loss.alpha) == (0.2, 15.0, 0.01)
+    assert det.forget_length == PhaseLength(epochs=20)
+    seg = SwapConfig.preset("segmentation", forget=[0], learn=["x"])
+    assert (seg.forget_loss.bnd, seg.learn_loss.learn_weight) == (115.0, 0.9)
+    assert seg.learn_length == PhaseLength(steps=3500) and seg.reset_optimizer_between_phases
+    assert all(p["lora"].rank == 8 and p["lora"].scaling == 0.125 for p in PRESETS.values())
+    assert cls.order is Order.LEARN_THEN_FORGET and cls.forget_retains_learned
+
+
+def test_dict_round_trip_and_fingerprint():
+    cfg = SwapConfig.preset("detection", forget=["cat"], learn=["zebra"], order="forget_then_learn",
+                            learn_length="300steps")
+    again = SwapConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.fingerprint() == cfg.fingerprint()
+    other = SwapConfig.from_dict({**cfg.to_dict(), "forget_loss": {**cfg.to_dict()["forget_loss"], "bnd": 20.0}})
+    assert other.fingerprint() != cfg.fingerprint()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("500steps", PhaseLength(steps=500)), ("5epochs", PhaseLength(epochs=5)), ("1 step", PhaseLength(steps=1)),
+    (3, PhaseLength(epochs=3)), ({"steps": 7}, PhaseLength(steps=7)),
+])
+def test_phase_length_parse(text, expected):
+    assert PhaseLength.parse(text) == expected
+
+
+def test_joint_loss_combines_phase_weights():
+    cfg = SwapConfig.preset("segmentation", forget=[0], learn=["x"], order="joint")
+    assert cfg.joint_loss == LossWeights(retain_weight=1.0, learn_weight=0.9, beta=0.2, bnd=115.0, alpha=0.01)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(forget=[], learn=["x"]), "forget set is empty"),
+    (dict(forget=[1], learn=[]), "learn set is empty"),
+    (dict(forget=[1], learn=["x"], retain=[]), "retain set is empty"),
+    (dict(forget=[1, 1], learn=["x"]), "more than once"),
+    (dict(forget=[1.5], learn=["x"]), "class names or integer ids"),
+    (dict(forget=[1], learn=["x"], order="sideways"), "Unknown order"),
+    (dict(forget=[1], learn=["x"], forget_loss=LossWeights(bnd=0)), "bnd must be > 0"),
+    (dict(forget=[1], learn=["x"], forget_loss=LossWeights(beta=-1)), "beta must be >= 0"),
+    (dict(forget=[1], learn=["x"], forget_loss=LossWeights(beta=50)), "beta=50 is out of range"),
+    (dict(forget=[1], learn=["x"], learn_loss=LossWeights(alpha=-0.1)), "alpha must be >= 0"),
+    (dict(forget=[1], learn=["x"], learn_loss=LossWeights(alpha=11)), "alpha=11 is out of range"),
+    (dict(forget=[1], learn=["x"], learn_loss=LossWeights(learn_weight=-1)), "learn_weight must be >= 0"),
+    (dict(forget=[1], learn=["x"], lora=LoraSettings(rank=0)), "rank must be a positive integer"),
+    (dict(forget=[1], learn=["x"], lora=LoraSettings(scaling=0)), "scaling must be > 0"),
+    (dict(forget=[1], learn=["x"], lora=LoraSettings(dropout=1.0)), "dropout must be in"),
+    (dict(forget=[1], learn=["x"], lora=LoraSettings(targets="")), "targets is empty"),
+    (dict(forget=[1], learn=["x"], learn_length="5 fortnights"), "Cannot read phase length"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(SwapConfigError, match=message):
+        SwapConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(steps=0), dict(), dict(steps=3, epochs=2), dict(epochs=-1)])
+def test_phase_length_errors(kwargs):
+    with pytest.raises(SwapConfigError, match="PhaseLength"):
+        PhaseLength(**kwargs)
+
+
+def test_unknown_preset_and_keys():
+    with pytest.raises(SwapConfigError, match="Unknown task preset"):
+        SwapConfig.preset("captioning", forget=[0], learn=["x"])
+    with pytest.raises(SwapConfigError, match=r"Unknown swap config keys \['bogus'\]"):
+        SwapConfig.from_dict({"forget": [0], "learn": ["x"], "bogus": 1})
+
+
+def test_label_space_resolves_names_and_ids():
+    cfg = SwapConfig(forget=["0", 1], learn=["trouser", "bag"])
+    space = LabelSpace.for_config(DIGITS, cfg)
+    sets = space.resolve(cfg)
+    assert sets.forget == (0, 1) and sets.retain == tuple(range(2, 10)) and sets.learn == (10, 11)
+    assert space.num_classes == 12 and space.id_of("bag") == 11 and space.names[10] == "trouser"
+    explicit = SwapConfig(forget=[0], retain=["5", "6"], learn=["trouser"])
+    assert LabelSpace.for_config(DIGITS, explicit).resolve(explicit).retain == (5, 6)
+
+
+@pytest.mark.parametrize("cfg, pretrained, message", [
+    (dict(forget=["eleven"], learn=["x"]), DIGITS, r"forget set names \['eleven'\].*does not know"),
+    (dict(forget=[42], learn=["x"]), DIGITS, r"forget set names \[42\]"),
+    (dict(forget=[0], retain=["3", "nope"], learn=["x"]), DIGITS, r"retain set names \['nope'\]"),
+    (dict(forget=[0, 1], retain=[1, 2], learn=["x"]), DIGITS, r"\['1'\] are in both the forget and the retain"),
+    (dict(forget=[0], learn=["7"]), DIGITS, r"classes to learn \['7'\] already exist"),
+    (dict(forget=[0], learn=[3]), DIGITS, "must name its classes"),
+    (dict(forget=[0, 1], learn=["x"]), ["0", "1"], "retain set is empty"),
+    (dict(forget=[0], learn=["x"]), ["a", "a"], "repeat"),
+])
+def test_label_space_errors(cfg, pretrained, message):
+    config = SwapConfig(**cfg)
+    with pytest.raises(SwapConfigError, match=message):
+        LabelSpace.for_config(pretrained, config).resolve(config)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from torch import nn
+
+from kswap import SwapConfigError, check_head_size, extend_embedding, extend_head, replace_module, sigmoid_prior_bias
+
+
+def test_extend_head_keeps_old_rows_bit_identical():
+    old = nn.Linear(16, 10)
+    new = extend_head(old, 4)
+    assert (new.in_features, new.out_features) == (16, 14)
+    assert torch.equal(new.weight[:10], old.weight) and torch.equal(new.bias[:10], old.bias)
+    assert torch.equal(new.bias[10:], torch.zeros(4))
+    bound = (6 / (16 + 4)) ** 0.5  # xavier_uniform on the (K, d) slice, as the reference
+    assert new.weight[10:].abs().max() <= bound and new.weight[10:].abs().max() > 0
+    assert not any(p.requires_grad for p in new.parameters())
+    assert all(p.requires_grad for p in extend_head(old, 1, trainable=True).parameters())
+
+
+def test_extend_head_before_trailing_no_object_row():
+    old = nn.Linear(8, 6)  # 5 classes + "no object"
+    new = extend_head(old, 3, trailing_rows=1)
+    assert new.out_features == 9
+    assert torch.equal(new.weight[:5], old.weight[:5]) and torch.equal(new.weight[-1], old.weight[-1])
+    assert torch.equal(new.bias[-1], old.bias[-1]) and torch.equal(new.bias[5:8], torch.zeros(3))
+    x = torch.randn(4, 8)
+    out_old, out_new = old(x), new(x)
+    torch.testing.assert_close(out_new[:, :5], out_old[:, :5])
+    torch.testing.assert_close(out_new[:, -1], out_old[:, -1])
+
+
+def test_extend_sigmoid_head_uses_prior_bias():
+    old = nn.Linear(8, 80)
+    new = extend_head(old, 5, bias=sigmoid_prior_bias(0.01), init="zeros")
+    assert torch.sigmoid(new.bias[80:]).allclose(torch.full((5,), 0.01))
+    assert torch.equal(new.weight[80:], torch.zeros(5, 8))
+
+
+def test_extend_embedding_and_dtype_preserved():
+    old = nn.Embedding(7, 4).double()
+    new = extend_embedding(old, 2)
+    assert new.weight.dtype == torch.float64 and new.num_embeddings == 9
+    assert torch.equal(new.weight[:7], old.weight) and not new.weight.requires_grad
+
+
+@pytest.mark.parametrize("n_new, trailing", [(0, 0), (2, 6), (1, -1)])
+def test_extend_head_bad_arguments(n_new, trailing):
+    with pytest.raises(SwapConfigError):
+        extend_head(nn.Linear(4, 6), n_new, trailing_rows=trailing)
+    with pytest.raises(SwapConfigError, match="Unknown head init"):
+        extend_head(nn.Linear(4, 6), 1, init="orthogonal")
+
+
+def test_check_head_size():
+    check_head_size(11, 10, trailing_rows=1)
+    with pytest.raises(SwapConfigError, match="has 12 outputs but the pretrained label space has 10 classes"):
+        check_head_size(12, 10)
+
+
+def test_replace_module():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Linear(3, 4)))
+    new = nn.Linear(3, 5)
+    old = replace_module(model, "1.0", new)
+    assert model[1][0] is new and old.out_features == 4
