@@ -12,7 +12,7 @@ The core is framework-free. The flow a host plugin follows:
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .config import PRESETS, LoraSettings, LossWeights, Order, PhaseLength, SwapConfig
-from .data import InfiniteLoader
+from .data import InfiniteLoader, ResumableSampler
 from .errors import CheckpointMismatchError, SwapConfigError
 from .groups import discover_groups
 from .heads import check_head_size, extend_embedding, extend_head, replace_module, sigmoid_prior_bias
@@ -38,7 +38,7 @@ from .report import SwapReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccuracyMeter", "CheckpointMismatchError", "ClassSets", "InfiniteLoader", "LabelSpace", "LoraSettings",
+    "AccuracyMeter", "CheckpointMismatchError", "ClassSets", "InfiniteLoader", "ResumableSampler", "LabelSpace", "LoraSettings",
     "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput",
     "PhaseScheduler", "SwapConfig", "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save",
     "atomic_write_text", "bounded_forget_loss", "check_head_size", "discover_groups", "extend_embedding",

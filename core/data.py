@@ -1,19 +1,79 @@
-"""Data plumbing shared by the hosts: a loader that never runs out."""
+"""Data plumbing shared by the hosts: a seeded, shardable, resumable sampler and a loader that never runs out."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffles with ``(seed, epoch)``, shards over ``world_size`` ranks and can start mid-epoch.
+
+    The order depends only on the seed and the epoch, so a resumed run that skips the samples it already
+    consumed sees exactly the batches the interrupted run would have seen.
+
+    Args:
+        length: the dataset size.
+        shuffle: shuffle each epoch.
+        seed: base seed of the shuffle.
+        rank: this process's rank.
+        world_size: the number of processes.
+        pad: give every rank ``ceil(length / world_size)`` indices by repeating the first ones (training, as
+            ``DistributedSampler``); without it the ranks split the indices exactly (evaluation).
+    """
+
+    def __init__(
+        self, length: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True
+    ) -> None:
+        if length < 1:
+            raise ValueError("ResumableSampler over an empty dataset.")
+        self.length = length
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+        self.pad = pad
+        self.per_rank = math.ceil(length / world_size) if pad else len(range(rank, length, world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def skip(self, n: int) -> None:
+        """Start the current epoch after its first ``n`` samples (of this rank)."""
+        self.start = n
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        if self.pad:
+            order += order[: self.per_rank * self.world_size - len(order)]
+        mine = order[self.rank :: self.world_size]
+        return iter(mine[self.start :])
 
 
 class InfiniteLoader:
     """Cycle through ``loader``, starting a fresh pass (and a new sampler epoch) whenever one ends.
 
     The reference cycles the target loader this way while the retain-side loader sets the epoch length.
+    With a ``ResumableSampler`` its position is part of ``state_dict`` and is restored exactly.
     """
 
     def __init__(self, loader: Iterable[Any]) -> None:
         self.loader = loader
         self.epoch = 0
+        self.consumed = 0
         self._it: Iterator[Any] | None = None
 
     def __iter__(self) -> InfiniteLoader:
@@ -25,10 +85,22 @@ class InfiniteLoader:
                 sampler = getattr(self.loader, "sampler", None)
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(self.epoch)
+                if self.consumed and hasattr(sampler, "skip"):
+                    sampler.skip(self.consumed * self.loader.batch_size)
                 self._it = iter(self.loader)
             try:
-                return next(self._it)
+                batch = next(self._it)
+                self.consumed += 1
+                return batch
             except StopIteration:
                 self._it = None
                 self.epoch += 1
+                self.consumed = 0
         raise RuntimeError("InfiniteLoader: the loader yields no batch (empty dataset?).")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self._it = None

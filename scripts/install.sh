@@ -96,8 +96,10 @@ ensure -- "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "yacs>=0.1.8" "omegacon
   tabulate tensorboard cloudpickle termcolor pydot future
 ensure_built "$DETECTRON2" pb1_detectron2 patch_detectron2
 
-if ! "$PY" -c "import kswap" 2>/dev/null; then
+stamp="$VENV/.kswap-pyproject.sha256"
+if [ "$(sha256sum "$ROOT/pyproject.toml" | cut -d" " -f1)" != "$(cat "$stamp" 2>/dev/null)" ] || ! "$PY" -c "import kswap" 2>/dev/null; then
   log "installing kswap (editable)"
   "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
+  sha256sum "$ROOT/pyproject.toml" | cut -d" " -f1 > "$stamp"
 fi
 log "ready: $VENV"

@@ -1,0 +1,96 @@
+"""ImageFolder datasets and resumable loaders, built with timm's dataset and transform factories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from timm.data import create_dataset, create_transform
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from kswap import ResumableSampler, SwapConfigError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def image_mode(in_chans: int) -> str:
+    """The PIL mode timm's train.py loads images in for ``in_chans`` channels."""
+    return "RGB" if in_chans == 3 else "L"
+
+
+def check_image_folder(root: str | Path, split: str, what: str) -> Path:
+    """The ``root/split`` ImageFolder, checked: it exists and every class folder holds images.
+
+    An empty class folder would silently shift every later class id, so it is an error.
+    """
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise SwapConfigError(f"The {what} has no '{split}' split: {folder} is not a directory.")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise SwapConfigError(f"The {what} split {folder} holds no class folders.")
+    empty = [p.name for p in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*"))]
+    if empty:
+        raise SwapConfigError(
+            f"The {what} split {folder} has class folders without images: {empty}. Remove them or add images "
+            "(an empty class folder shifts the ids of the classes after it)."
+        )
+    return folder
+
+
+def image_folder(
+    root: str | Path,
+    split: str,
+    data_config: Mapping[str, Any],
+    class_map: Mapping[str, int] | None = None,
+    is_training: bool = False,
+) -> Dataset:
+    """timm's ImageFolder dataset of ``root/split`` with its eval transform (the reference uses no augmentation)."""
+    dataset = create_dataset(
+        "", root=str(root), split=split, class_map=dict(class_map) if class_map else None,
+        input_img_mode=image_mode(data_config["input_size"][0]),
+    )
+    dataset.transform = create_transform(**dict(data_config), is_training=is_training)
+    return dataset
+
+
+def class_names(dataset: Dataset) -> list[str]:
+    """Class names of a timm ImageFolder dataset, indexed by label id."""
+    class_to_idx = dataset.reader.class_to_idx
+    names = [""] * len(class_to_idx)
+    for name, idx in class_to_idx.items():
+        names[idx] = name
+    return names
+
+
+def targets(dataset: Dataset) -> list[int]:
+    """Labels of every sample, read from the file list (no image is decoded)."""
+    return [t for _, t in dataset.reader.samples]
+
+
+def subset_by_labels(dataset: Dataset, labels: Iterable[int], fraction: float = 1.0, seed: int = 0) -> Subset:
+    """The samples whose label is in ``labels``; a seeded random ``fraction`` of them (reference: 10 %)."""
+    wanted = set(labels)
+    indices = [i for i, t in enumerate(targets(dataset)) if t in wanted]
+    if fraction < 1.0:
+        g = torch.Generator().manual_seed(seed)
+        keep = max(1, round(len(indices) * fraction))
+        indices = sorted(indices[i] for i in torch.randperm(len(indices), generator=g)[:keep].tolist())
+    return Subset(dataset, indices)
+
+
+def concat(datasets: Sequence[Dataset]) -> Dataset:
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(list(datasets))
+
+
+def resumable_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+    workers: int = 0,
+) -> DataLoader:
+    """A DataLoader sharded across ranks with a ``ResumableSampler``: padded when shuffling (training), an
+    exact split otherwise (evaluation)."""
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                               pad=shuffle)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      persistent_workers=False, drop_last=False)

@@ -1,0 +1,326 @@
+"""``--plugin swap``: knowledge swapping in a timm classifier (forget F, retain R, learn L).
+
+The plugin turns the user's timm run into the reference recipe (../shared/spec/algorithm.md §2, classification
+preset): LoRA on the FFN of every block, the pretrained head extended by the new classes and frozen, phases in
+the configured order, each step drawing a retain-side batch and a target batch, loss
+``w_R·CE(R') + w_L·CE(L) + β·relu(BND − CE(F)) + α·GS``. Forget and retain come from ``--data-dir`` (the
+pretrained model's ImageFolder), the learn set from ``--swap-learn-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from kswap import (
+    PRESETS, InfiniteLoader, LabelSpace, LoraSettings, Order, Phase, PhaseLoss, PhaseScheduler, SwapConfig,
+    SwapConfigError, SwapReport, atomic_save, check_head_size, extend_head, freeze_all_but_lora_, group_sparse_loss,
+    inject_lora, lora_groups, merge_and_export, plan_phases, replace_module,
+)
+from kswap.metrics import SETS
+from .context import Step, TrainContext
+from .data import check_image_folder, class_names, concat, image_folder, resumable_loader, subset_by_labels
+from .evaluation import evaluate_top1
+from .hookspecs import hookimpl
+
+# CLI flag -> (loss-weights field, phases it sets).
+_LOSS_FLAGS = {
+    "swap_learn_retain_weight": ("retain_weight", ("learn_loss",)),
+    "swap_learn_weight": ("learn_weight", ("learn_loss",)),
+    "swap_forget_retain_weight": ("retain_weight", ("forget_loss",)),
+    "swap_beta": ("beta", ("forget_loss",)),
+    "swap_bnd": ("bnd", ("forget_loss",)),
+    "swap_alpha": ("alpha", ("learn_loss", "forget_loss")),
+}
+
+
+def swap_config_from_args(args: argparse.Namespace) -> SwapConfig:
+    """The ``SwapConfig`` of the ``--swap-*`` flags over the ``--swap-task`` preset; unset flags keep the preset."""
+    if args.swap_task not in PRESETS:
+        raise SwapConfigError(f"Unknown --swap-task {args.swap_task!r}; choose one of: {', '.join(PRESETS)}.")
+    preset = PRESETS[args.swap_task]
+    losses = {"learn_loss": preset["learn_loss"], "forget_loss": preset["forget_loss"]}
+    for flag, (field, phases) in _LOSS_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            for phase in phases:
+                losses[phase] = replace(losses[phase], **{field: value})
+    lora = preset["lora"]
+    lora = LoraSettings(
+        rank=lora.rank if args.swap_lora_rank is None else args.swap_lora_rank,
+        scaling=lora.scaling if args.swap_lora_scaling is None else args.swap_lora_scaling,
+        targets=args.swap_lora_targets or lora.targets,
+        dropout=args.swap_lora_dropout,
+    )
+    overrides: dict[str, Any] = dict(
+        forget=tuple(args.swap_forget), learn=tuple(args.swap_learn),
+        retain=tuple(args.swap_retain) if args.swap_retain else None, order=args.swap_order, lora=lora,
+        learn_length=args.swap_learn_length or preset["learn_length"],
+        forget_length=args.swap_forget_length or preset["forget_length"], **losses,
+    )
+    for flag, key in (("swap_retain_learned", "forget_retains_learned"),
+                      ("swap_reset_optimizer", "reset_optimizer_between_phases"),
+                      ("swap_restart_lr", "restart_lr_schedule")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    return SwapConfig.preset(args.swap_task, **overrides)
+
+
+class SwapPlugin:
+    """The ``swap`` plugin of ``timm_swap.train``."""
+
+    def __init__(self) -> None:
+        self.config: SwapConfig | None = None
+        self.space: LabelSpace | None = None
+        self.sets: dict[str, tuple[int, ...]] = {}
+        self.groups: dict[str, list[nn.Parameter]] = {}
+        self.train_sets: dict[str, Any] = {}
+        self.eval_loaders: dict[str, Any] = {}
+        self.scheduler: PhaseScheduler | None = None
+        self.phase_loaders: list[dict[str, InfiniteLoader]] = []
+        self.report: SwapReport | None = None
+
+    # -- arguments and validation ------------------------------------------------------------------------------
+    @hookimpl
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("Knowledge swap (--plugin swap)")
+        g.add_argument("--swap-forget", nargs="+", default=None, metavar="CLASS",
+                       help="pretrained classes to forget (folder names of --data-dir, or ids)")
+        g.add_argument("--swap-retain", nargs="+", default=None, metavar="CLASS",
+                       help="pretrained classes to retain (default: all the others)")
+        g.add_argument("--swap-learn-dir", default=None, metavar="DIR",
+                       help="ImageFolder root (same split names) with the new classes")
+        g.add_argument("--swap-learn", nargs="+", default=None, metavar="CLASS",
+                       help="new classes to learn (default: every class folder of --swap-learn-dir)")
+        g.add_argument("--swap-order", default=Order.LEARN_THEN_FORGET.value, choices=[o.value for o in Order])
+        g.add_argument("--swap-task", default="classification", help="preset of reference defaults")
+        g.add_argument("--swap-learn-length", default=None, metavar="LEN", help="e.g. 5epochs or 300steps")
+        g.add_argument("--swap-forget-length", default=None, metavar="LEN", help="e.g. 5epochs or 300steps")
+        g.add_argument("--swap-learn-retain-weight", type=float, default=None, help="w_R in learn phases (0.2)")
+        g.add_argument("--swap-learn-weight", type=float, default=None, help="w_L in learn phases (1.0)")
+        g.add_argument("--swap-forget-retain-weight", type=float, default=None, help="w_R in forget phases (1.0)")
+        g.add_argument("--swap-beta", type=float, default=None, help="weight of the bounded forget term (0.2)")
+        g.add_argument("--swap-bnd", type=float, default=None, help="bound on the forget-set loss (105)")
+        g.add_argument("--swap-alpha", type=float, default=None, help="group-sparse weight (0.005)")
+        g.add_argument("--swap-lora-rank", type=int, default=None, help="LoRA rank (8)")
+        g.add_argument("--swap-lora-scaling", type=float, default=None, help="LoRA scaling (0.125)")
+        g.add_argument("--swap-lora-targets", default=None, help="regex or preset of the LoRA targets (timm_vit)")
+        g.add_argument("--swap-lora-dropout", type=float, default=0.0)
+        g.add_argument("--swap-train-fraction", type=float, default=1.0,
+                       help="random fraction of the forget/retain train images used (reference: 0.1)")
+        g.add_argument("--swap-eval-interval", type=int, default=0, metavar="N",
+                       help="also evaluate the three sets every N steps (0: at phase ends only)")
+        g.add_argument("--swap-retain-learned", action=argparse.BooleanOptionalAction, default=None,
+                       help="forget phases after a learn phase retain R ∪ L (default: yes, as the reference)")
+        g.add_argument("--swap-reset-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                       help="fresh optimizer at each phase (preset)")
+        g.add_argument("--swap-restart-lr", action=argparse.BooleanOptionalAction, default=None,
+                       help="restart the LR schedule at each phase (preset)")
+
+    @hookimpl
+    def validate_args(self, args: argparse.Namespace) -> None:
+        if not args.swap_forget:
+            raise SwapConfigError("--plugin swap needs --swap-forget CLASS [CLASS ...].")
+        if not args.swap_learn_dir:
+            raise SwapConfigError("--plugin swap needs --swap-learn-dir DIR (an ImageFolder of the new classes).")
+        if not (args.initial_checkpoint or args.pretrained or args.resume):
+            raise SwapConfigError("--plugin swap edits a trained model: pass --initial-checkpoint PATH or --pretrained.")
+        if not args.data_dir:
+            raise SwapConfigError("--plugin swap needs --data-dir, the ImageFolder the model was trained on.")
+        if not 0 < args.swap_train_fraction <= 1:
+            raise SwapConfigError(f"--swap-train-fraction must be in (0, 1], got {args.swap_train_fraction}.")
+        from .train import resolve_split
+
+        for root, what in ((args.data_dir, "--data-dir dataset"), (args.swap_learn_dir, "--swap-learn-dir dataset")):
+            for split in (args.train_split, args.val_split):
+                check_image_folder(root, resolve_split(root, split), what)
+        pretrained = sorted(p.name for p in (Path(args.data_dir) / resolve_split(args.data_dir, args.train_split))
+                            .iterdir() if p.is_dir())
+        learn_root = Path(args.swap_learn_dir) / resolve_split(args.swap_learn_dir, args.train_split)
+        available = sorted(p.name for p in learn_root.iterdir() if p.is_dir())
+        args.swap_learn = args.swap_learn or available
+        missing = [c for c in args.swap_learn if c not in available]
+        if missing:
+            raise SwapConfigError(f"--swap-learn names {missing}, which are not class folders of {learn_root} "
+                                  f"({available}).")
+        self.config = swap_config_from_args(args)
+        self.space = LabelSpace.for_config(pretrained, self.config)
+        self.sets = self.space.resolve(self.config).as_dict()
+        if args.num_classes is not None and args.num_classes != self.space.num_pretrained:
+            raise SwapConfigError(
+                f"--num-classes {args.num_classes} is the size of the pretrained head, but --data-dir has "
+                f"{self.space.num_pretrained} classes. Pass --num-classes {self.space.num_pretrained}; the plugin "
+                f"extends the head to {self.space.num_classes} itself."
+            )
+        args.num_classes = self.space.num_pretrained
+
+    # -- model and data ------------------------------------------------------------------------------------------
+    @hookimpl
+    def configure_model(self, model: nn.Module, ctx: TrainContext) -> None:
+        head = model.get_classifier()
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        if not isinstance(head, nn.Linear):
+            raise SwapConfigError(f"{ctx.args.model}'s classifier {head_name} is not a Linear layer.")
+        check_head_size(head.out_features, self.space.num_pretrained, where=f"classifier {head_name}")
+        replace_module(model, head_name, extend_head(head, len(self.space.new)))
+        inject_lora(model, self.config.lora)
+        freeze_all_but_lora_(model)
+        self.groups = lora_groups(model, self.config.lora.group_by)
+        if ctx.is_main:
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            tqdm.write(f"swap: LoRA in {len(self.groups)} groups, {n} trainable parameters; head "
+                       f"{head.out_features} -> {head.out_features + len(self.space.new)} classes (frozen)")
+
+    @hookimpl
+    def build_loaders(self, ctx: TrainContext) -> dict[str, Any]:
+        from .train import resolve_split
+
+        args = ctx.args
+        learn_map = {name: self.space.id_of(name) for name in self.space.new}
+        splits = {"train": args.train_split, "eval": args.val_split}
+        for kind, split in splits.items():
+            old = image_folder(args.data_dir, resolve_split(args.data_dir, split), ctx.data_config)
+            if class_names(old) != list(self.space.pretrained):
+                raise SwapConfigError(f"The {split} split of --data-dir has classes {class_names(old)}, "
+                                      f"not the train split's {list(self.space.pretrained)}.")
+            new = image_folder(args.swap_learn_dir, resolve_split(args.swap_learn_dir, split), ctx.data_config,
+                               class_map=learn_map)
+            fraction = args.swap_train_fraction if kind == "train" else 1.0
+            sets = {"forget": subset_by_labels(old, self.sets["forget"], fraction, args.seed),
+                    "retain": subset_by_labels(old, self.sets["retain"], fraction, args.seed),
+                    "learn": new}
+            for name, dataset in sets.items():
+                if len(dataset) == 0:
+                    raise SwapConfigError(f"The {name} set has no images in the {split} split.")
+            if kind == "train":
+                self.train_sets = sets
+            else:
+                self.eval_loaders = {
+                    name: resumable_loader(d, args.validation_batch_size or args.batch_size, shuffle=False,
+                                           rank=ctx.rank, world_size=ctx.world_size, workers=args.workers)
+                    for name, d in sets.items()}
+        phases = plan_phases(self.config)
+        self.phase_loaders = [self._phase_loaders(p, ctx) for p in phases]
+        self.scheduler = PhaseScheduler(phases, lambda p: len(self.phase_loaders[p.index]["retain"].loader),
+                                        fingerprint=self.config.fingerprint())
+        ctx.total_steps = self.scheduler.total_steps
+        self.report = SwapReport(order=self.config.order.value, metric="top1",
+                                 classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
+        return {f"swap/{name}": loader for name, loader in self.eval_loaders.items()}
+
+    def _phase_loaders(self, phase: Phase, ctx: TrainContext) -> dict[str, InfiniteLoader]:
+        """One cycling loader per loss role, over the concatenation of that role's sets."""
+        return {
+            role: InfiniteLoader(resumable_loader(
+                concat([self.train_sets[s] for s in sources]), ctx.args.batch_size, shuffle=True,
+                seed=ctx.args.seed + 1000 * phase.index + i, rank=ctx.rank, world_size=ctx.world_size,
+                workers=ctx.args.workers))
+            for i, (role, sources) in enumerate(phase.sources.items())
+        }
+
+    # -- the steps and the loss ----------------------------------------------------------------------------------
+    @hookimpl
+    def train_steps(self, ctx: TrainContext) -> Iterator[Step]:
+        sched, cfg = self.scheduler, self.config
+        epochs = [(n // self._steps_per_epoch(p)) for p, n in zip(sched.phases, sched.phase_steps)]
+        while not sched.done:
+            phase = sched.phase
+            spe = self._steps_per_epoch(phase)
+            step_in_phase = sched.step_in_phase
+            new_schedule = None
+            if step_in_phase == 0 and (cfg.restart_lr_schedule or phase.index == 0):
+                new_schedule = (epochs[phase.index], spe) if cfg.restart_lr_schedule else (sum(epochs), spe)
+            lr_epoch = step_in_phase // spe + (0 if cfg.restart_lr_schedule else sum(epochs[: phase.index]))
+            batch = {role: next(loader) for role, loader in self.phase_loaders[phase.index].items()}
+            yield Step(
+                batch=batch, period=phase.name, period_index=phase.index, epoch=step_in_phase // spe,
+                epochs=epochs[phase.index], step_in_epoch=step_in_phase % spe, steps_per_epoch=spe,
+                global_step=sched.global_step, lr_epoch=lr_epoch, new_lr_schedule=new_schedule,
+                reset_optimizer=step_in_phase == 0 and phase.index > 0 and cfg.reset_optimizer_between_phases,
+            )
+            sched.step()
+
+    def _steps_per_epoch(self, phase: Phase) -> int:
+        n = len(self.phase_loaders[phase.index]["retain"].loader)
+        return n if phase.length.epochs is not None else self.scheduler.phase_steps[phase.index]
+
+    @hookimpl
+    def compute_loss(self, ctx: TrainContext, step: Step) -> dict[str, Any]:
+        # One forward over all roles' images: DDP sees each parameter used once before the backward.
+        roles = list(step.batch)
+        images = torch.cat([step.batch[r][0] for r in roles]).to(ctx.device)
+        logits = ctx.train_model(images).split([len(step.batch[r][1]) for r in roles])
+        task = {r: F.cross_entropy(out, step.batch[r][1].to(ctx.device)) for r, out in zip(roles, logits)}
+        phase = self.scheduler.phases[step.period_index]
+        out = PhaseLoss(phase.loss)(task, gs=group_sparse_loss(self.groups))
+        return {"loss": out.total, **{k: v for k, v in out.terms.items() if k != "total"}}
+
+    # -- evaluation and report -----------------------------------------------------------------------------------
+    def _scores(self, ctx: TrainContext) -> dict[str, float]:
+        return {name: evaluate_top1(ctx.model, loader, ctx.device) for name, loader in self.eval_loaders.items()}
+
+    @hookimpl
+    def on_period_start(self, ctx: TrainContext, step: Step) -> None:
+        if step.global_step == 0 and self.report.before is None:
+            self.report.set_before(self._scores(ctx))
+            if ctx.is_main:
+                tqdm.write("swap: before " + _fmt(self.report.before))
+
+    @hookimpl
+    def after_step(self, ctx: TrainContext, step: Step, losses: dict[str, float]) -> None:
+        interval = ctx.args.swap_eval_interval
+        if interval and (step.global_step + 1) % interval == 0 and not step.ends_period:
+            scores = self._scores(ctx)
+            self.report.record(step.global_step + 1, step.period, scores)
+            ctx.log({f"swap/{k}": v for k, v in scores.items()}, step.global_step + 1)
+
+    @hookimpl
+    def evaluate(self, ctx: TrainContext, step: Step) -> dict[str, float]:
+        scores = self._scores(ctx)
+        phase = self.scheduler.phases[step.period_index]
+        self.report.end_phase(phase.name, phase.kind.value, step.global_step + 1, scores)
+        return {f"swap/{k}": v for k, v in scores.items()}
+
+    @hookimpl
+    def state_dict(self, ctx: TrainContext) -> dict[str, Any]:
+        loaders = [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders]
+        return {"swap": {"scheduler": self.scheduler.state_dict(), "loaders": loaders,
+                         "report": self.report.to_dict(), "config": self.config.to_dict()}}
+
+    @hookimpl
+    def load_state_dict(self, ctx: TrainContext, state: dict[str, Any]) -> None:
+        saved = state.get("swap")
+        if saved is None:
+            raise SwapConfigError(f"--resume {ctx.args.resume} is not a swap run (no swap state in it).")
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for roles, states in zip(self.phase_loaders, saved["loaders"]):
+            for role, it in roles.items():
+                it.load_state_dict(states[role])
+        self.report = SwapReport.from_dict(saved["report"])
+
+    @hookimpl
+    def on_train_end(self, ctx: TrainContext) -> None:
+        if not ctx.is_main:
+            return
+        paths = self.report.write(ctx.output_dir)
+        plain = merge_and_export(ctx.model)
+        export = {"state_dict": plain.state_dict(), "class_names": list(self.space.names),
+                  "num_classes": self.space.num_classes, "arch": ctx.args.model}
+        atomic_save(export, ctx.output_dir / "model_swapped.pth")
+        (ctx.output_dir / "class_names.json").write_text(json.dumps(list(self.space.names), indent=1))
+        tqdm.write("\n" + self.report.to_markdown())
+        tqdm.write(f"swap: report {paths['md']}, merged model {ctx.output_dir / 'model_swapped.pth'} "
+                   f"(timm.create_model('{ctx.args.model}', num_classes={self.space.num_classes}, "
+                   "checkpoint_path=...))")
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return ", ".join(f"{s} {scores[s]:.2f}" for s in SETS)
