@@ -36,3 +36,29 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def write_image_folder(root, images, labels, names, split_at: int) -> None:
+    """Write 8x8 digit images as PNGs: ``root/{train,val}/<name>/<i>.png`` (first ``split_at`` samples train)."""
+    import numpy as np
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(images, labels)):
+        if int(label) not in names:
+            continue
+        split = "train" if i < split_at else "val"
+        folder = root / split / names[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image.reshape(8, 8).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="session")
+def digit_folders(tmp_path_factory, digits):
+    """Real handwritten digits as timm ImageFolders: ``old`` holds digits 0-7 (folders "0".."7"), ``new`` holds
+    8 and 9 as "eight" and "nine"."""
+    root = tmp_path_factory.mktemp("digits")
+    x, y = digits
+    write_image_folder(root / "old", x, y, {d: str(d) for d in range(8)}, split_at=1400)
+    write_image_folder(root / "new", x, y, {8: "eight", 9: "nine"}, split_at=1400)
+    return root

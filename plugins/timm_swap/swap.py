@@ -240,13 +240,15 @@ class SwapPlugin:
                 new_schedule = (epochs[phase.index], spe) if cfg.restart_lr_schedule else (sum(epochs), spe)
             lr_epoch = step_in_phase // spe + (0 if cfg.restart_lr_schedule else sum(epochs[: phase.index]))
             batch = {role: next(loader) for role, loader in self.phase_loaders[phase.index].items()}
-            yield Step(
+            step = Step(
                 batch=batch, period=phase.name, period_index=phase.index, epoch=step_in_phase // spe,
                 epochs=epochs[phase.index], step_in_epoch=step_in_phase % spe, steps_per_epoch=spe,
                 global_step=sched.global_step, lr_epoch=lr_epoch, new_lr_schedule=new_schedule,
                 reset_optimizer=step_in_phase == 0 and phase.index > 0 and cfg.reset_optimizer_between_phases,
             )
+            # Count the step before handing it out: a checkpoint written during it resumes after it.
             sched.step()
+            yield step
 
     def _steps_per_epoch(self, phase: Phase) -> int:
         n = len(self.phase_loaders[phase.index]["retain"].loader)
