@@ -7,3 +7,14 @@ install:
 
 test: install
 	$(PY) -m pytest -q
+
+.PHONY: install-timm demo bench
+# The demo and the benchmark need only the timm stack: no mmcv/detectron2 build on a fresh machine.
+install-timm:
+	bash scripts/install.sh timm
+
+demo: install-timm
+	$(PY) demo/swap_mnist.py
+
+bench: install-timm
+	$(PY) bench/swap_quality.py

@@ -38,9 +38,9 @@ from .report import SwapReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccuracyMeter", "CheckpointMismatchError", "ClassSets", "InfiniteLoader", "ResumableSampler", "LabelSpace", "LoraSettings",
-    "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput",
-    "PhaseScheduler", "SwapConfig", "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save",
+    "AccuracyMeter", "CheckpointMismatchError", "ClassSets", "InfiniteLoader", "ResumableSampler", "LabelSpace",
+    "LoraSettings", "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss",
+    "PhaseLossOutput", "PhaseScheduler", "SwapConfig", "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save",
     "atomic_write_text", "bounded_forget_loss", "check_head_size", "discover_groups", "extend_embedding",
     "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "inject_lora", "load_checkpoint",
     "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export",

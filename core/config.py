@@ -41,7 +41,7 @@ class PhaseLength:
 
     @classmethod
     def parse(cls, value: str | int | Mapping[str, int] | PhaseLength) -> PhaseLength:
-        """Build from ``PhaseLength``, ``{"steps": n}``/``{"epochs": n}``, ``"500steps"``/``"5epochs"`` or an int (epochs)."""
+        """Read ``{"steps": n}``, ``{"epochs": n}``, ``"500steps"``, ``"5epochs"`` or an int (epochs)."""
         if isinstance(value, PhaseLength):
             return value
         if isinstance(value, Mapping):

@@ -144,7 +144,7 @@ def _base_prefixes(model: nn.Module) -> list[str]:
 
 
 def to_plain_keys(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename an injected model's keys to the original ones and drop LoRA (``fc1.base_layer.weight`` → ``fc1.weight``)."""
+    """An injected model's state dict under the original keys, without LoRA (``x.base_layer.weight`` → ``x.weight``)."""
     prefixes = _base_prefixes(model)
     out = {}
     for key, value in state_dict.items():

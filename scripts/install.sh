@@ -5,7 +5,11 @@
 # mmcv 2.x wheels and no detectron2 at all: both are built here from sdists, once, and the wheels are kept
 # under $KSWAP_WHEEL_CACHE (default ~/.cache/kswap/wheels). Every step checks what is already installed
 # and does nothing when it is right, so a second run takes seconds.
+#
+# Usage: scripts/install.sh [all|timm]   (timm: skip mmengine/mmcv/mmdet/detectron2; default: all)
 set -euo pipefail
+PROFILE=${1:-all}
+case "$PROFILE" in all|timm) ;; *) echo "usage: $0 [all|timm]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${KSWAP_VENV:-$ROOT/.venv}
@@ -17,8 +21,8 @@ PIP=("$PY" -m pip --disable-pip-version-check -q)
 PIP_PIN="pip==24.3.1"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 BUILD_PINS=("setuptools>=77.0.3,<81" wheel)
-HOST_PINS=(timm==1.0.31 peft==0.21.2 pycocotools==2.0.11 pluggy==1.7.0 wandb==0.31.0
-           mmengine==0.10.7 mmdet==3.3.0)
+TIMM_PINS=(timm==1.0.31 peft==0.21.2 pluggy==1.7.0 wandb==0.31.0)
+OPENMMLAB_PINS=(pycocotools==2.0.11 mmengine==0.10.7 mmdet==3.3.0)
 TOOL_PINS=(scikit-learn matplotlib pyyaml tqdm pytest)
 MMCV=mmcv==2.1.0
 DETECTRON2=pb1-detectron2==0.6
@@ -89,17 +93,24 @@ patch_detectron2() { "$PY" "$ROOT/scripts/patch_detectron2_sdist.py" "$1"; }
 [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
 ensure -- "$PIP_PIN" "${BUILD_PINS[@]}"
 ensure -- "${TORCH_PINS[@]}"
-ensure -- "${HOST_PINS[@]}" "${TOOL_PINS[@]}"
-ensure_built "$MMCV" mmcv patch_mmcv
-# detectron2's own requirements come from PyPI; the package itself from the cached wheel.
-ensure -- "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "yacs>=0.1.8" "omegaconf>=2.1" "hydra-core>=1.1" \
-  tabulate tensorboard cloudpickle termcolor pydot future
-ensure_built "$DETECTRON2" pb1_detectron2 patch_detectron2
+ensure -- "${TIMM_PINS[@]}" "${TOOL_PINS[@]}"
+if [ "$PROFILE" = all ]; then
+  ensure -- "${OPENMMLAB_PINS[@]}"
+  ensure_built "$MMCV" mmcv patch_mmcv
+  # detectron2's own requirements come from PyPI; the package itself from the cached wheel.
+  ensure -- "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "yacs>=0.1.8" "omegaconf>=2.1" "hydra-core>=1.1" \
+    tabulate tensorboard cloudpickle termcolor pydot future
+  ensure_built "$DETECTRON2" pb1_detectron2 patch_detectron2
+fi
 
-stamp="$VENV/.kswap-pyproject.sha256"
-if [ "$(sha256sum "$ROOT/pyproject.toml" | cut -d" " -f1)" != "$(cat "$stamp" 2>/dev/null)" ] || ! "$PY" -c "import kswap" 2>/dev/null; then
-  log "installing kswap (editable)"
-  "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
-  sha256sum "$ROOT/pyproject.toml" | cut -d" " -f1 > "$stamp"
+# Reinstall kswap (and rebuild kswap._C) only when its build inputs changed.
+stamp="$VENV/.kswap-build.sha256"
+build_hash=$(cd "$ROOT" && cat pyproject.toml setup.py $(find csrc -type f | sort) | sha256sum | cut -d" " -f1)
+if [ "$build_hash" != "$(cat "$stamp" 2>/dev/null)" ] || ! "$PY" -c "import kswap" 2>/dev/null; then
+  log "installing kswap (editable; compiles kswap._C)"
+  # torch finds nvcc on PATH but not the toolkit root this machine keeps it in.
+  if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && command -v nvcc >/dev/null; then export CUDA_HOME=/usr/local/cuda; fi
+  MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
+  echo "$build_hash" > "$stamp"
 fi
 log "ready: $VENV"

@@ -2,13 +2,25 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_swin, tiny_vit
 from torch import nn
 
 from kswap import (
-    CheckpointMismatchError, LoraSettings, SwapConfigError, freeze_all_but_lora_, inject_lora, load_lora_model_state,
-    lora_groups, lora_state_dict, merge_and_export, matching_linears, reinit_lora_, to_injected_keys, to_plain_keys,
+    CheckpointMismatchError,
+    LoraSettings,
+    SwapConfigError,
+    freeze_all_but_lora_,
+    inject_lora,
+    load_lora_model_state,
+    lora_groups,
+    lora_state_dict,
+    matching_linears,
+    merge_and_export,
+    reinit_lora_,
+    to_injected_keys,
+    to_plain_keys,
 )
+
+from conftest import tiny_swin, tiny_vit
 
 MODELS = {
     "vit": (tiny_vit, (4, 1, 8, 8), ["blocks.0", "blocks.1"]),

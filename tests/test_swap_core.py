@@ -6,13 +6,27 @@ This is the loop every host plugin runs, written with the core objects only.
 
 import pytest
 import torch
-from conftest import tiny_vit
 from torch.nn import functional as F
 
 from kswap import (
-    InfiniteLoader, LabelSpace, LoraSettings, PhaseLoss, PhaseScheduler, SwapConfig, SwapReport, extend_head,
-    freeze_all_but_lora_, group_sparse_loss, inject_lora, lora_groups, merge_and_export, plan_phases, top1_accuracy,
+    InfiniteLoader,
+    LabelSpace,
+    LoraSettings,
+    PhaseLoss,
+    PhaseScheduler,
+    SwapConfig,
+    SwapReport,
+    extend_head,
+    freeze_all_but_lora_,
+    group_sparse_loss,
+    inject_lora,
+    lora_groups,
+    merge_and_export,
+    plan_phases,
+    top1_accuracy,
 )
+
+from conftest import tiny_vit
 
 
 def _subset(x, y, labels):

@@ -21,11 +21,30 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from kswap import (
-    PRESETS, InfiniteLoader, LabelSpace, LoraSettings, Order, Phase, PhaseLoss, PhaseScheduler, SwapConfig,
-    SwapConfigError, SwapReport, atomic_save, check_head_size, extend_head, freeze_all_but_lora_, group_sparse_loss,
-    inject_lora, lora_groups, merge_and_export, plan_phases, replace_module,
+    PRESETS,
+    InfiniteLoader,
+    LabelSpace,
+    LoraSettings,
+    Order,
+    Phase,
+    PhaseLoss,
+    PhaseScheduler,
+    SwapConfig,
+    SwapConfigError,
+    SwapReport,
+    atomic_save,
+    check_head_size,
+    extend_head,
+    freeze_all_but_lora_,
+    group_sparse_loss,
+    inject_lora,
+    lora_groups,
+    merge_and_export,
+    plan_phases,
+    replace_module,
 )
 from kswap.metrics import SETS
+
 from .context import Step, TrainContext
 from .data import check_image_folder, class_names, concat, image_folder, resumable_loader, subset_by_labels
 from .evaluation import evaluate_top1
@@ -132,7 +151,7 @@ class SwapPlugin:
         if not args.swap_learn_dir:
             raise SwapConfigError("--plugin swap needs --swap-learn-dir DIR (an ImageFolder of the new classes).")
         if not (args.initial_checkpoint or args.pretrained or args.resume):
-            raise SwapConfigError("--plugin swap edits a trained model: pass --initial-checkpoint PATH or --pretrained.")
+            raise SwapConfigError("--plugin swap edits a trained model: pass --initial-checkpoint or --pretrained.")
         if not args.data_dir:
             raise SwapConfigError("--plugin swap needs --data-dir, the ImageFolder the model was trained on.")
         if not 0 < args.swap_train_fraction <= 1:

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kswap import CheckpointMismatchError, SwapConfigError, atomic_save, load_checkpoint
+
 from .context import Step, TrainContext
 from .data import check_image_folder, image_folder, resumable_loader
 from .evaluation import evaluate_top1

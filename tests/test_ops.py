@@ -1,0 +1,129 @@
+"""Multi-scale deformable attention: the compiled kernel against the grid_sample reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kswap.ops import compiled_available, ms_deform_attn, ms_deform_attn_reference
+from kswap.ops.ms_deform_attn import _MSDeformAttnFunction
+
+# scripts/install.sh always builds kswap._C; only a build with KSWAP_BUILD_EXT=0 may lack it.
+needs_kernel = pytest.mark.skipif(os.environ.get("KSWAP_BUILD_EXT") == "0" and not compiled_available("cpu"),
+                                  reason="built with KSWAP_BUILD_EXT=0")
+
+
+@needs_kernel
+def test_extension_is_built():
+    assert compiled_available("cpu")
+
+
+def make_inputs(n=2, heads=2, channels=3, shapes=((5, 7), (3, 4), (1, 2)), queries=6, points=3,
+                dtype=torch.float64, spread=0.2, seed=0):
+    """Random inputs; ``spread`` pushes sampling points past the map edges (outside points sample zero)."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.rand(n, int(sizes.sum()), heads, channels, generator=g, dtype=dtype)
+    loc = torch.rand(n, queries, heads, len(shapes), points, 2, generator=g, dtype=dtype) * (1 + 2 * spread) - spread
+    attn = torch.rand(n, queries, heads, len(shapes), points, generator=g, dtype=dtype) + 1e-5
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    return value, spatial_shapes, level_start_index, loc, attn
+
+
+def _grads(fn, inputs):
+    value, shapes, starts, loc, attn = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(value, shapes, starts, loc, attn)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    out.backward(grad_out)
+    return out.detach(), value.grad, loc.grad, attn.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(n=1, heads=1, channels=1, shapes=((1, 1),), queries=1, points=1),
+    dict(n=3, heads=4, channels=5, shapes=((9, 11), (5, 6), (3, 3), (2, 1)), queries=13, points=4),
+    dict(n=5, heads=3, channels=8, shapes=((4, 4),), queries=17, points=2, spread=0.6),  # many points outside
+])
+def test_forward_backward_match_reference_float64(case):
+    inputs = make_inputs(**case)
+    ours = _grads(ms_deform_attn, inputs)
+    ref = _grads(ms_deform_attn_reference, inputs)
+    for a, b, name in zip(ours, ref, ("output", "grad_value", "grad_locations", "grad_attention")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@needs_kernel
+def test_float32_tolerance():
+    inputs = make_inputs(dtype=torch.float32, n=2, heads=8, channels=32, shapes=((16, 16), (8, 8), (4, 4), (2, 2)),
+                         queries=50, points=4)
+    for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_gradcheck():
+    value, shapes, starts, loc, attn = make_inputs(n=1, heads=2, channels=2, shapes=((3, 4), (2, 2)), queries=3,
+                                                   points=2, spread=0.1)
+    # keep points off the pixel grid lines, where bilinear sampling is not differentiable
+    loc = (loc * 0.9 + 0.03).requires_grad_()
+    value.requires_grad_()
+    attn.requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, lo, a: _MSDeformAttnFunction.apply(v, shapes, starts, lo, a),
+                                    (value, loc, attn), eps=1e-6, atol=1e-5)
+
+
+@needs_kernel
+def test_non_contiguous_inputs_are_made_contiguous():
+    value, shapes, starts, loc, attn = make_inputs()
+    value_t = value.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    loc_t = loc.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not value_t.is_contiguous() and not loc_t.is_contiguous()
+    torch.testing.assert_close(ms_deform_attn(value_t, shapes, starts, loc_t, attn),
+                               ms_deform_attn_reference(value, shapes, starts, loc, attn))
+
+
+@needs_kernel
+def test_half_is_upcast():
+    value, shapes, starts, loc, attn = make_inputs(dtype=torch.float32)
+    out = ms_deform_attn(value.half(), shapes, starts, loc.half(), attn.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ms_deform_attn_reference(value, shapes, starts, loc, attn),
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda v, s, i, lo, a: (v[0], s, i, lo, a), r"value must be \(N, S, M, D\)"),
+    (lambda v, s, i, lo, a: (v, s, i, lo[..., 0], a), r"sampling_locations must be \(N, Lq, M, L, P, 2\)"),
+    (lambda v, s, i, lo, a: (v, s[:2], i, lo, a), "spatial_shapes"),
+    (lambda v, s, i, lo, a: (v, s, i, lo[:1], a), "does not match value"),
+    (lambda v, s, i, lo, a: (v, s, i, lo, a[..., :1]), "attention_weights must be"),
+    (lambda v, s, i, lo, a: (v[:, :-1], s, i, lo, a), "do not cover S"),
+])
+def test_wrong_shapes_are_rejected(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        ms_deform_attn(*mutate(*make_inputs()))
+
+
+@needs_kernel
+def test_kernel_checks_its_own_inputs():
+    from kswap import _C
+
+    value, shapes, starts, loc, attn = make_inputs()
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        _C.ms_deform_attn_forward(value.transpose(2, 3), shapes, starts, loc, attn)
+    with pytest.raises(RuntimeError, match="level_start_index"):
+        _C.ms_deform_attn_forward(value, shapes, starts + 1, loc, attn)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _C.ms_deform_attn_forward(value.half(), shapes, starts, loc.half(), attn.half())
+
+
+def test_reference_fallback_without_extension(monkeypatch):
+    monkeypatch.setattr("kswap.ops.ms_deform_attn.compiled_available", lambda device: False)
+    inputs = make_inputs()
+    for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs)):
+        torch.testing.assert_close(a, b)
