@@ -40,6 +40,7 @@ def _extensions():
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     else:
         ext = CppExtension("kswap._C", sources, extra_compile_args={"cxx": cxx})
+    ext.optional = True  # setuptools then skips copying a module that failed to build
     return [ext], {"build_ext": OptionalBuildExtension}
 
 

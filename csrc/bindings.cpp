@@ -1,4 +1,6 @@
 // Python bindings of kswap._C: multi-scale deformable attention, dispatched on the inputs' device.
+#include <torch/extension.h>
+
 #include "ms_deform_attn.h"
 
 namespace kswap {

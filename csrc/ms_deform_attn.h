@@ -6,7 +6,7 @@
 // grid_sample(align_corners=False). All tensors must be contiguous; float32 or float64.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <vector>
 

@@ -21,7 +21,8 @@ def test_mmcv_dino_layer_unchanged_when_routed_to_kswap():
     from mmdet_swap import msda
 
     torch.manual_seed(0)
-    layer = MultiScaleDeformableAttention(embed_dims=256, num_heads=8, num_levels=4, num_points=4, batch_first=True)
+    layer = MultiScaleDeformableAttention(embed_dims=256, num_heads=8, num_levels=4, num_points=4, batch_first=True,
+                                          dropout=0.0)
     layer.init_weights()
     shapes = torch.tensor([[12, 12], [6, 6], [3, 3], [2, 2]])
     sizes = shapes.prod(1)
@@ -96,7 +97,7 @@ def test_mask2former_interface(fallback_module, compiled, monkeypatch):
     assert importlib.import_module("MultiScaleDeformableAttention") is msda
     if not compiled:
         monkeypatch.setattr(msda, "compiled_available", lambda device: False)
-        monkeypatch.setattr("kswap.ops.ms_deform_attn.compiled_available", lambda device: False)
+        monkeypatch.setattr("kswap.ops.deform_attn.compiled_available", lambda device: False)
     inputs = make_inputs(n=2, heads=2, channels=4, queries=5)
 
     def grads(fn):

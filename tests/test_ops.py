@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kswap.ops import compiled_available, ms_deform_attn, ms_deform_attn_reference
-from kswap.ops.ms_deform_attn import _MSDeformAttnFunction
+from kswap.ops.deform_attn import _MSDeformAttnFunction
 
 # scripts/install.sh always builds kswap._C; only a build with KSWAP_BUILD_EXT=0 may lack it.
 needs_kernel = pytest.mark.skipif(os.environ.get("KSWAP_BUILD_EXT") == "0" and not compiled_available("cpu"),
@@ -115,7 +115,7 @@ def test_kernel_checks_its_own_inputs():
 
     value, shapes, starts, loc, attn = make_inputs()
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        _C.ms_deform_attn_forward(value.transpose(2, 3), shapes, starts, loc, attn)
+        _C.ms_deform_attn_forward(value.transpose(0, 1).contiguous().transpose(0, 1), shapes, starts, loc, attn)
     with pytest.raises(RuntimeError, match="level_start_index"):
         _C.ms_deform_attn_forward(value, shapes, starts + 1, loc, attn)
     with pytest.raises(RuntimeError, match="float32 or float64"):
@@ -123,7 +123,7 @@ def test_kernel_checks_its_own_inputs():
 
 
 def test_reference_fallback_without_extension(monkeypatch):
-    monkeypatch.setattr("kswap.ops.ms_deform_attn.compiled_available", lambda device: False)
+    monkeypatch.setattr("kswap.ops.deform_attn.compiled_available", lambda device: False)
     inputs = make_inputs()
     for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs)):
         torch.testing.assert_close(a, b)

@@ -1,5 +1,6 @@
 // CPU kernels of multi-scale deformable attention: parallel over (batch, query) in the forward pass and over
 // (batch, head) in the backward pass, so that no two threads write the same value-gradient row.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include "../bilinear.h"

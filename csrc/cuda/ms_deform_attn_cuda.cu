@@ -1,8 +1,10 @@
 // CUDA kernels of multi-scale deformable attention, float32 and float64 (half is upcast by the Python caller).
 // Forward: one thread per output element (b, q, m, d). Backward: one thread per sampling point (b, q, m, l, p),
 // reducing over the channels in registers and scattering the value gradient with atomicAdd.
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../bilinear.h"
 #include "../ms_deform_attn.h"
@@ -99,7 +101,7 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   auto out = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
   const int64_t n = out.numel();
   if (n == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         g, spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(), value.data_ptr<scalar_t>(),
@@ -125,7 +127,7 @@ std::vector<at::Tensor> ms_deform_attn_backward_cuda(const at::Tensor& value, co
   auto grad_attn = at::zeros_like(attention_weights);
   const int64_t n = attention_weights.numel();
   if (n == 0) return {grad_value, grad_loc, grad_attn};
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         g, spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(), value.data_ptr<scalar_t>(),
