@@ -31,15 +31,17 @@ def _extensions():
                       "the PyTorch reference will be used", file=sys.stderr)
 
     sources = ["csrc/bindings.cpp", "csrc/checks.cpp", "csrc/cpu/ms_deform_attn_cpu.cpp"]
-    cxx = ["-O3"]
+    # at::parallel_for is OpenMP in torch's builds and only runs in parallel when the caller is compiled with
+    # -fopenmp; the libgomp it links is the one torch has already loaded.
+    cxx, link = ["-O3", "-fopenmp"], ["-fopenmp"]
     with_cuda = os.environ.get("KSWAP_BUILD_CUDA", "1") != "0" and CUDA_HOME is not None and torch.version.cuda
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # no GPU to detect at build time
         ext = CUDAExtension("kswap._C", sources + ["csrc/cuda/ms_deform_attn_cuda.cu"],
                             define_macros=[("KSWAP_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link)
     else:
-        ext = CppExtension("kswap._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("kswap._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     ext.optional = True  # setuptools then skips copying a module that failed to build
     return [ext], {"build_ext": OptionalBuildExtension}
 

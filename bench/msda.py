@@ -71,20 +71,38 @@ def time_once(fn, args, backward: bool, device: str) -> float:
 
 
 def peak_memory_mb(method: str, case: str) -> float:
-    """Peak RSS growth (MB) of one forward+backward, measured in a fresh process."""
+    """Peak resident-memory growth (MB) of one forward+backward, measured in a fresh process."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import msda; "
             f"print(msda._child_peak({method!r}, {case!r}))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _child_peak(method: str, case: str) -> float:
+    """Sample this process's resident memory every millisecond during one forward+backward."""
+    import threading
+
     args = inputs(CASES[case])
     fn = methods("cpu")[method]
     time_once(fn, inputs(8), True, "cpu")  # load code paths before the baseline
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
     time_once(fn, args, True, "cpu")
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    done.set()
+    thread.join()
+    return max(peak[0], _rss_mb()) - base
 
 
 def main() -> None:

@@ -105,7 +105,8 @@ fi
 
 # Reinstall kswap (and rebuild kswap._C) only when its build inputs changed.
 stamp="$VENV/.kswap-build.sha256"
-build_hash=$(cd "$ROOT" && cat pyproject.toml setup.py $(find csrc -type f | sort) | sha256sum | cut -d" " -f1)
+build_hash=$(cd "$ROOT" && { cat pyproject.toml setup.py $(find csrc -type f | sort)
+  echo "ext=${KSWAP_BUILD_EXT:-1} cuda=${KSWAP_BUILD_CUDA:-1}"; } | sha256sum | cut -d" " -f1)
 if [ "$build_hash" != "$(cat "$stamp" 2>/dev/null)" ] || ! "$PY" -c "import kswap" 2>/dev/null; then
   log "installing kswap (editable; compiles kswap._C)"
   # torch finds nvcc on PATH but not the toolkit root this machine keeps it in.

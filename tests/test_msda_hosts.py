@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from test_ops import make_inputs
 
 from kswap.ops import ms_deform_attn_reference
-from test_ops import make_inputs
 
 
 def test_mmcv_dino_layer_unchanged_when_routed_to_kswap():

@@ -48,6 +48,7 @@ def _grads(fn, inputs):
     dict(n=1, heads=1, channels=1, shapes=((1, 1),), queries=1, points=1),
     dict(n=3, heads=4, channels=5, shapes=((9, 11), (5, 6), (3, 3), (2, 1)), queries=13, points=4),
     dict(n=5, heads=3, channels=8, shapes=((4, 4),), queries=17, points=2, spread=0.6),  # many points outside
+    dict(n=2, heads=3, channels=4, shapes=((3, 3), (2, 2)), queries=200, points=4),  # kernel transposes value
 ])
 def test_forward_backward_match_reference_float64(case):
     inputs = make_inputs(**case)

@@ -94,10 +94,11 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
             f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got {tuple(sampling_locations.shape)}"
         )
     n, s, m, _ = value.shape
-    if spatial_shapes.shape != (sampling_locations.shape[3], 2) or level_start_index.shape != (spatial_shapes.shape[0],):
+    levels = sampling_locations.shape[3]
+    if spatial_shapes.shape != (levels, 2) or level_start_index.shape != (levels,):
         raise ValueError(
             f"ms_deform_attn: spatial_shapes {tuple(spatial_shapes.shape)} and level_start_index "
-            f"{tuple(level_start_index.shape)} must be (L, 2) and (L,) with L = {sampling_locations.shape[3]}"
+            f"{tuple(level_start_index.shape)} must be (L, 2) and (L,) with L = {levels}"
         )
     if sampling_locations.shape[0] != n or sampling_locations.shape[2] != m:
         raise ValueError(
