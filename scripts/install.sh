@@ -34,7 +34,8 @@ missing() {
   "$PY" - "$@" <<'PYEOF'
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from packaging.requirements import Requirement
+
+from pip._vendor.packaging.requirements import Requirement  # a fresh venv has pip, not packaging
 
 for spec in sys.argv[1:]:
     req = Requirement(spec)
@@ -51,8 +52,10 @@ PYEOF
 ensure() {
   local flags=()
   while [ "$1" != "--" ]; do flags+=("$1"); shift; done; shift
-  local need
-  mapfile -t need < <(missing "$@")
+  local out need
+  out=$(missing "$@")  # a failing check stops the script (set -e) instead of reading as "nothing missing"
+  mapfile -t need <<< "$out"
+  [ -n "$out" ] || need=()
   if [ ${#need[@]} -gt 0 ]; then
     log "pip install ${need[*]}"
     "${PIP[@]}" install "${flags[@]}" "${need[@]}"
@@ -61,8 +64,9 @@ ensure() {
 
 # Build a wheel from a patched sdist once, keep it in $WHEELS, install it without touching other packages.
 ensure_built() {
-  local req=$1 name=$2 patch=$3
-  [ -z "$(missing "$req")" ] && return 0
+  local req=$1 name=$2 patch=$3 out
+  out=$(missing "$req")
+  [ -z "$out" ] && return 0
   mkdir -p "$WHEELS"
   local wheel
   wheel=$(ls "$WHEELS"/${name}-*.whl 2>/dev/null | head -n1 || true)
