@@ -29,6 +29,7 @@ from .lora import (
     reinit_lora_,
     to_injected_keys,
     to_plain_keys,
+    validate_lora_state,
 )
 from .losses import PhaseLoss, PhaseLossOutput, bounded_forget_loss, group_sparse_loss, sum_task_loss
 from .metrics import AccuracyMeter, swap_hmean, top1_accuracy
@@ -45,5 +46,5 @@ __all__ = [
     "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "inject_lora", "load_checkpoint",
     "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export",
     "plan_phases", "reinit_lora_", "replace_module", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean",
-    "to_injected_keys", "to_plain_keys", "top1_accuracy",
+    "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
 ]

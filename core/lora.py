@@ -172,20 +172,19 @@ def to_injected_keys(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     return out
 
 
-def load_lora_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Load a plain (pre-LoRA) or LoRA checkpoint into an injected model.
+def validate_lora_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a plain (pre-LoRA) or LoRA checkpoint to the injected model's keys and check it fits.
 
     Only LoRA keys may be missing (a plain checkpoint has none); any other missing key, any unexpected key and
-    any shape mismatch is an error naming the keys.
+    any shape mismatch is a ``CheckpointMismatchError`` naming the keys.
 
     Returns:
-        The LoRA keys that were missing and keep their current values.
+        The state dict under the injected model's keys.
     """
     mapped = to_injected_keys(state_dict, model)
     own = model.state_dict()
-    missing = [k for k in own if k not in mapped]
+    bad_missing = [k for k in own if k not in mapped and LORA_KEY not in f".{k}"]
     unexpected = [k for k in mapped if k not in own]
-    bad_missing = [k for k in missing if LORA_KEY not in f".{k}"]
     shapes = [f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
               for k in mapped if k in own and mapped[k].shape != own[k].shape]
     problems = []
@@ -200,8 +199,18 @@ def load_lora_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tenso
             "The checkpoint does not fit the model: " + "; ".join(problems)
             + ". Check that it comes from the same architecture and class count."
         )
+    return mapped
+
+
+def load_lora_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load a plain (pre-LoRA) or LoRA checkpoint into an injected model, after ``validate_lora_state``.
+
+    Returns:
+        The LoRA keys that were missing and keep their current values.
+    """
+    mapped = validate_lora_state(model, state_dict)
     model.load_state_dict(mapped, strict=False)
-    return missing
+    return [k for k in model.state_dict() if k not in mapped]
 
 
 def _some(items: list[str], n: int = 5) -> str:

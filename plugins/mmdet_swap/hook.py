@@ -1,0 +1,214 @@
+"""``SwapHook``: knowledge swapping in an mmdet DETR-style detector (DINO), enabled from the config.
+
+    custom_imports = dict(imports=['mmdet_swap'], allow_failed_imports=False)
+    custom_hooks = [dict(type='SwapHook', forget=dict(classes=('cat',)),
+                         learn=dict(classes=('zebra',), train=dict(ann_file=..., data_prefix=...), val=dict(...)))]
+    load_from = 'dino_coco.pth'
+
+mmengine builds the model, wraps it and builds the optimizer before the first hook runs, so ``before_run``
+does the surgery and rebuilds what depends on it: LoRA on the encoder/decoder FFNs, grown class branches
+and denoising label embedding, everything else frozen, the model re-wrapped, an optimizer over the LoRA
+parameters only, and the config's train loop replaced by the swap's phases. ``after_load_checkpoint``
+maps the pretrained checkpoint onto the grown, LoRA-injected model and refuses one that does not fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS, OPTIM_WRAPPERS, OPTIMIZERS
+
+from kswap import (
+    PRESETS, InfiniteLoader, LabelSpace, Phase, PhaseScheduler, SwapConfig, SwapConfigError,
+    SwapReport, atomic_save, check_head_size, freeze_all_but_lora_, inject_lora, lora_groups, merge_and_export,
+    plan_phases, validate_lora_state,
+)
+from .detector import extend_dino_classes, grow_checkpoint_rows, make_swap_detector
+from .evaluation import bbox_map, coco_from_dataset
+from .loop import SwapTrainLoop
+
+SETS = ("forget", "retain", "learn")
+
+
+@HOOKS.register_module()
+class SwapHook(Hook):
+    """Forget, retain and learn classes of a pretrained detector.
+
+    Args:
+        forget: ``dict(classes=(...))`` of pretrained class names, optionally with ``train``/``val`` dataset
+            overrides (COCO files of its own); by default the config's own datasets, filtered by class.
+        retain: like ``forget``; ``None`` keeps every other pretrained class.
+        learn: ``dict(classes=(...), train=dict(...), val=dict(...))``: the new classes and their COCO files.
+        order: phase order (``learn_then_forget`` is the recommended one).
+        learn_length, forget_length: ``'500steps'`` or ``'20epochs'`` (epochs of the retain-side loader).
+        learn_loss, forget_loss: loss-weight overrides over the detection preset (bnd 15, beta 0.2, alpha 0.01,
+            learn weight 0.9).
+        lora: LoRA overrides (rank 8, scaling 1/8, targets ``mmdet_dino``).
+        batch_size: images per role per step (default: the config's train batch size).
+        out_dir: where the report and the merged export go (default: the run's work_dir).
+    """
+
+    priority = "VERY_HIGH"
+
+    def __init__(
+        self,
+        forget: Mapping[str, Any],
+        learn: Mapping[str, Any],
+        retain: Mapping[str, Any] | None = None,
+        order: str = "learn_then_forget",
+        learn_length: str = "20epochs",
+        forget_length: str = "20epochs",
+        learn_loss: Mapping[str, float] | None = None,
+        forget_loss: Mapping[str, float] | None = None,
+        lora: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+        out_dir: str | None = None,
+    ) -> None:
+        self.specs = {"forget": dict(forget), "retain": dict(retain or {}), "learn": dict(learn)}
+        for name in ("forget", "learn"):
+            if not self.specs[name].get("classes"):
+                raise SwapConfigError(f"SwapHook: {name} needs classes=(...) (class names).")
+        if not (self.specs["learn"].get("train") and self.specs["learn"].get("val")):
+            raise SwapConfigError("SwapHook: learn needs train=dict(ann_file=..., data_prefix=...) and val=dict(...) "
+                                  "with the new classes' COCO files.")
+        preset = PRESETS["detection"]
+        self.config = SwapConfig.preset(
+            "detection",
+            forget=tuple(self.specs["forget"]["classes"]),
+            retain=tuple(self.specs["retain"]["classes"]) if self.specs["retain"].get("classes") else None,
+            learn=tuple(self.specs["learn"]["classes"]),
+            order=order, learn_length=learn_length, forget_length=forget_length,
+            learn_loss=replace(preset["learn_loss"], **(learn_loss or {})),
+            forget_loss=replace(preset["forget_loss"], **(forget_loss or {})),
+            lora=replace(preset["lora"], **(lora or {})),
+        )
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+        self.scheduler: PhaseScheduler | None = None
+        self.phase_loaders: list[dict[str, InfiniteLoader]] = []
+        self.report: SwapReport | None = None
+
+    # -- surgery -------------------------------------------------------------------------------------------------
+    def before_run(self, runner: Any) -> None:
+        if not (runner._load_from or runner._resume):
+            raise SwapConfigError("SwapHook edits a trained detector: set load_from to its checkpoint.")
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        pretrained = runner.train_loop.dataloader.dataset.metainfo["classes"]
+        self.space = LabelSpace.for_config(pretrained, self.config)
+        self.sets = self.space.resolve(self.config).as_dict()
+        check_head_size(model.bbox_head.num_classes, self.space.num_pretrained, where="bbox_head")
+        self.grown = extend_dino_classes(model, len(self.space.new))
+        inject_lora(model, self.config.lora)
+        freeze_all_but_lora_(model)
+        self.groups = lora_groups(model, self.config.lora.group_by)
+        make_swap_detector(model, lambda: self.scheduler.phase, self.groups)
+        model.dataset_meta = {**(getattr(model, "dataset_meta", None) or {}), "classes": self.space.names}
+        self.model = model
+        runner.model = runner.wrap_model(runner.cfg.get("model_wrapper_cfg"), model) if runner.distributed else model
+        runner.optim_wrapper = self._lora_optim_wrapper(runner)
+        # The reference keeps the detection LR constant; the config's epoch-based schedule does not apply.
+        runner.param_schedulers = []
+        self._build_data(runner)
+        phases = plan_phases(self.config)
+        self.phase_loaders = [self._loaders_of(p, runner) for p in phases]
+        self.scheduler = PhaseScheduler(phases, lambda p: len(self.phase_loaders[p.index]["retain"].loader),
+                                        fingerprint=self.config.fingerprint())
+        self.report = SwapReport(order=self.config.order.value, metric="bbox_mAP",
+                                 classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
+        runner._train_loop = SwapTrainLoop(runner, self)
+        runner.logger.info(f"SwapHook: LoRA in {len(self.groups)} groups; classes {self.space.num_pretrained} -> "
+                           f"{self.space.num_classes}; phases {[p.name for p in phases]} of "
+                           f"{self.scheduler.phase_steps} steps")
+
+    def _lora_optim_wrapper(self, runner: Any) -> Any:
+        """The config's optimizer and wrapper type over the trainable (LoRA) parameters only."""
+        cfg = copy.deepcopy(runner.cfg.optim_wrapper)
+        optimizer = OPTIMIZERS.build({**cfg.pop("optimizer"),
+                                      "params": [p for p in self.model.parameters() if p.requires_grad]})
+        cfg.pop("paramwise_cfg", None)
+        cfg.pop("constructor", None)
+        return OPTIM_WRAPPERS.build({**cfg, "optimizer": optimizer})
+
+    def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        """Map the checkpoint onto the grown, LoRA-injected model; refuse one that does not fit."""
+        state = checkpoint["state_dict"]
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        grow_checkpoint_rows(state, self.model.state_dict(), self.grown)
+        checkpoint["state_dict"] = validate_lora_state(self.model, state)
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def _dataset_cfg(self, runner: Any, name: str, split: str) -> dict:
+        base = runner.cfg.train_dataloader.dataset if split == "train" else runner.cfg.val_dataloader.dataset
+        spec = self.specs[name]
+        ids = self.sets[name]
+        cfg = copy.deepcopy(dict(base))
+        cfg.update(copy.deepcopy(spec.get(split, {})))
+        cfg.update(type="SwapCocoDataset", keep_classes=[self.space.names[i] for i in ids],
+                   metainfo=dict(classes=self.space.names))
+        return cfg
+
+    def _build_data(self, runner: Any) -> None:
+        self.train_sets = {name: self._dataset_cfg(runner, name, "train") for name in SETS}
+        self.eval = {}
+        for name in SETS:
+            loader_cfg = copy.deepcopy(dict(runner.cfg.val_dataloader))
+            loader_cfg["dataset"] = self._dataset_cfg(runner, name, "val")
+            loader = runner.build_dataloader(loader_cfg, seed=runner.seed)
+            if len(loader.dataset) == 0:
+                raise SwapConfigError(f"SwapHook: the {name} set has no validation images with its classes.")
+            self.eval[name] = (loader, coco_from_dataset(loader.dataset))
+
+    def _loaders_of(self, phase: Phase, runner: Any) -> dict[str, InfiniteLoader]:
+        out = {}
+        for role, sources in phase.sources.items():
+            datasets = [self.train_sets[s] for s in sources]
+            dataset = datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
+            cfg = copy.deepcopy(dict(runner.cfg.train_dataloader))
+            cfg.update(dataset=dataset, batch_size=self.batch_size or cfg["batch_size"],
+                       sampler=dict(type="DefaultSampler", shuffle=True))
+            cfg.pop("batch_sampler", None)
+            loader = runner.build_dataloader(cfg, seed=runner.seed)
+            if len(loader.dataset) == 0:
+                raise SwapConfigError(f"SwapHook: the {role} loader of phase {phase.name} has no images.")
+            out[role] = InfiniteLoader(loader)
+        return out
+
+    def retain_side_loader(self) -> Any:
+        index = self.scheduler.phase.index if not self.scheduler.done else -1
+        return self.phase_loaders[index]["retain"].loader
+
+    # -- phases, evaluation, outputs -----------------------------------------------------------------------------
+    def scores(self) -> dict[str, float]:
+        return {name: bbox_map(self.model, loader, gt) for name, (loader, gt) in self.eval.items()}
+
+    def before_swap(self, runner: Any) -> None:
+        if self.report.before is None:
+            self.report.set_before(self.scores())
+            runner.logger.info(f"SwapHook: before {self.report.before}")
+
+    def start_phase(self, runner: Any, phase: Phase) -> None:
+        if phase.index > 0 and self.config.reset_optimizer_between_phases:
+            runner.optim_wrapper = self._lora_optim_wrapper(runner)
+        runner.logger.info(f"SwapHook: phase {phase.name} ({self.scheduler.phase_steps[phase.index]} steps)")
+
+    def end_phase(self, runner: Any, phase: Phase) -> None:
+        scores = self.scores()
+        self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores)
+        runner.logger.info(f"SwapHook: after {phase.name} {scores}")
+        runner.message_hub.update_scalars({f"swap/{k}": v for k, v in scores.items()})
+
+    def finish(self, runner: Any) -> None:
+        if runner.rank != 0:
+            return
+        out = Path(self.out_dir or runner.work_dir)
+        paths = self.report.write(out)
+        plain = merge_and_export(self.model)
+        meta = {"dataset_meta": {"classes": list(self.space.names)}, "kswap": {"report": str(paths["json"])}}
+        atomic_save({"state_dict": plain.state_dict(), "meta": json.loads(json.dumps(meta))}, out / "swapped.pth")
+        runner.logger.info("\n" + self.report.to_markdown())

@@ -1,0 +1,76 @@
+"""The training loop a ``SwapHook`` puts in place of the config's: the swap's phases, step by step."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mmengine.runner import BaseLoop
+
+if TYPE_CHECKING:
+    from .hook import SwapHook
+
+ROLE_KEY = "swap_role"
+
+
+def merge_batches(batches: dict[str, dict[str, list]]) -> dict[str, list]:
+    """One mmdet data batch from per-role batches, each sample tagged with its role."""
+    merged: dict[str, list] = {"inputs": [], "data_samples": []}
+    for role, batch in batches.items():
+        for sample in batch["data_samples"]:
+            sample.set_metainfo({ROLE_KEY: role})
+        merged["inputs"].extend(batch["inputs"])
+        merged["data_samples"].extend(batch["data_samples"])
+    return merged
+
+
+class SwapTrainLoop(BaseLoop):
+    """Runs the swap's phases: each step one batch per loss role of the phase, merged into one ``train_step``.
+
+    The hooks the runner knows are called as by mmengine's loops (``before_train``, ``before/after_train_iter``,
+    ``after_train``); the swap hook evaluates the three sets and saves a checkpoint at each phase end.
+    """
+
+    def __init__(self, runner: Any, swap: SwapHook) -> None:
+        self.swap = swap
+        super().__init__(runner, swap.retain_side_loader())
+        self._epoch = 0
+        self._iter = 0
+        self._max_iters = swap.scheduler.total_steps
+        self.stop_training = False
+
+    @property
+    def max_epochs(self) -> int:
+        return 1
+
+    @property
+    def max_iters(self) -> int:
+        return self._max_iters
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def iter(self) -> int:
+        return self._iter
+
+    def run(self) -> Any:
+        runner, swap = self.runner, self.swap
+        runner.call_hook("before_train")
+        swap.before_swap(runner)
+        while not swap.scheduler.done:
+            phase = swap.scheduler.phase
+            if swap.scheduler.at_phase_start:
+                swap.start_phase(runner, phase)
+                self.dataloader = swap.retain_side_loader()
+            data_batch = merge_batches({role: next(it) for role, it in swap.phase_loaders[phase.index].items()})
+            runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
+            runner.model.train()
+            outputs = runner.model.train_step(data_batch, optim_wrapper=runner.optim_wrapper)
+            runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
+            self._iter += 1
+            if swap.scheduler.step():
+                swap.end_phase(runner, phase)
+        runner.call_hook("after_train")
+        swap.finish(runner)
+        return runner.model
