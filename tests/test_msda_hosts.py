@@ -14,7 +14,6 @@ from kswap.ops import ms_deform_attn_reference
 
 
 def test_mmcv_dino_layer_unchanged_when_routed_to_kswap():
-    pytest.importorskip("mmcv.ops")
     from mmcv.ops import MultiScaleDeformableAttention
 
     import mmdet_swap

@@ -14,6 +14,7 @@ DINO_CONFIG = Path(importlib.util.find_spec("mmdet").submodule_search_locations[
 def tiny_dino_config(data_root: Path, classes: list[str], work_dir: Path, max_iters: int = 100,
                      batch_size: int = 4) -> Config:
     """mmdet's DINO-4scale config, shrunk for 96x96 images on CPU and pointed at ``data_root``'s COCO files."""
+    data_root = Path(data_root)
     cfg = Config.fromfile(str(DINO_CONFIG))
     model = cfg.model
     model.num_queries = 30

@@ -54,7 +54,7 @@ def make_swap_detector(detector: nn.Module, phase: Callable[[], Any], groups: di
 
 def extend_dino_classes(detector: nn.Module, n_new: int) -> dict[str, tuple[int, int]]:
     """Grow DINO's sigmoid classifiers and denoising label embedding by ``n_new`` classes (old rows exact, new
-    rows: zero weights and the focal-loss prior bias; new label embeddings normal).
+    rows: xavier weights as the reference and the focal-loss prior bias; new label embeddings normal).
 
     Returns:
         Per grown parameter name, its (old, new) number of rows, for growing checkpoints the same way.
@@ -63,7 +63,7 @@ def extend_dino_classes(detector: nn.Module, n_new: int) -> dict[str, tuple[int,
     grown = {}
     for i, branch in enumerate(head.cls_branches):
         old = branch if isinstance(branch, nn.Linear) else branch[-1]
-        new = extend_head(old, n_new, init="zeros", bias=sigmoid_prior_bias(0.01))
+        new = extend_head(old, n_new, init="xavier_uniform", bias=sigmoid_prior_bias(0.01))
         if isinstance(branch, nn.Linear):
             head.cls_branches[i] = new
         else:

@@ -20,9 +20,9 @@ def coco_from_dataset(dataset: Any) -> COCO:
         for inst in info["instances"]:
             x1, y1, x2, y2 = inst["bbox"]
             labels.add(inst["bbox_label"])
-            annotations.append({"id": len(annotations) + 1, "image_id": info["img_id"], "category_id": inst["bbox_label"],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                                "iscrowd": int(inst["ignore_flag"])})
+            annotations.append({"id": len(annotations) + 1, "image_id": info["img_id"],
+                                "category_id": inst["bbox_label"], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "iscrowd": int(inst["ignore_flag"])})
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations,
                     "categories": [{"id": c, "name": str(c)} for c in sorted(labels)]}

@@ -25,10 +25,24 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPERS, OPTIMIZERS
 
 from kswap import (
-    PRESETS, InfiniteLoader, LabelSpace, Phase, PhaseScheduler, SwapConfig, SwapConfigError,
-    SwapReport, atomic_save, check_head_size, freeze_all_but_lora_, inject_lora, lora_groups, merge_and_export,
-    plan_phases, validate_lora_state,
+    PRESETS,
+    InfiniteLoader,
+    LabelSpace,
+    Phase,
+    PhaseScheduler,
+    SwapConfig,
+    SwapConfigError,
+    SwapReport,
+    atomic_save,
+    check_head_size,
+    freeze_all_but_lora_,
+    inject_lora,
+    lora_groups,
+    merge_and_export,
+    plan_phases,
+    validate_lora_state,
 )
+
 from .detector import extend_dino_classes, grow_checkpoint_rows, make_swap_detector
 from .evaluation import bbox_map, coco_from_dataset
 from .loop import SwapTrainLoop

@@ -26,8 +26,8 @@ def merge_batches(batches: dict[str, dict[str, list]]) -> dict[str, list]:
 class SwapTrainLoop(BaseLoop):
     """Runs the swap's phases: each step one batch per loss role of the phase, merged into one ``train_step``.
 
-    The hooks the runner knows are called as by mmengine's loops (``before_train``, ``before/after_train_iter``,
-    ``after_train``); the swap hook evaluates the three sets and saves a checkpoint at each phase end.
+    The runner's hooks are called as by mmengine's loops (``before/after_train``, one ``before/after_train_epoch``
+    around the whole swap, ``before/after_train_iter``); the swap hook evaluates the three sets at phase ends.
     """
 
     def __init__(self, runner: Any, swap: SwapHook) -> None:
@@ -57,6 +57,8 @@ class SwapTrainLoop(BaseLoop):
     def run(self) -> Any:
         runner, swap = self.runner, self.swap
         runner.call_hook("before_train")
+        # The whole swap is one "epoch" for the hooks that keep per-epoch state (timers, loggers).
+        runner.call_hook("before_train_epoch")
         swap.before_swap(runner)
         while not swap.scheduler.done:
             phase = swap.scheduler.phase
@@ -71,6 +73,7 @@ class SwapTrainLoop(BaseLoop):
             self._iter += 1
             if swap.scheduler.step():
                 swap.end_phase(runner, phase)
+        runner.call_hook("after_train_epoch")
         runner.call_hook("after_train")
         swap.finish(runner)
         return runner.model

@@ -1,0 +1,37 @@
+"""Local checkpoints of mmengine load under torch >= 2.6, where ``torch.load`` defaults to ``weights_only=True``.
+
+mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, and its own checkpoints hold a message hub
+(``HistoryBuffer`` objects and NumPy arrays), so ``load_from`` and ``resume`` fail on them. Rather than turning
+the safety off, the local loader allows exactly those types: anything else in a file is still refused.
+"""
+
+from __future__ import annotations
+
+import os.path as osp
+from typing import Any
+
+import numpy as np
+import torch
+from mmengine.logging.history_buffer import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
+
+# What mmengine's own checkpoints pickle besides tensors: its log buffers and the NumPy values in them
+# (NumPy 2 pickles dtypes through getattr on its dtype classes).
+MMENGINE_CHECKPOINT_GLOBALS: list[Any] = [
+    HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray._reconstruct, np._core.multiarray.scalar, getattr,
+    *[getattr(np.dtypes, name) for name in np.dtypes.__all__],
+]
+
+
+def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
+    """mmengine's local-file loader with ``weights_only=True`` and mmengine's own types allowed."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f"{filename} can not be found.")
+    with torch.serialization.safe_globals(MMENGINE_CHECKPOINT_GLOBALS):
+        return torch.load(filename, map_location=map_location, weights_only=True)
+
+
+def register_checkpoint_loader() -> None:
+    """Serve local paths (``load_from``, ``resume``) with ``load_local_checkpoint``."""
+    CheckpointLoader.register_scheme(prefixes="", force=True)(load_local_checkpoint)

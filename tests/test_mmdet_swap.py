@@ -1,0 +1,155 @@
+"""SwapHook on a tiny DINO built from mmdet's own config, trained through mmengine's Runner on CPU.
+
+Data: real MNIST digits (pretrained classes 0, 1, 2) and Fashion-MNIST trousers and bags (learned) composited
+on blank canvases as COCO files (see glyph_coco.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from glyph_coco import write_glyph_coco
+from mmengine.runner import Runner
+from tiny_dino import tiny_dino_config
+
+from kswap import SwapConfigError
+from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
+
+DIGITS = ["0", "1", "2"]
+LEARN = ["trouser", "bag"]
+
+
+@pytest.fixture(scope="session")
+def glyphs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glyphs")
+    write_glyph_coco(root, "mnist", DIGITS, 600, "train", 0)
+    write_glyph_coco(root, "mnist", DIGITS, 90, "val", 1)
+    write_glyph_coco(root, "fashion", LEARN, 400, "train", 2)
+    write_glyph_coco(root, "fashion", LEARN, 60, "val", 3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pretrained_dino(glyphs, tmp_path_factory):
+    """The tiny DINO trained on the digits with mmdet's own loop (no kswap involved)."""
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    work = tmp_path_factory.mktemp("dino_pretrain")
+    runner = Runner.from_cfg(tiny_dino_config(glyphs, DIGITS, work, max_iters=400))
+    runner.train()
+    return work / "iter_400.pth"
+
+
+def swap_cfg(glyphs, checkpoint, work_dir, **hook):
+    """The user's config plus only the three swap lines."""
+    cfg = tiny_dino_config(glyphs, DIGITS, work_dir)
+    cfg.custom_imports = dict(imports=["mmdet_swap"], allow_failed_imports=False)
+    learn = dict(classes=tuple(LEARN),
+                 train=dict(ann_file="fashion_train.json", data_prefix=dict(img="fashion_train/")),
+                 val=dict(ann_file="fashion_val.json", data_prefix=dict(img="fashion_val/")))
+    cfg.custom_hooks = [dict(type="SwapHook", forget=dict(classes=("0",)), learn=learn, learn_length="80steps",
+                             forget_length="80steps", **hook)]
+    cfg.load_from = str(checkpoint)
+    # A short swap needs a larger step than the reference's 1e-4 over 20 epochs.
+    cfg.optim_wrapper.optimizer.lr = 2e-3
+    cfg.optim_wrapper.clip_grad = dict(max_norm=1.0, norm_type=2)
+    return cfg
+
+
+def test_swap_dino_from_config(glyphs, pretrained_dino, tmp_path):
+    runner = Runner.from_cfg(swap_cfg(glyphs, pretrained_dino, tmp_path / "swap"))
+    runner.train()
+    report = json.loads((tmp_path / "swap" / "swap_report.json").read_text())
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    table = (tmp_path / "swap" / "swap_report.md").read_text()
+    assert report["metric"] == "bbox_mAP" and [p["name"] for p in report["metrics"]["phases"]] == ["0_learn",
+                                                                                                    "1_forget"]
+    # The new rows are random (frozen, as the reference), so "before" already finds some glyph boxes.
+    assert before["forget"] > 30 and before["retain"] > 30, table
+    assert after["learn"] > before["learn"] + 5, table
+    assert after["forget"] < before["forget"] / 4, table
+    assert after["retain"] > before["retain"] * 0.8, table
+    # only LoRA trained: the base weights of the FFNs are the checkpoint's
+    model = runner.model
+    ckpt = load_local_checkpoint(str(pretrained_dino))["state_dict"]
+    assert torch.equal(model.state_dict()["encoder.layers.0.ffn.layers.1.base_layer.weight"],
+                       ckpt["encoder.layers.0.ffn.layers.1.weight"])
+    assert torch.equal(model.bbox_head.cls_branches[0].weight[:3], ckpt["bbox_head.cls_branches.0.weight"])
+    # the merged export loads into a plain 5-class DINO without kswap
+    export = tmp_path / "swap" / "swapped.pth"
+    state = torch.load(export, weights_only=True)
+    assert state["meta"]["dataset_meta"]["classes"] == DIGITS + LEARN
+    assert not any("lora" in k or "base_layer" in k for k in state["state_dict"])
+    code = textwrap.dedent(f"""
+        import sys; sys.modules["kswap"] = None; sys.modules["mmdet_swap"] = None
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+        from tiny_dino import tiny_dino_config
+        register_all_modules()
+        cfg = tiny_dino_config({str(glyphs)!r}, {DIGITS + LEARN!r}, {str(tmp_path / "plain")!r})
+        model = MODELS.build(cfg.model)
+        model.load_state_dict(torch.load({str(export)!r}, weights_only=True)["state_dict"], strict=True)
+        print("loaded", model.bbox_head.num_classes)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "loaded 5" in out.stdout, out.stderr[-2000:]
+
+
+def test_swap_coco_dataset_keeps_global_labels(glyphs):
+    joint = DIGITS + LEARN
+    learn = SwapCocoDataset(data_root=str(glyphs), ann_file="fashion_val.json", data_prefix=dict(img="fashion_val/"),
+                            metainfo=dict(classes=joint), keep_classes=LEARN, test_mode=True, pipeline=[])
+    def infos(dataset):
+        return [dataset.get_data_info(i) for i in range(len(dataset))]
+
+    labels = {i["bbox_label"] for d in infos(learn) for i in d["instances"]}
+    assert labels == {3, 4}  # by name in the joint space, not re-indexed to 0, 1
+    forget = SwapCocoDataset(data_root=str(glyphs), ann_file="mnist_val.json", data_prefix=dict(img="mnist_val/"),
+                             metainfo=dict(classes=joint), keep_classes=["0"], test_mode=True, pipeline=[])
+    assert {i["bbox_label"] for d in infos(forget) for i in d["instances"]} == {0}
+    assert all(d["instances"] for d in infos(forget)) and 0 < len(forget) < 90
+
+
+@pytest.mark.parametrize("hook, message", [
+    (dict(forget=dict(classes=("0",)), learn=dict(classes=("bag",))), "learn needs train="),
+    (dict(forget=dict(), learn=dict(classes=("bag",), train={}, val={})), "forget needs classes"),
+])
+def test_hook_arguments_checked_at_construction(hook, message):
+    with pytest.raises(SwapConfigError, match=message):
+        SwapHook(**hook)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg: cfg.custom_hooks[0].update(forget=dict(classes=("7",))), r"forget set names \['7'\]"),
+    (lambda cfg: cfg.custom_hooks[0].update(retain=dict(classes=("0", "1"))), "both the forget and the retain"),
+    (lambda cfg: cfg.model.bbox_head.update(num_classes=4), "bbox_head has 4 outputs but the pretrained label"),
+    (lambda cfg: cfg.custom_hooks[0]["learn"]["train"].update(ann_file="missing.json"), "missing.json"),
+])
+def test_bad_input_fails_before_training(glyphs, pretrained_dino, tmp_path, change, message):
+    cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "bad")
+    change(cfg)
+    runner = Runner.from_cfg(copy.deepcopy(cfg))
+    with pytest.raises((SwapConfigError, FileNotFoundError), match=message):
+        runner.train()
+    assert not list((tmp_path / "bad").glob("*.pth"))
+
+
+def test_checkpoint_with_wrong_head_is_refused(glyphs, pretrained_dino, tmp_path):
+    state = load_local_checkpoint(str(pretrained_dino))
+    for key in [k for k in state["state_dict"] if k.startswith("bbox_head.cls_branches")]:
+        state["state_dict"][key] = state["state_dict"][key][:2]
+    bad = tmp_path / "two_classes.pth"
+    torch.save(state, bad)
+    runner = Runner.from_cfg(swap_cfg(glyphs, bad, tmp_path / "bad"))
+    with pytest.raises(SwapConfigError, match="shape mismatch"):
+        runner.train()
