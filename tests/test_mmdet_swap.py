@@ -153,3 +153,71 @@ def test_checkpoint_with_wrong_head_is_refused(glyphs, pretrained_dino, tmp_path
     runner = Runner.from_cfg(swap_cfg(glyphs, bad, tmp_path / "bad"))
     with pytest.raises(SwapConfigError, match="shape mismatch"):
         runner.train()
+
+
+class StopAt:
+    """Simulates a crash: raises after training step ``at``."""
+
+    priority = "LOWEST"
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def before_run(self, runner):
+        pass
+
+    def __getattr__(self, name):  # every other hook point: nothing to do
+        if name.startswith(("before_", "after_")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter == self.at:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    stop = HOOKS.register_module(name="StopAtForTest", force=True, module=type("StopAtForTest", (StopAt, Hook), {}))
+    work = tmp_path / "run"
+    cfg = swap_cfg(glyphs, pretrained_dino, work, checkpoint_interval=10)
+    cfg.custom_hooks[0].update(learn_length="20steps", forget_length="20steps")
+    cfg.custom_hooks.append(dict(type=stop.__name__, at=35))
+    with pytest.raises(KeyboardInterrupt):
+        Runner.from_cfg(copy.deepcopy(cfg)).train()
+    last = (work / "last_checkpoint").read_text().strip()
+    assert last.endswith("iter_30.pth")
+    saved = load_local_checkpoint(last)
+    assert saved["swap"]["scheduler"]["phase_index"] == 1 and saved["swap"]["scheduler"]["step_in_phase"] == 10
+    first_before = saved["swap"]["report"]["metrics"]["before"]
+
+    cfg.custom_hooks = cfg.custom_hooks[:1]
+    cfg.resume, cfg.load_from = True, None
+    runner = Runner.from_cfg(copy.deepcopy(cfg))
+    runner.train()
+    assert runner.iter == 40
+    report = json.loads((work / "swap_report.json").read_text())
+    assert report["metrics"]["before"] == first_before  # not re-measured: the run continued
+    assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
+    assert [p["end_step"] for p in report["metrics"]["phases"]] == [20, 40]
+
+
+def test_ddp_two_processes(glyphs, pretrained_dino, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the hook re-wraps the LoRA model in DDP and the run completes."""
+    import os
+
+    work = tmp_path / "ddp"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+         str(Path(__file__).parent / "dist_swap_dino.py"), str(glyphs), str(pretrained_dino), str(work)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads((work / "swap_report.json").read_text())
+    assert [p["end_step"] for p in report["metrics"]["phases"]] == [10, 20]
+    state = load_local_checkpoint(str(work / "iter_20.pth"))
+    assert not any(k.startswith("module.") for k in state["state_dict"])
+    lora_b = [v for k, v in state["state_dict"].items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA trained through DDP

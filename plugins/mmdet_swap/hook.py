@@ -20,9 +20,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from mmdet.registry import DATASETS
+from mmengine.dataset import pseudo_collate
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPERS, OPTIMIZERS
+from torch.utils.data import DataLoader
 
 from kswap import (
     PRESETS,
@@ -34,6 +37,7 @@ from kswap import (
     SwapConfigError,
     SwapReport,
     atomic_save,
+    atomic_write_text,
     check_head_size,
     freeze_all_but_lora_,
     inject_lora,
@@ -65,6 +69,7 @@ class SwapHook(Hook):
             learn weight 0.9).
         lora: LoRA overrides (rank 8, scaling 1/8, targets ``mmdet_dino``).
         batch_size: images per role per step (default: the config's train batch size).
+        checkpoint_interval: also save a resumable checkpoint every N steps (0: at phase ends only).
         out_dir: where the report and the merged export go (default: the run's work_dir).
     """
 
@@ -82,6 +87,7 @@ class SwapHook(Hook):
         forget_loss: Mapping[str, float] | None = None,
         lora: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
+        checkpoint_interval: int = 0,
         out_dir: str | None = None,
     ) -> None:
         self.specs = {"forget": dict(forget), "retain": dict(retain or {}), "learn": dict(learn)}
@@ -103,6 +109,7 @@ class SwapHook(Hook):
             lora=replace(preset["lora"], **(lora or {})),
         )
         self.batch_size = batch_size
+        self.checkpoint_interval = checkpoint_interval
         self.out_dir = out_dir
         self.scheduler: PhaseScheduler | None = None
         self.phase_loaders: list[dict[str, InfiniteLoader]] = []
@@ -150,11 +157,37 @@ class SwapHook(Hook):
         return OPTIM_WRAPPERS.build({**cfg, "optimizer": optimizer})
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        """Map the checkpoint onto the grown, LoRA-injected model; refuse one that does not fit."""
+        """Map the checkpoint onto the grown, LoRA-injected model (refusing one that does not fit); on resume,
+        restore the swap's position, data order and report."""
         state = checkpoint["state_dict"]
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         grow_checkpoint_rows(state, self.model.state_dict(), self.grown)
         checkpoint["state_dict"] = validate_lora_state(self.model, state)
+        saved = checkpoint.get("swap")
+        if saved is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+            for roles, states in zip(self.phase_loaders, saved["loaders"]):
+                for role, it in roles.items():
+                    it.load_state_dict(states[role])
+            self.report = SwapReport.from_dict(saved["report"])
+
+    def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        checkpoint["swap"] = {
+            "scheduler": self.scheduler.state_dict(),
+            "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders],
+            "report": self.report.to_dict(),
+        }
+
+    def save(self, runner: Any) -> None:
+        """A resumable checkpoint; ``last_checkpoint`` moves to it only once it is completely written."""
+        name = f"iter_{runner.train_loop.iter}.pth"
+        runner.save_checkpoint(runner.work_dir, name, save_optimizer=True, save_param_scheduler=False)
+        if runner.rank == 0:
+            atomic_write_text(Path(runner.work_dir) / "last_checkpoint", str(Path(runner.work_dir) / name))
+
+    def after_step(self, runner: Any) -> None:
+        if self.checkpoint_interval and runner.train_loop.iter % self.checkpoint_interval == 0:
+            self.save(runner)
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _dataset_cfg(self, runner: Any, name: str, split: str) -> dict:
@@ -170,13 +203,14 @@ class SwapHook(Hook):
     def _build_data(self, runner: Any) -> None:
         self.train_sets = {name: self._dataset_cfg(runner, name, "train") for name in SETS}
         self.eval = {}
+        batch_size = runner.cfg.val_dataloader.get("batch_size", 1)
         for name in SETS:
-            loader_cfg = copy.deepcopy(dict(runner.cfg.val_dataloader))
-            loader_cfg["dataset"] = self._dataset_cfg(runner, name, "val")
-            loader = runner.build_dataloader(loader_cfg, seed=runner.seed)
-            if len(loader.dataset) == 0:
+            dataset = DATASETS.build(self._dataset_cfg(runner, name, "val"))
+            if len(dataset) == 0:
                 raise SwapConfigError(f"SwapHook: the {name} set has no validation images with its classes.")
-            self.eval[name] = (loader, coco_from_dataset(loader.dataset))
+            # Every rank scores the whole set (a sharded sampler would give each rank a different mAP).
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=pseudo_collate)
+            self.eval[name] = (loader, coco_from_dataset(dataset))
 
     def _loaders_of(self, phase: Phase, runner: Any) -> dict[str, InfiniteLoader]:
         out = {}
@@ -216,6 +250,7 @@ class SwapHook(Hook):
         self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores)
         runner.logger.info(f"SwapHook: after {phase.name} {scores}")
         runner.message_hub.update_scalars({f"swap/{k}": v for k, v in scores.items()})
+        self.save(runner)
 
     def finish(self, runner: Any) -> None:
         if runner.rank != 0:

@@ -60,6 +60,7 @@ class SwapTrainLoop(BaseLoop):
         # The whole swap is one "epoch" for the hooks that keep per-epoch state (timers, loggers).
         runner.call_hook("before_train_epoch")
         swap.before_swap(runner)
+        self.dataloader = swap.retain_side_loader()
         while not swap.scheduler.done:
             phase = swap.scheduler.phase
             if swap.scheduler.at_phase_start:
@@ -73,6 +74,8 @@ class SwapTrainLoop(BaseLoop):
             self._iter += 1
             if swap.scheduler.step():
                 swap.end_phase(runner, phase)
+            elif not swap.scheduler.done:
+                swap.after_step(runner)
         runner.call_hook("after_train_epoch")
         runner.call_hook("after_train")
         swap.finish(runner)
