@@ -44,4 +44,12 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
               " positions but value has S = ", value.size(1));
 }
 
+void check_ms_deform_attn_grad_output(const at::Tensor& value, const at::Tensor& sampling_locations,
+                                      const at::Tensor& grad_output) {
+  const int64_t numel = value.size(0) * sampling_locations.size(1) * value.size(2) * value.size(3);
+  TORCH_CHECK(grad_output.is_contiguous() && grad_output.scalar_type() == value.scalar_type() &&
+                  grad_output.device() == value.device() && grad_output.numel() == numel,
+              "ms_deform_attn: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype and device");
+}
+
 }  // namespace kswap

@@ -38,4 +38,8 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
                                  const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                  const at::Tensor& attention_weights);
 
+// The backward pass's extra input: a contiguous (N, Lq, M * D) gradient of value's dtype.
+void check_ms_deform_attn_grad_output(const at::Tensor& value, const at::Tensor& sampling_locations,
+                                      const at::Tensor& grad_output);
+
 }  // namespace kswap

@@ -221,3 +221,43 @@ def test_ddp_two_processes(glyphs, pretrained_dino, tmp_path):
     assert not any(k.startswith("module.") for k in state["state_dict"])
     lora_b = [v for k, v in state["state_dict"].items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA trained through DDP
+
+
+@pytest.fixture(scope="session")
+def labelme_coco():
+    """labelme's example COCO file: 3 real VOC photos with 12 instances (fetched from PyPI at test time and cached
+    under ~/.cache/kswap; labelme is GPL-3.0, so it is never copied into this repository)."""
+    import os
+    import tarfile
+
+    cache = Path(os.environ.get("KSWAP_CACHE", Path.home() / ".cache" / "kswap")) / "labelme"
+    root = cache / "labelme-6.3.1" / "examples" / "instance_segmentation" / "data_dataset_coco"
+    if not (root / "annotations.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "labelme==6.3.1", "-d", str(cache)], check=True)
+        with tarfile.open(cache / "labelme-6.3.1.tar.gz") as tar:
+            members = [m for m in tar.getmembers() if "/examples/instance_segmentation/data_dataset_coco/" in m.name]
+            tar.extractall(cache, members=members, filter="data")
+    return root
+
+
+def test_swap_coco_dataset_on_real_photos(labelme_coco):
+    raw = json.loads((labelme_coco / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in raw["categories"]}
+    pretrained = [n for n in names.values() if n != "_background_"]
+    joint = pretrained + ["zebra"]
+    people = SwapCocoDataset(data_root=str(labelme_coco), ann_file="annotations.json",
+                             data_prefix=dict(img=""), metainfo=dict(classes=joint), keep_classes=["person"],
+                             test_mode=True, pipeline=[])
+    gt = [a for a in raw["annotations"] if names[a["category_id"]] == "person"]
+    infos = [people.get_data_info(i) for i in range(len(people))]
+    boxes = sorted(tuple(round(v, 2) for v in inst["bbox"]) for d in infos for inst in d["instances"])
+    assert len(boxes) == len(gt) == 6
+    assert boxes == sorted((round(x, 2), round(y, 2), round(x + w, 2), round(y + h, 2)) for x, y, w, h in
+                           (a["bbox"] for a in gt))
+    assert {inst["bbox_label"] for d in infos for inst in d["instances"]} == {joint.index("person")}
+    from mmdet_swap.evaluation import coco_from_dataset
+
+    coco = coco_from_dataset(people)
+    assert coco.getCatIds() == [joint.index("person")] and len(coco.getAnnIds()) == 6

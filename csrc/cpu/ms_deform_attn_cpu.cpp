@@ -173,9 +173,7 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value, con
                                                     const at::Tensor& grad_output) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Geometry g(value, spatial_shapes, level_start_index, sampling_locations);
-  TORCH_CHECK(grad_output.is_contiguous() && grad_output.scalar_type() == value.scalar_type() &&
-                  grad_output.numel() == g.batch * g.queries * g.heads * g.channels,
-              "ms_deform_attn: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype");
+  check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
   const Layout layout(g, Layout::worth_transposing(g));
   const auto planes = layout.transposed ? value.permute({0, 2, 1, 3}).contiguous() : value;
   auto grad_planes = at::zeros_like(planes);

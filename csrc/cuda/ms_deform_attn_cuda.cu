@@ -119,9 +119,7 @@ std::vector<at::Tensor> ms_deform_attn_backward_cuda(const at::Tensor& value, co
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
   const Dims g = dims_of(value, sampling_locations);
-  TORCH_CHECK(grad_output.is_contiguous() && grad_output.scalar_type() == value.scalar_type() &&
-                  grad_output.numel() == g.batch * g.queries * g.heads * g.channels,
-              "ms_deform_attn: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype");
+  check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
   auto grad_value = at::zeros_like(value);
   auto grad_loc = at::zeros_like(sampling_locations);
   auto grad_attn = at::zeros_like(attention_weights);
