@@ -183,6 +183,7 @@ def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
     stop = HOOKS.register_module(name="StopAtForTest", force=True, module=type("StopAtForTest", (StopAt, Hook), {}))
     work = tmp_path / "run"
     cfg = swap_cfg(glyphs, pretrained_dino, work, checkpoint_interval=10)
+    cfg.randomness = dict(seed=0)
     cfg.custom_hooks[0].update(learn_length="20steps", forget_length="20steps")
     cfg.custom_hooks.append(dict(type=stop.__name__, at=35))
     with pytest.raises(KeyboardInterrupt):

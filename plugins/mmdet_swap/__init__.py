@@ -12,8 +12,9 @@ from .checkpoint import load_local_checkpoint, register_checkpoint_loader
 from .datasets import SwapCocoDataset
 from .hook import SwapHook
 from .msda import route_msda_to_kswap
+from .sampler import SwapSampler
 
 register_checkpoint_loader()
 route_msda_to_kswap(True)
 
-__all__ = ["SwapCocoDataset", "SwapHook", "load_local_checkpoint", "route_msda_to_kswap"]
+__all__ = ["SwapCocoDataset", "SwapHook", "SwapSampler", "load_local_checkpoint", "route_msda_to_kswap"]

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from mmdet.registry import DATASETS
 from mmengine.dataset import pseudo_collate
 from mmengine.hooks import Hook
@@ -165,6 +166,7 @@ class SwapHook(Hook):
         checkpoint["state_dict"] = validate_lora_state(self.model, state)
         saved = checkpoint.get("swap")
         if saved is not None:
+            torch.set_rng_state(saved["rng"])  # DINO's denoising queries draw from it
             self.scheduler.load_state_dict(saved["scheduler"])
             for roles, states in zip(self.phase_loaders, saved["loaders"]):
                 for role, it in roles.items():
@@ -173,6 +175,7 @@ class SwapHook(Hook):
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         checkpoint["swap"] = {
+            "rng": torch.get_rng_state(),
             "scheduler": self.scheduler.state_dict(),
             "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders],
             "report": self.report.to_dict(),
@@ -219,7 +222,7 @@ class SwapHook(Hook):
             dataset = datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
             cfg = copy.deepcopy(dict(runner.cfg.train_dataloader))
             cfg.update(dataset=dataset, batch_size=self.batch_size or cfg["batch_size"],
-                       sampler=dict(type="DefaultSampler", shuffle=True))
+                       sampler=dict(type="SwapSampler", shuffle=True, seed=(runner.seed or 0) + 1000 * phase.index))
             cfg.pop("batch_sampler", None)
             loader = runner.build_dataloader(cfg, seed=runner.seed)
             if len(loader.dataset) == 0:
