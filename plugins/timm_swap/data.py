@@ -12,6 +12,15 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from kswap import ResumableSampler, SwapConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+SPLIT_ALIASES = {"validation": ("validation", "val", "valid", "eval", "evaluation", "test")}
+
+
+def resolve_split(root: str | Path, split: str) -> str:
+    """The split folder name under ``root``: ``split`` itself or, for ``validation``, one of its aliases."""
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        if (Path(root) / name).is_dir():
+            return name
+    return split
 
 
 def image_mode(in_chans: int) -> str:

@@ -46,7 +46,15 @@ from kswap import (
 from kswap.metrics import SETS
 
 from .context import Step, TrainContext
-from .data import check_image_folder, class_names, concat, image_folder, resumable_loader, subset_by_labels
+from .data import (
+    check_image_folder,
+    class_names,
+    concat,
+    image_folder,
+    resolve_split,
+    resumable_loader,
+    subset_by_labels,
+)
 from .evaluation import evaluate_top1
 from .hookspecs import hookimpl
 
@@ -156,8 +164,6 @@ class SwapPlugin:
             raise SwapConfigError("--plugin swap needs --data-dir, the ImageFolder the model was trained on.")
         if not 0 < args.swap_train_fraction <= 1:
             raise SwapConfigError(f"--swap-train-fraction must be in (0, 1], got {args.swap_train_fraction}.")
-        from .train import resolve_split
-
         for root, what in ((args.data_dir, "--data-dir dataset"), (args.swap_learn_dir, "--swap-learn-dir dataset")):
             for split in (args.train_split, args.val_split):
                 check_image_folder(root, resolve_split(root, split), what)
@@ -200,8 +206,6 @@ class SwapPlugin:
 
     @hookimpl
     def build_loaders(self, ctx: TrainContext) -> dict[str, Any]:
-        from .train import resolve_split
-
         args = ctx.args
         learn_map = {name: self.space.id_of(name) for name in self.space.new}
         splits = {"train": args.train_split, "eval": args.val_split}

@@ -30,11 +30,9 @@ from tqdm import tqdm
 from kswap import CheckpointMismatchError, SwapConfigError, atomic_save, load_checkpoint
 
 from .context import Step, TrainContext
-from .data import check_image_folder, image_folder, resumable_loader
+from .data import check_image_folder, image_folder, resolve_split, resumable_loader
 from .evaluation import evaluate_top1
 from .plugins import load_plugins
-
-SPLIT_ALIASES = {"validation": ("validation", "val", "valid", "eval", "evaluation", "test")}
 
 
 class ParseKwargs(argparse.Action):
@@ -159,14 +157,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, A
     args.plugin = plugins
     args.data_dir = args.data_dir or args.data
     return args, pm
-
-
-def resolve_split(root: str | Path, split: str) -> str:
-    """The split folder name under ``root``: ``split`` itself or, for ``validation``, one of its aliases."""
-    for name in SPLIT_ALIASES.get(split, (split,)):
-        if (Path(root) / name).is_dir():
-            return name
-    return split
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[torch.device, int, int]:
