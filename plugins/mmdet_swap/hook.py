@@ -221,8 +221,11 @@ class SwapHook(Hook):
             datasets = [self.train_sets[s] for s in sources]
             dataset = datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
             cfg = copy.deepcopy(dict(runner.cfg.train_dataloader))
+            # A loader of its own generator: creating an iterator then draws no number from the global RNG, whose
+            # state (DINO's denoising noise) a resumed run restores.
             cfg.update(dataset=dataset, batch_size=self.batch_size or cfg["batch_size"],
-                       sampler=dict(type="SwapSampler", shuffle=True, seed=(runner.seed or 0) + 1000 * phase.index))
+                       sampler=dict(type="SwapSampler", shuffle=True, seed=(runner.seed or 0) + 1000 * phase.index),
+                       generator=torch.Generator().manual_seed(runner.seed or 0))
             cfg.pop("batch_sampler", None)
             loader = runner.build_dataloader(cfg, seed=runner.seed)
             if len(loader.dataset) == 0:
