@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from mmengine.runner import BaseLoop
 
+from .detector import ROLE_KEY
+
 if TYPE_CHECKING:
     from .hook import SwapHook
-
-ROLE_KEY = "swap_role"
 
 
 def merge_batches(batches: dict[str, dict[str, list]]) -> dict[str, list]:
