@@ -8,17 +8,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kswap import AccuracyMeter
+
 
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> float:
     """Top-1 accuracy (percent) of ``model`` on ``loader``; each rank scores its shard, counts are summed."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    meter = AccuracyMeter()
     for images, labels in loader:
-        logits = model(images.to(device))
-        counts[0] += (logits.argmax(dim=-1).cpu() == labels).sum()
-        counts[1] += labels.numel()
+        meter.update(model(images.to(device)).cpu(), labels)
+    counts = torch.tensor([meter.correct, meter.total], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     model.train(was_training)
