@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,15 +33,18 @@ def _check_rows(module: nn.Module, rows: int, n_new: int, trailing_rows: int) ->
 
 @torch.no_grad()
 def extend_head(
-    old_head: nn.Linear,
+    old_head: nn.Linear | nn.Conv2d,
     n_new: int,
     *,
     trailing_rows: int = 0,
     init: str = "xavier_uniform",
     bias: float = 0.0,
     trainable: bool = False,
-) -> nn.Linear:
-    """A ``Linear(d, N_old + K [+ trailing])`` with the old rows copied bit for bit.
+) -> nn.Linear | nn.Conv2d:
+    """A copy of a classifier with ``K`` more output rows; the old rows are copied bit for bit.
+
+    Works for ``nn.Linear`` and ``nn.Conv2d`` classifiers (a segmentation head's 1x1 predictor) and their
+    subclasses, whose type and other attributes the copy keeps.
 
     Args:
         old_head: the pretrained classifier, ``N_old`` class rows then ``trailing_rows`` extra rows.
@@ -49,19 +54,28 @@ def extend_head(
         bias: the new rows' bias (reference 0; ``sigmoid_prior_bias()`` for sigmoid heads).
         trainable: whether the head trains; the reference keeps it frozen.
     """
-    _check_rows(old_head, old_head.out_features, n_new, trailing_rows)
-    weight = torch.empty(n_new, old_head.in_features)
+    if isinstance(old_head, nn.Conv2d):
+        if old_head.groups != 1:
+            raise SwapConfigError(f"Cannot extend a grouped convolution ({old_head}) as a classifier.")
+        size_attr = "out_channels"
+    elif isinstance(old_head, nn.Linear):
+        size_attr = "out_features"
+    else:
+        raise SwapConfigError(f"extend_head takes an nn.Linear or nn.Conv2d classifier, got {type(old_head).__name__}.")
+    rows = old_head.weight.shape[0]
+    _check_rows(old_head, rows, n_new, trailing_rows)
+    weight = torch.empty(n_new, *old_head.weight.shape[1:])
     if init == "xavier_uniform":
         nn.init.xavier_uniform_(weight)
     elif init == "zeros":
         weight.zero_()
     else:
         raise SwapConfigError(f"Unknown head init {init!r}; use 'xavier_uniform' or 'zeros'.")
-    head = nn.Linear(old_head.in_features, old_head.out_features + n_new, bias=old_head.bias is not None)
-    head.to(device=old_head.weight.device, dtype=old_head.weight.dtype)
-    head.weight.copy_(_grown(old_head.weight, n_new, trailing_rows, weight))
+    head = copy.deepcopy(old_head)
+    head.weight = nn.Parameter(_grown(old_head.weight, n_new, trailing_rows, weight))
     if old_head.bias is not None:
-        head.bias.copy_(_grown(old_head.bias, n_new, trailing_rows, torch.full((n_new,), float(bias))))
+        head.bias = nn.Parameter(_grown(old_head.bias, n_new, trailing_rows, torch.full((n_new,), float(bias))))
+    setattr(head, size_attr, rows + n_new)
     head.requires_grad_(trainable)
     return head
 
@@ -97,3 +111,36 @@ def check_head_size(head_rows: int, num_pretrained: int, trailing_rows: int = 0,
             f"{extra} = {expected}. Give the class list the checkpoint was trained with (or the right "
             "--num-classes)."
         )
+
+
+@dataclass(frozen=True)
+class GrownRows:
+    """How a parameter or buffer of a head grew: ``old`` rows became ``new`` rows, the last ``trailing`` of
+    them (such as a "no object" row) kept last."""
+
+    old: int
+    new: int
+    trailing: int = 0
+
+
+@torch.no_grad()
+def grow_checkpoint_rows(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
+                         grown: dict[str, GrownRows]) -> list[str]:
+    """Give a pretrained checkpoint's class rows the model's new rows, so it loads into the grown heads.
+
+    Args:
+        state: the checkpoint's state dict, changed in place.
+        model_state: the grown model's state dict (the new rows are taken from it).
+        grown: per grown key, its ``GrownRows``.
+
+    Returns:
+        The keys that were grown (a checkpoint already grown, such as a resume, is left as it is).
+    """
+    done = []
+    for key, rows in grown.items():
+        if key in state and state[key].shape[0] == rows.old:
+            n_new = rows.new - rows.old
+            new_rows = model_state[key][rows.old - rows.trailing: rows.new - rows.trailing]
+            state[key] = _grown(state[key], n_new, rows.trailing, new_rows)
+            done.append(key)
+    return done

@@ -25,7 +25,9 @@ TIMM_PINS=(timm==1.0.31 peft==0.21.2 pluggy==1.7.0 wandb==0.31.0)
 OPENMMLAB_PINS=(pycocotools==2.0.11 mmengine==0.10.7 mmdet==3.3.0)
 TOOL_PINS=(scikit-learn matplotlib pyyaml tqdm pytest)
 MMCV=mmcv==2.1.0
-DETECTRON2=pb1-detectron2==0.6
+# The patched build carries a local version label (scripts/patch_detectron2_sdist.py VERSION).
+DETECTRON2=pb1-detectron2==0.6+kswap.1
+DETECTRON2_SDIST=pb1-detectron2==0.6
 
 log() { printf '[install] %s\n' "$*"; }
 
@@ -63,25 +65,26 @@ ensure() {
 }
 
 # Build a wheel from a patched sdist once, keep it in $WHEELS, install it without touching other packages.
+# Args: the installed requirement (name==version), the wheel name, the patch command, the sdist to fetch.
 ensure_built() {
-  local req=$1 name=$2 patch=$3 out
+  local req=$1 name=$2 patch=$3 sdist=${4:-$1} out
   out=$(missing "$req")
   [ -z "$out" ] && return 0
   mkdir -p "$WHEELS"
   local wheel
-  wheel=$(ls "$WHEELS"/${name}-*.whl 2>/dev/null | head -n1 || true)
+  wheel=$(ls "$WHEELS"/${name}-${req##*==}-*.whl 2>/dev/null | head -n1 || true)
   if [ -z "$wheel" ]; then
     local work
     work=$(mktemp -d)
     log "building $req from its sdist (once; cached in $WHEELS)"
-    "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation -d "$work" "$req"
+    "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation -d "$work" "$sdist"
     tar xzf "$work"/*.tar.gz -C "$work"
     local src
     src=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n1)
     $patch "$src"
     MAX_JOBS=${MAX_JOBS:-2} CFLAGS="-O3 -g0 -DNDEBUG" "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$WHEELS" "$src"
     rm -rf "$work"
-    wheel=$(ls "$WHEELS"/${name}-*.whl | head -n1)
+    wheel=$(ls "$WHEELS"/${name}-${req##*==}-*.whl | head -n1)
   fi
   log "installing $(basename "$wheel")"
   "${PIP[@]}" install --no-deps "$wheel"
@@ -104,7 +107,7 @@ if [ "$PROFILE" = all ]; then
   # detectron2's own requirements come from PyPI; the package itself from the cached wheel.
   ensure -- "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "yacs>=0.1.8" "omegaconf>=2.1" "hydra-core>=1.1" \
     tabulate tensorboard cloudpickle termcolor pydot future
-  ensure_built "$DETECTRON2" pb1_detectron2 patch_detectron2
+  ensure_built "$DETECTRON2" pb1_detectron2 patch_detectron2 "$DETECTRON2_SDIST"
 fi
 
 # Reinstall kswap (and rebuild kswap._C) only when its build inputs changed.

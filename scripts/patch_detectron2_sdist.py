@@ -4,7 +4,10 @@ pb1-detectron2 is upstream detectron2 v0.6 without ``csrc/``. This makes it a pu
 
 * ``setup.py``: no C++ extension, model-zoo configs shipped from ``detectron2/model_zoo/configs``;
 * ``detectron2/_C.py``: a stand-in that says the C++ ops were not built when one is used;
-* NumPy and Pillow aliases removed since v0.6 (``np.bool`` ..., ``Image.LINEAR``) replaced.
+* NumPy and Pillow aliases removed since v0.6 (``np.bool`` ..., ``Image.LINEAR``) replaced;
+* ``engine/launch.py`` as upstream since v0.6: processes without a GPU join a gloo group instead of asserting CUDA;
+* ``create_ddp_model`` gives DDP ``device_ids`` only for GPU modules (torch rejects them for CPU modules);
+* the version gets the local label ``+kswap.N``, so an install with an older patch is rebuilt.
 
 Usage: ``python patch_detectron2_sdist.py SDIST_DIR``. Running it twice changes nothing.
 """
@@ -22,6 +25,9 @@ def __getattr__(name):
         "(rotated boxes, DeformConv, fast COCO eval). Use COCOEvaluator(use_fast_impl=False)."
     )
 '''
+
+# Bump when a patch changes; scripts/install.sh requires exactly this version.
+VERSION = "0.6+kswap.1"
 
 _NUMPY_ALIASES = {"bool": "bool", "int": "int64", "float": "float64", "str": "str_", "object": "object_"}
 
@@ -47,10 +53,38 @@ def patch_aliases(package_dir: Path) -> None:
             source.write_text(new)
 
 
+def _replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    if new in text:
+        return
+    if old not in text:
+        raise SystemExit(f"{path}: the text to patch was not found: {old!r}")
+    path.write_text(text.replace(old, new))
+
+
+def patch_cpu_distributed(package_dir: Path) -> None:
+    launch = package_dir / "engine" / "launch.py"
+    _replace(launch, '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n',
+             "    has_gpu = torch.cuda.is_available()\n")
+    _replace(launch, 'backend="NCCL",', 'backend="NCCL" if has_gpu else "GLOO",')
+    _replace(launch, "    assert num_gpus_per_machine <= torch.cuda.device_count()\n    torch.cuda.set_device(local_rank)\n",
+             "    if has_gpu:\n        assert num_gpus_per_machine <= torch.cuda.device_count()\n"
+             "        torch.cuda.set_device(local_rank)\n")
+    _replace(package_dir / "engine" / "defaults.py", '    if "device_ids" not in kwargs:\n',
+             '    if "device_ids" not in kwargs and next(model.parameters()).is_cuda:\n')
+
+
+def patch_version(package_dir: Path) -> None:
+    init = package_dir / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{VERSION}"', init.read_text()))
+
+
 def main(root: str) -> None:
     sdist = Path(root)
     patch_setup(sdist / "setup.py")
     patch_aliases(sdist / "detectron2")
+    patch_cpu_distributed(sdist / "detectron2")
+    patch_version(sdist / "detectron2")
     (sdist / "detectron2" / "_C.py").write_text(_C_STUB)
 
 

@@ -62,3 +62,25 @@ def digit_folders(tmp_path_factory, digits):
     write_image_folder(root / "old", x, y, {d: str(d) for d in range(8)}, split_at=1400)
     write_image_folder(root / "new", x, y, {8: "eight", 9: "nine"}, split_at=1400)
     return root
+
+
+def labelme_example(subdir: str):
+    """A folder of labelme's examples (real PASCAL VOC photos with annotations), fetched from PyPI at test time and
+    cached under ~/.cache/kswap; labelme is GPL-3.0, so it is never copied into this repository."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    cache = Path(os.environ.get("KSWAP_CACHE", Path.home() / ".cache" / "kswap")) / "labelme"
+    root = cache / "labelme-6.3.1" / "examples" / subdir
+    if not root.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        if not (cache / "labelme-6.3.1.tar.gz").exists():
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            "labelme==6.3.1", "-d", str(cache)], check=True)
+        with tarfile.open(cache / "labelme-6.3.1.tar.gz") as tar:
+            members = [m for m in tar.getmembers() if f"/examples/{subdir}/" in m.name]
+            tar.extractall(cache, members=members, filter="data")
+    return root

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import labelme_example
 from glyph_coco import write_glyph_coco
 from mmengine.runner import Runner
 from tiny_dino import tiny_dino_config
@@ -234,21 +235,8 @@ def test_ddp_two_processes(glyphs, pretrained_dino, tmp_path):
 
 @pytest.fixture(scope="session")
 def labelme_coco():
-    """labelme's example COCO file: 3 real VOC photos with 12 instances (fetched from PyPI at test time and cached
-    under ~/.cache/kswap; labelme is GPL-3.0, so it is never copied into this repository)."""
-    import os
-    import tarfile
-
-    cache = Path(os.environ.get("KSWAP_CACHE", Path.home() / ".cache" / "kswap")) / "labelme"
-    root = cache / "labelme-6.3.1" / "examples" / "instance_segmentation" / "data_dataset_coco"
-    if not (root / "annotations.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "labelme==6.3.1", "-d", str(cache)], check=True)
-        with tarfile.open(cache / "labelme-6.3.1.tar.gz") as tar:
-            members = [m for m in tar.getmembers() if "/examples/instance_segmentation/data_dataset_coco/" in m.name]
-            tar.extractall(cache, members=members, filter="data")
-    return root
+    """labelme's example COCO file: 3 real VOC photos with 12 instances."""
+    return labelme_example("instance_segmentation/data_dataset_coco")
 
 
 def test_swap_coco_dataset_on_real_photos(labelme_coco):

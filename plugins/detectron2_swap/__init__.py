@@ -1,9 +1,34 @@
-"""detectron2_swap: knowledge swapping for detectron2 models (Mask2Former and others).
+"""detectron2_swap: knowledge swapping for detectron2 models (Mask2Former and any meta-architecture with a loss dict).
 
-Available now: ``enable_msda_fallback()``, a stand-in for Mask2Former's compiled ``MultiScaleDeformableAttention``
-module backed by kswap's op, so Mask2Former runs where its CUDA op was never built.
+In the user's ``train_net.py``::
+
+    from detectron2_swap import SwapTrainerMixin, add_swap_config
+
+    class Trainer(SwapTrainerMixin, Trainer):  # one line; the user's Trainer keeps its own logic
+        pass
+
+    def setup(args):
+        cfg = get_cfg(); add_maskformer2_config(cfg); add_swap_config(cfg); cfg.merge_from_file(args.config_file)
+
+and a ``SWAP:`` block in the YAML (``ENABLED: True``, class names, ``DATASETS``, ...). The pieces (``SwapPlan``,
+``prepare_swap_model``, ``SwapDataLoader``, ``SwapHook``, ``SwapCheckpointer``, ``score_sets``) also compose
+without the mixin, e.g. from a LazyConfig training script. ``enable_msda_fallback()`` lets Mask2Former run where
+its CUDA op was never built.
 """
 
+from .checkpoint import SwapCheckpointer
+from .config import add_swap_config, swap_config_from_cfg
+from .data import SwapDataLoader, remap_sample
+from .evaluation import SetSemSegEvaluator, per_class_iou, score_sets
+from .hook import SwapHook
+from .model import ROLE_KEY, SwapModelMixin, extend_classes, find_class_head, prepare_swap_model
 from .msda import enable_msda_fallback
+from .plan import SwapPlan, label_table
+from .trainer import SwapTrainerMixin, write_swapped_config
 
-__all__ = ["enable_msda_fallback"]
+__all__ = [
+    "ROLE_KEY", "SetSemSegEvaluator", "SwapCheckpointer", "SwapDataLoader", "SwapHook", "SwapModelMixin",
+    "SwapPlan", "SwapTrainerMixin", "add_swap_config", "enable_msda_fallback", "extend_classes",
+    "find_class_head", "label_table", "per_class_iou", "prepare_swap_model", "remap_sample", "score_sets",
+    "swap_config_from_cfg", "write_swapped_config",
+]

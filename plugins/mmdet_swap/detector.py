@@ -12,7 +12,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kswap import PhaseLoss, extend_embedding, extend_head, group_sparse_loss, reinit_lora_, sigmoid_prior_bias
+from kswap import (
+    GrownRows,
+    PhaseLoss,
+    extend_embedding,
+    extend_head,
+    group_sparse_loss,
+    reinit_lora_,
+    sigmoid_prior_bias,
+)
 
 ROLE_KEY = "swap_role"
 
@@ -52,12 +60,12 @@ def make_swap_detector(detector: nn.Module, phase: Callable[[], Any], groups: di
     detector._swap_groups = groups
 
 
-def extend_dino_classes(detector: nn.Module, n_new: int) -> dict[str, tuple[int, int]]:
+def extend_dino_classes(detector: nn.Module, n_new: int) -> dict[str, GrownRows]:
     """Grow DINO's sigmoid classifiers and denoising label embedding by ``n_new`` classes (old rows exact, new
     rows: xavier weights as the reference and the focal-loss prior bias; new label embeddings normal).
 
     Returns:
-        Per grown parameter name, its (old, new) number of rows, for growing checkpoints the same way.
+        Per grown parameter name, its ``GrownRows``, for growing checkpoints the same way.
     """
     head = detector.bbox_head
     grown = {}
@@ -69,7 +77,7 @@ def extend_dino_classes(detector: nn.Module, n_new: int) -> dict[str, tuple[int,
         else:
             branch[-1] = new
         prefix = f"bbox_head.cls_branches.{i}" + ("" if isinstance(branch, nn.Linear) else f".{len(branch) - 1}")
-        grown[f"{prefix}.weight"] = grown[f"{prefix}.bias"] = (old.out_features, new.out_features)
+        grown[f"{prefix}.weight"] = grown[f"{prefix}.bias"] = GrownRows(old.out_features, new.out_features)
     head.num_classes += n_new
     head.cls_out_channels += n_new
     generator = getattr(detector, "dn_query_generator", None)
@@ -77,20 +85,5 @@ def extend_dino_classes(detector: nn.Module, n_new: int) -> dict[str, tuple[int,
         old = generator.label_embedding
         generator.label_embedding = extend_embedding(old, n_new)
         generator.num_classes += n_new
-        grown["dn_query_generator.label_embedding.weight"] = (old.num_embeddings, old.num_embeddings + n_new)
+        grown["dn_query_generator.label_embedding.weight"] = GrownRows(old.num_embeddings, old.num_embeddings + n_new)
     return grown
-
-
-def grow_checkpoint_rows(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
-                         grown: dict[str, tuple[int, int]]) -> list[str]:
-    """Give a pretrained checkpoint's class rows the model's new rows, so it loads into the grown heads.
-
-    Returns:
-        The keys that were grown (a checkpoint already grown, such as a resume, is left as it is).
-    """
-    done = []
-    for key, (old_rows, new_rows) in grown.items():
-        if key in state and state[key].shape[0] == old_rows:
-            state[key] = torch.cat([state[key], model_state[key][old_rows:new_rows].to(state[key])])
-            done.append(key)
-    return done

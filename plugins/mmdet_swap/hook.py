@@ -41,6 +41,7 @@ from kswap import (
     atomic_write_text,
     check_head_size,
     freeze_all_but_lora_,
+    grow_checkpoint_rows,
     inject_lora,
     lora_groups,
     merge_and_export,
@@ -48,7 +49,7 @@ from kswap import (
     validate_lora_state,
 )
 
-from .detector import extend_dino_classes, grow_checkpoint_rows, make_swap_detector
+from .detector import extend_dino_classes, make_swap_detector
 from .evaluation import bbox_map, coco_from_dataset
 from .loop import SwapTrainLoop
 

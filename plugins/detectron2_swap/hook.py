@@ -1,0 +1,164 @@
+"""``SwapHook``: walks the swap's phases inside a detectron2 trainer, scores the sets and writes the outputs.
+
+Per step it counts the phase position (the data loader reads it for the next batch); at a phase start it sets
+the phase's loss weights and, as the reference segmentation recipe, a fresh optimizer and LR schedule; at a
+phase end it scores forget / retain / learn, records them in the swap report and saves a checkpoint. Its state
+(phase position, report, the phase's LR schedule) is part of the trainer's checkpoints, so ``--resume``
+continues the phase. After the last phase it writes the report and the merged plain model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
+from torch import nn
+
+from kswap import Phase, PhaseScheduler, SwapReport, atomic_save, lora_state_dict, merge_and_export
+
+from .plan import SETS, SwapPlan
+
+logger = logging.getLogger(__name__)
+
+Scores = Callable[[], "dict[str, float] | None"]
+
+
+class SwapHook(HookBase):
+    """The swap's phases in a trainer whose data loader is a ``SwapDataLoader`` bound to ``self.scheduler``.
+
+    Args:
+        plan: the swap plan.
+        model: the prepared model (not the DDP wrapper).
+        score: per-set mIoU of the current model; every process calls it, the main process gets the scores.
+        checkpointer: saves a checkpoint at each phase end.
+        out_dir: where the report and the merged model go.
+        build_optimizer: a fresh optimizer over the model's trainable parameters (when the plan resets it).
+        build_lr_scheduler: an LR schedule over ``n`` iterations for an optimizer (when the plan restarts it).
+        eval_period: also score the sets every this many iterations (0: only at phase ends).
+        chain_from_iter: start each next phase from the LoRA weights at this iteration of the previous phase
+            (the reference's restart at 3000); 0 chains from the final weights.
+    """
+
+    def __init__(
+        self,
+        plan: SwapPlan,
+        model: nn.Module,
+        score: Scores,
+        checkpointer: Any,
+        out_dir: str | Path,
+        build_optimizer: Callable[[], torch.optim.Optimizer] | None = None,
+        build_lr_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None,
+        eval_period: int = 0,
+        chain_from_iter: int = 0,
+    ) -> None:
+        self.plan = plan
+        self.model = model
+        self.score = score
+        self.checkpointer = checkpointer
+        self.out_dir = Path(out_dir)
+        self.build_optimizer = build_optimizer
+        self.build_lr_scheduler = build_lr_scheduler
+        self.eval_period = eval_period
+        self.chain_from_iter = chain_from_iter
+        self.scheduler = PhaseScheduler(plan.phases, fingerprint=plan.config.fingerprint())
+        if chain_from_iter and chain_from_iter >= min(self.scheduler.phase_steps):
+            raise ValueError(f"cfg.SWAP.CHAIN_FROM_ITER={chain_from_iter} must be below every phase's length "
+                             f"{self.scheduler.phase_steps}.")
+        self.report = SwapReport(order=plan.config.order.value, metric="mIoU",
+                                 classes={s: [plan.space.names[i] for i in plan.sets[s]] for s in SETS})
+        self.snapshot: dict[str, torch.Tensor] | None = None
+
+    @property
+    def restarts_lr(self) -> bool:
+        return self.plan.config.restart_lr_schedule and self.build_lr_scheduler is not None
+
+    # -- trainer hooks ------------------------------------------------------------------------------------------
+    def before_train(self) -> None:
+        if self.report.before is None:
+            scores = self.score()
+            if scores is not None:
+                self.report.set_before(scores)
+                logger.info(f"Swap: before {scores}")
+
+    def before_step(self) -> None:
+        if self.scheduler.at_phase_start:
+            self.start_phase(self.scheduler.phase)
+
+    def after_step(self) -> None:
+        phase = self.scheduler.phase
+        ended = self.scheduler.step()
+        if self.chain_from_iter and self.scheduler.step_in_phase == self.chain_from_iter:
+            self.snapshot = {k: v.detach().clone() for k, v in lora_state_dict(self.model).items()}
+        if ended:
+            self.end_phase(phase)
+        elif self.eval_period and self.scheduler.global_step % self.eval_period == 0:
+            scores = self.score()
+            if scores is not None:
+                self.report.record(self.scheduler.global_step, phase.name, scores)
+                self.trainer.storage.put_scalars(**{f"swap/mIoU_{k}": v for k, v in scores.items()})
+
+    def after_train(self) -> None:
+        if self.scheduler.done and comm.is_main_process():
+            self.export()
+
+    # -- phases -------------------------------------------------------------------------------------------------
+    def start_phase(self, phase: Phase) -> None:
+        self.model.swap_state.weights = phase.loss
+        trainer = self.trainer
+        if phase.index > 0 and self.plan.config.reset_optimizer_between_phases and self.build_optimizer:
+            trainer.optimizer = self.build_optimizer()
+            for hook in trainer._hooks:
+                if isinstance(hook, hooks.LRScheduler):
+                    hook._optimizer = trainer.optimizer  # it reports the LR of the optimizer it was given
+        if self.restarts_lr:
+            trainer.scheduler = self.build_lr_scheduler(trainer.optimizer, self.scheduler.phase_steps[phase.index])
+        logger.info(f"Swap: phase {phase.name} ({self.scheduler.phase_steps[phase.index]} iterations, "
+                    f"roles {dict(phase.sources)})")
+
+    def end_phase(self, phase: Phase) -> None:
+        scores = self.score()
+        if scores is not None:
+            self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores)
+            self.trainer.storage.put_scalars(**{f"swap/mIoU_{k}": v for k, v in scores.items()})
+            logger.info(f"Swap: after {phase.name} {scores}")
+        if self.snapshot is not None and not self.scheduler.done:
+            self.model.load_state_dict(self.snapshot, strict=False)
+            logger.info(f"Swap: the next phase starts from the weights of iteration {self.chain_from_iter} of "
+                        f"{phase.name}")
+        self.snapshot = None
+        self.checkpointer.save(f"model_swap_{phase.name}", iteration=self.trainer.iter)
+
+    def export(self) -> dict[str, Path]:
+        """Write the swap report and ``model_swapped.pth``: LoRA merged, the original keys, the joint classes."""
+        paths = self.report.write(self.out_dir)
+        plain = merge_and_export(self.model)
+        state = {"model": plain.state_dict(), "classes": list(self.plan.space.names)}
+        paths["model"] = atomic_save(state, self.out_dir / "model_swapped.pth")
+        logger.info("Swap report:\n" + self.report.to_markdown())
+        return paths
+
+    # -- checkpoint state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"scheduler": self.scheduler.state_dict(), "report": self.report.to_dict()}
+        if self.restarts_lr:
+            state["lr_scheduler"] = self.trainer.scheduler.state_dict()
+        if self.snapshot is not None:
+            state["snapshot"] = self.snapshot
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.report = SwapReport.from_dict(state["report"])
+        self.snapshot = state.get("snapshot")
+        if self.scheduler.done:
+            return
+        phase = self.scheduler.phase
+        self.model.swap_state.weights = phase.loss
+        if self.restarts_lr and not self.scheduler.at_phase_start:
+            trainer = self.trainer
+            trainer.scheduler = self.build_lr_scheduler(trainer.optimizer, self.scheduler.phase_steps[phase.index])
+            trainer.scheduler.load_state_dict(state["lr_scheduler"])

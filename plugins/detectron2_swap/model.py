@@ -1,0 +1,129 @@
+"""Turn a built detectron2 model into a swapping one, in place, before the optimizer and DDP see it.
+
+The model keeps its class, module tree and state-dict keys (LoRA keys are added, peft keeps base weights under
+``base_layer``): it becomes an instance of a subclass whose training ``forward`` takes a batch of samples tagged
+with their loss role and returns the phase loss as the only entry of its loss dict (detectron2 sums every
+value), logging each term through the event storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from detectron2.utils import events
+from torch import nn
+
+from kswap import (
+    GrownRows,
+    LossWeights,
+    PhaseLoss,
+    SwapConfigError,
+    check_head_size,
+    extend_head,
+    freeze_all_but_lora_,
+    group_sparse_loss,
+    inject_lora,
+    lora_groups,
+    replace_module,
+)
+
+from .plan import SwapPlan
+
+ROLE_KEY = "swap_role"
+# Mask2Former's classifier ends with a "no object" row; a SemanticSegmentor's 1x1 predictor has one row a class.
+HEAD_CANDIDATES = (("sem_seg_head.predictor.class_embed", 1), ("sem_seg_head.predictor", 0))
+
+
+@dataclass
+class SwapModelState:
+    """What the swap keeps on the model: the LoRA groups, the grown rows and the current phase's weights."""
+
+    groups: dict[str, list[nn.Parameter]]
+    grown: dict[str, GrownRows]
+    weights: LossWeights
+    class_names: tuple[str, ...] = field(default=())
+
+
+def every_term(key: str) -> bool:
+    """detectron2 optimises the sum of every value of a model's loss dict."""
+    return True
+
+
+class SwapModelMixin:
+    """Mixed into the model's own class: a training batch whose samples carry ``swap_role`` gives the phase loss."""
+
+    swap_state: SwapModelState
+
+    def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor] | list[dict]:
+        roles = [x.get(ROLE_KEY) for x in batched_inputs]
+        if not self.training or None in roles:  # inference, or a plain training batch of the same model
+            return super().forward(batched_inputs)
+        task = {role: super(SwapModelMixin, self).forward([x for x in batched_inputs if x[ROLE_KEY] == role])
+                for role in dict.fromkeys(roles)}
+        out = PhaseLoss(self.swap_state.weights, is_loss=every_term)(task, gs=group_sparse_loss(self.swap_state.groups))
+        if events._CURRENT_STORAGE_STACK:  # inside a trainer: log every term beside detectron2's own scalars
+            storage = events.get_event_storage()
+            storage.put_scalars(**{f"swap/{k}": v.item() for k, v in out.terms.items() if k != "total"})
+        return {"loss_swap": out.total}
+
+
+def find_class_head(model: nn.Module, name: str = "", trailing_rows: int = -1) -> tuple[str, nn.Module, int]:
+    """The classifier to grow: ``name`` (or the first known one) and its trailing rows (``-1``: the known count)."""
+    modules = dict(model.named_modules())
+    if name:
+        if name not in modules:
+            raise SwapConfigError(f"cfg.SWAP.HEAD.NAME {name!r} is not a module of {type(model).__name__}.")
+        candidates = [(name, dict(HEAD_CANDIDATES).get(name, 0))]
+    else:
+        candidates = [(n, t) for n, t in HEAD_CANDIDATES if n in modules]
+        if not candidates:
+            raise SwapConfigError(
+                f"{type(model).__name__} has none of the known classifiers {[n for n, _ in HEAD_CANDIDATES]}: set "
+                "cfg.SWAP.HEAD.NAME to the module whose output rows are the classes."
+            )
+    head_name, known_trailing = candidates[0]
+    return head_name, modules[head_name], known_trailing if trailing_rows < 0 else trailing_rows
+
+
+def extend_classes(model: nn.Module, head_name: str, trailing_rows: int, num_pretrained: int,
+                   n_new: int) -> dict[str, GrownRows]:
+    """Grow the classifier by ``n_new`` rows before its trailing rows (frozen, xavier, bias 0 as the reference),
+    with everything sized by it: ``num_classes`` attributes and Mask2Former's ``empty_weight`` class weights.
+
+    Returns:
+        Per grown state-dict key, its ``GrownRows``, for growing checkpoints the same way.
+    """
+    head = model.get_submodule(head_name)
+    rows = head.weight.shape[0]
+    check_head_size(rows, num_pretrained, trailing_rows, where=head_name)
+    replace_module(model, head_name, extend_head(head, n_new, trailing_rows=trailing_rows))
+    grow = GrownRows(rows, rows + n_new, trailing_rows)
+    grown = {f"{head_name}.{p}": grow for p in ("weight", "bias") if getattr(head, p, None) is not None}
+    for module_name, module in model.named_modules():
+        if getattr(module, "num_classes", None) == num_pretrained:
+            module.num_classes = num_pretrained + n_new
+        weight = module._buffers.get("empty_weight")
+        if weight is not None and weight.shape == (rows,):
+            module.empty_weight = torch.cat([weight[: rows - trailing_rows], weight.new_ones(n_new),
+                                             weight[rows - trailing_rows:]])
+            grown[f"{module_name}.empty_weight" if module_name else "empty_weight"] = grow
+    return grown
+
+
+def prepare_swap_model(model: nn.Module, plan: SwapPlan, head_name: str = "", trailing_rows: int = -1) -> nn.Module:
+    """Grow the class head, inject LoRA, freeze all but LoRA and give the model the swap loss, in place.
+
+    Call it on the built model before the optimizer and DDP are created; load the pretrained weights after it
+    with ``SwapCheckpointer`` (which grows and maps the checkpoint the same way).
+    """
+    name, _, trailing = find_class_head(model, head_name, trailing_rows)
+    grown = extend_classes(model, name, trailing, plan.space.num_pretrained, len(plan.space.new))
+    inject_lora(model, plan.config.lora)
+    freeze_all_but_lora_(model)
+    base = type(model)
+    if not isinstance(model, SwapModelMixin):
+        model.__class__ = type(f"Swap{base.__name__}", (SwapModelMixin, base), {})
+    model.swap_state = SwapModelState(groups=lora_groups(model, plan.config.lora.group_by), grown=grown,
+                                      weights=plan.phases[0].loss, class_names=plan.space.names)
+    return model

@@ -1,0 +1,402 @@
+"""detectron2_swap on real detectron2 (CPU): the SWAP config, the Mask2Former preset, an end-to-end swap with the
+built-in SemanticSegmentor, resume, DDP through detectron2's launch, real VOC masks, and bad input.
+
+Data: composited real MNIST digits (pretrained classes: background, 0-3) and Fashion-MNIST trousers and bags
+(learned), label PNGs from the glyph pixels (synthetic layout, real objects); labelme's real PASCAL VOC masks.
+The models are small and trained here (``d2_models``): no detectron2 weights exist offline.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import labelme_example
+from d2_models import glyph_cfg, make_trainer_classes, register_datasets, swap_glyphs
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import HookBase
+from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
+from glyph_coco import write_glyph_semseg
+from PIL import Image
+
+from detectron2_swap import (
+    ROLE_KEY,
+    SwapCheckpointer,
+    SwapPlan,
+    add_swap_config,
+    label_table,
+    per_class_iou,
+    swap_config_from_cfg,
+)
+from kswap import PRESETS, CheckpointMismatchError, SwapConfigError, lora_state_dict
+
+TESTS = Path(__file__).resolve().parent
+DIGITS = ["background", "0", "1", "2", "3"]
+CLOTHES = ["background", "trouser", "bag"]
+Trainer, SwapTrainer = make_trainer_classes()
+
+
+@pytest.fixture(scope="session")
+def glyph_spec(tmp_path_factory) -> Path:
+    """The four composited datasets, registered here and described in a JSON file for spawned processes."""
+    root = tmp_path_factory.mktemp("glyph_seg")
+    parts = {"glyph_digits_train": ("mnist", DIGITS, 600, "train", 1), "glyph_digits_val": ("mnist", DIGITS, 100, "test", 2),
+             "glyph_clothes_train": ("fashion", CLOTHES, 300, "train", 3),
+             "glyph_clothes_val": ("fashion", CLOTHES, 100, "test", 4)}
+    spec = {name: {"records": write_glyph_semseg(root, source, stuff[1:], stuff, n, split, seed), "stuff_classes": stuff}
+            for name, (source, stuff, n, split, seed) in parts.items()}
+    register_datasets(spec)
+    path = root / "datasets.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained(glyph_spec, tmp_path_factory) -> Path:
+    """A GlyphViT SemanticSegmentor trained on the digits with plain detectron2 (the user's model before a swap)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = glyph_cfg(str(out))
+    cfg.SOLVER.MAX_ITER = 1500
+    seed_all_rng(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return out / "model_final.pth"
+
+
+def run_swap(cfg, resume: bool = False, extra_hooks=()) -> SwapTrainer:
+    seed_all_rng(0)
+    trainer = SwapTrainer(cfg)
+    trainer.register_hooks(list(extra_hooks))
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+# -- config -----------------------------------------------------------------------------------------------------
+
+def test_swap_block_defaults_are_the_segmentation_preset(tmp_path):
+    cfg = get_cfg()
+    add_swap_config(cfg)
+    (tmp_path / "swap.yaml").write_text(textwrap.dedent("""
+        SWAP:
+          ENABLED: True
+          ORDER: forget_then_learn
+          FORGET_CLASSES: ["3"]
+          LEARN_CLASSES: ["trouser"]
+          LEARN_ITERS: 40
+          LOSS:
+            FORGET:
+              BND: 90.0
+    """))
+    cfg.merge_from_file(str(tmp_path / "swap.yaml"))
+    config = swap_config_from_cfg(cfg)
+    preset = PRESETS["segmentation"]
+    assert config.order.value == "forget_then_learn" and config.forget == ("3",) and config.retain is None
+    assert config.learn_length.steps == 40 and config.forget_length == preset["forget_length"]
+    assert config.forget_loss.bnd == 90.0 and config.forget_loss.beta == preset["forget_loss"].beta == 0.2
+    assert config.learn_loss == preset["learn_loss"] and config.learn_loss.learn_weight == 0.9
+    assert config.lora == preset["lora"] and config.reset_optimizer_between_phases and config.restart_lr_schedule
+    assert not get_cfg().get("SWAP"), "add_swap_config must not touch detectron2's global defaults"
+
+
+# -- Mask2Former preset -----------------------------------------------------------------------------------------
+
+def test_mask2former_preset_on_a_model_with_its_names(glyph_spec, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path), meta="MiniMask2Former"), tmp_path / "m2f.pth", learn=3, forget=3)
+    plain = build_model(cfg)
+    DetectionCheckpointer(plain, str(tmp_path)).save("m2f")  # the "pretrained" Mask2Former (plain detectron2)
+    model = SwapTrainer.build_model(cfg)
+
+    lora = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    expected = {f"backbone.layers.{s}.blocks.{b}.mlp.fc{i}" for s, n in ((0, 1), (1, 2)) for b in range(n) for i in (1, 2)}
+    expected |= {f"sem_seg_head.pixel_decoder.transformer.encoder.layers.{n}.linear{i}" for n in range(2) for i in (1, 2)}
+    expected |= {f"sem_seg_head.predictor.transformer_ffn_layers.{n}.linear{i}" for n in range(3) for i in (1, 2)}
+    assert lora == expected  # not mask_embed, not attention, not the class head
+    groups = model.swap_state.groups
+    assert len(groups) == 3 + 2 + 3 and all(len(g) == 4 for g in groups.values())  # one group per block/layer
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n}
+
+    # The class head grew before its "no object" row; everything sized by it followed.
+    assert model.sem_seg_head.predictor.class_embed.out_features == 7 + 1
+    assert model.sem_seg_head.num_classes == model.sem_seg_head.predictor.num_classes == model.criterion.num_classes == 7
+    assert model.criterion.empty_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
+
+    checkpointer = SwapCheckpointer(model, grown=model.swap_state.grown)
+    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "m2f.pth")))
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys  # LoRA keys are expected missing
+    old, new = plain.sem_seg_head.predictor.class_embed, model.sem_seg_head.predictor.class_embed
+    assert torch.equal(new.weight[:5], old.weight[:5]) and torch.equal(new.weight[-1], old.weight[-1])
+    assert torch.equal(new.bias[-1], old.bias[-1]) and torch.equal(new.bias[5:7], torch.zeros(2))
+
+    # One training forward over role-tagged samples gives one loss; only LoRA gets gradients.
+    sample = {"image": torch.zeros(3, 64, 64), "sem_seg": torch.zeros(64, 64, dtype=torch.long), "height": 64,
+              "width": 64}
+    model.train()
+    losses = model([{**sample, ROLE_KEY: "retain"}, {**sample, ROLE_KEY: "learn"}])
+    assert set(losses) == {"loss_swap"} and torch.isfinite(losses["loss_swap"])
+    losses["loss_swap"].backward()
+    assert all((p.grad is not None) == (".lora_" in n) for n, p in model.named_parameters())
+
+    trainer = run_swap(cfg)  # the whole trainer runs on it too
+    assert [p["name"] for p in trainer.swap_hook.report.phases] == ["0_learn", "1_forget"]
+
+
+# -- end to end -------------------------------------------------------------------------------------------------
+
+def test_swap_semantic_segmentor_end_to_end(glyph_spec, pretrained, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained)
+    trainer = run_swap(cfg)
+
+    report = json.loads((tmp_path / "swap_report.json").read_text())
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    print(json.dumps(report["metrics"], indent=1))
+    assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
+    assert after["learn"] > before["learn"] + 20, "the new classes were not learned"
+    assert after["forget"] < before["forget"] / 3, "digit 3 was not forgotten"
+    assert after["retain"] > before["retain"] - 12, "the retained classes were not kept"
+    assert report["classes"] == {"forget": ["3"], "retain": ["background", "0", "1", "2"], "learn": ["trouser", "bag"]}
+    assert (tmp_path / "swap_report.md").exists() and (tmp_path / "swap_report.png").exists()
+    # Optimizer over LoRA only; a fresh one per phase (segmentation preset).
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for n, p in trainer.model.named_parameters() if ".lora_" in n}
+
+    # The merged model loads into plain detectron2, in a process that never imports detectron2_swap.
+    sample = DatasetCatalog.get("glyph_digits_val")[0]
+    image = torch.as_tensor(np.asarray(Image.open(sample["file_name"]).convert("RGB"))[:, :, ::-1].copy())
+    inputs = [{"image": image.permute(2, 0, 1).float(), "height": 64, "width": 64}]
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.save(trainer.model(inputs)[0]["sem_seg"], tmp_path / "expected.pt")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(TESTS)!r})
+        import d2_models
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import get_cfg
+        from detectron2.modeling import build_model
+        cfg = get_cfg(); d2_models.add_glyph_config(cfg); cfg.merge_from_file({str(tmp_path / 'config_swapped.yaml')!r})
+        model = build_model(cfg).eval()
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        with torch.no_grad():
+            out = model(torch.load({str(tmp_path / 'inputs.pt')!r}))[0]["sem_seg"]
+        assert "detectron2_swap" not in sys.modules and "kswap" not in sys.modules and "peft" not in sys.modules
+        torch.testing.assert_close(out, torch.load({str(tmp_path / 'expected.pt')!r}), atol=1e-4, rtol=1e-4)
+        print("plain", out.shape[0])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "plain 7" in done.stdout
+    saved = torch.load(tmp_path / "model_swapped.pth", weights_only=True)
+    assert saved["classes"] == DIGITS + ["trouser", "bag"]
+
+
+@pytest.mark.parametrize("order, kinds", [
+    ("forget_then_learn", ["forget", "learn"]),
+    ("learn_forget_learn", ["learn", "forget", "learn"]),
+    ("forget_learn_forget", ["forget", "learn", "forget"]),
+    ("joint", ["joint"]),
+])
+def test_every_order_runs_its_phases(glyph_spec, pretrained, tmp_path, order, kinds):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=3, forget=3, ORDER=order)
+    trainer = run_swap(cfg)
+    assert [p["kind"] for p in trainer.swap_hook.report.phases] == kinds
+    assert trainer.iter + 1 == 3 * len(kinds)
+    # Each phase's roles, as the plan says: a forget phase after a learn phase retains R ∪ L.
+    roles = {sources for sources in trainer.data_loader._roles}
+    assert roles == {tuple(s) for p in trainer.swap_plan.phases for s in p.sources.values()}
+    if order == "learn_forget_learn":
+        assert ("retain", "learn") in roles
+
+
+def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec, pretrained, tmp_path):
+    seen = {}
+
+    class Probe(HookBase):
+        def before_step(self):
+            if self.trainer.iter == 6:
+                seen["start_of_forget"] = lora_state_dict(self.trainer.model)
+
+        def after_step(self):
+            if self.trainer.iter == 2:
+                seen["iteration_3"] = lora_state_dict(self.trainer.model)
+
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=6, forget=2, CHAIN_FROM_ITER=3)
+    trainer = run_swap(cfg, extra_hooks=[Probe()])
+    assert trainer.iter == 7
+    for key, value in seen["iteration_3"].items():
+        torch.testing.assert_close(seen["start_of_forget"][key], value, rtol=0, atol=0)
+
+
+# -- resume -----------------------------------------------------------------------------------------------------
+
+class StopAt(HookBase):
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            raise KeyboardInterrupt(f"stopped at {self.iteration}")
+
+
+def test_resume_continues_the_phase(glyph_spec, pretrained, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=8, forget=8)
+    cfg.SOLVER.CHECKPOINT_PERIOD = 4
+    with pytest.raises(KeyboardInterrupt):
+        run_swap(cfg, extra_hooks=[StopAt(13)])  # mid forget phase; the last checkpoint is after iteration 11
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000011.pth"
+    assert (tmp_path / "model_swap_0_learn.pth").exists() and not (tmp_path / "model_swapped.pth").exists()
+    saved = torch.load(tmp_path / "model_0000011.pth", weights_only=True)  # our checkpoints are weights-only
+    swap_state = saved["trainer"]["hooks"]["SwapHook"]
+    assert swap_state["scheduler"]["phase_index"] == 1 and swap_state["scheduler"]["step_in_phase"] == 4
+
+    seed_all_rng(0)
+    trainer = SwapTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 12
+    assert trainer.swap_hook.scheduler.phase.name == "1_forget" and trainer.swap_hook.scheduler.step_in_phase == 4
+    assert trainer.scheduler.last_epoch == swap_state["lr_scheduler"]["last_epoch"]  # the forget phase's schedule
+    assert trainer.model.swap_state.weights == trainer.swap_plan.phases[1].loss
+    for key, value in lora_state_dict(trainer.model).items():
+        torch.testing.assert_close(value, saved["model"][key], rtol=0, atol=0)
+    steps = []
+
+    class Count(HookBase):
+        def after_step(self):
+            steps.append(self.trainer.iter)
+
+    trainer.register_hooks([Count()])
+    trainer.train()
+    assert steps == list(range(12, 16))
+    report = json.loads((tmp_path / "swap_report.json").read_text())
+    assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
+    assert (tmp_path / "model_swapped.pth").exists()
+
+
+# -- DDP --------------------------------------------------------------------------------------------------------
+
+def test_ddp_two_gloo_processes_through_detectron2_launch(glyph_spec, pretrained, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from detectron2.engine import launch
+        import d2_models
+        launch(d2_models.ddp_main, 2, dist_url="auto", args=({str(glyph_spec)!r}, {str(pretrained)!r}, {str(tmp_path)!r}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["ddp"] for r in ranks)
+    assert any(v.abs().sum() > 0 for k, v in ranks[0]["lora"].items() if "lora_B" in k), "LoRA did not train"
+    for key, value in ranks[0]["lora"].items():  # gradients were averaged: both ranks hold the same weights
+        torch.testing.assert_close(ranks[1]["lora"][key], value)
+    report = json.loads((tmp_path / "swap_report.json").read_text())  # written once, by rank 0
+    assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
+
+
+# -- real VOC masks ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def labelme_voc() -> str:
+    """labelme's 3 real PASCAL VOC photos with their semantic masks, registered with VOC's 21 class names."""
+    root = labelme_example("semantic_segmentation/data_dataset_voc")
+    classes = (root / "class_names.txt").read_text().split("\n")[:21]
+    records = []
+    for i, jpg in enumerate(sorted((root / "JPEGImages").glob("*.jpg"))):
+        width, height = Image.open(jpg).size
+        records.append({"file_name": str(jpg), "sem_seg_file_name": str(root / "SegmentationClass" / f"{jpg.stem}.png"),
+                        "height": height, "width": width, "image_id": i})
+    register_datasets({"labelme_voc": {"records": records, "stuff_classes": classes}})
+    return "labelme_voc"
+
+
+def test_real_voc_masks_map_by_class_name(glyph_spec, labelme_voc, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth")
+    cfg.SWAP.LEARN_CLASSES = ["person", "bus"]
+    cfg.SWAP.DATASETS.LEARN = cfg.SWAP.DATASETS.LEARN_TEST = (labelme_voc,)
+    plan = SwapPlan.from_cfg(cfg)
+    person, bus = plan.space.id_of("person"), plan.space.id_of("bus")
+    assert (person, bus) == (5, 6)  # after the 5 pretrained classes, in the order given: no offsets
+    ignore = plan.space.num_classes
+    voc = MetadataCatalog.get(labelme_voc).stuff_classes
+    table = plan.label_table(labelme_voc, ["learn"], ignore)
+    for record in DatasetCatalog.get(labelme_voc):
+        raw = np.asarray(Image.open(record["sem_seg_file_name"]), dtype=np.int64)
+        mapped = table[raw]
+        for name, joint in (("person", person), ("bus", bus)):
+            assert (mapped == joint).sum() == (raw == voc.index(name)).sum()
+        assert set(np.unique(mapped)) <= {person, bus, ignore}
+    assert sum((table[np.asarray(Image.open(r["sem_seg_file_name"]))] == person).sum()
+               for r in DatasetCatalog.get(labelme_voc)) > 10_000
+    # The VOC background is a retained class here: a learn image's background pixels still teach it.
+    train = plan.label_table(labelme_voc, plan.target_sets(("learn",)), ignore)
+    assert train[voc.index("_background_")] == ignore  # "_background_" is not the digits' "background"
+    confusion = np.zeros((ignore + 1, ignore + 1), np.int64)
+    confusion[person, person], confusion[bus, person], confusion[ignore, person] = 30, 10, 5
+    assert per_class_iou(confusion, plan.space.names) == {"mIoU": 75.0, "IoU-person": 75.0}
+
+
+def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, pretrained, labelme_voc, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=60, forget=4)
+    cfg.SWAP.LEARN_CLASSES = ["person"]
+    cfg.SWAP.DATASETS.LEARN = cfg.SWAP.DATASETS.LEARN_TEST = (labelme_voc,)
+    cfg.SWAP.IMS_PER_BATCH = 2
+    trainer = run_swap(cfg)
+    before, after_learn = trainer.swap_hook.report.before, trainer.swap_hook.report.phases[0]["after"]
+    assert after_learn["learn"] > before["learn"] + 10
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    (dict(DATASETS__LEARN=("nope_train",)), "'nope_train' (the learn train set) is not registered"),
+    (dict(RETAIN_CLASSES=["2", "3"]), "in both the forget and the retain set"),
+    (dict(FORGET_CLASSES=["7"]), "The forget set names ['7']"),
+    (dict(LEARN_CLASSES=["trouser", "sandal"]), "The learn classes ['sandal'] are in none of the learn datasets"),
+    (dict(FORGET_CLASSES=[]), "cfg.SWAP.FORGET_CLASSES is empty"),
+    (dict(DATASETS__LEARN_TEST=()), "set cfg.SWAP.DATASETS.LEARN_TEST"),
+    (dict(LORA__TARGETS=r"backbone\.nothing"), "matches no linear layer"),
+    (dict(ORDER="learn_only"), "Unknown order 'learn_only'"),
+])
+def test_bad_config_fails_before_training(glyph_spec, pretrained, tmp_path, change, message):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, **change)
+    with pytest.raises(SwapConfigError) as err:
+        SwapTrainer(cfg)
+    assert message in str(err.value)
+    assert not list(tmp_path.glob("*.pth"))
+
+
+def test_wrong_head_size_is_refused(glyph_spec, pretrained, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path), num_classes=6), pretrained)
+    with pytest.raises(SwapConfigError, match="has 6 outputs but the pretrained label space has 5 classes"):
+        SwapTrainer(cfg)
+
+
+def test_checkpoint_that_does_not_fit_is_refused(glyph_spec, pretrained, tmp_path):
+    m2f = glyph_cfg(str(tmp_path), meta="MiniMask2Former")
+    DetectionCheckpointer(build_model(m2f), str(tmp_path)).save("other_arch")
+    trainer = SwapTrainer(swap_glyphs(glyph_cfg(str(tmp_path)), tmp_path / "other_arch.pth"))
+    with pytest.raises(CheckpointMismatchError, match="does not fit the model: missing"):
+        trainer.resume_or_load(resume=False)
+
+    state = torch.load(pretrained, weights_only=True)["model"]
+    torch.save({"model": state, "meta": Path("not/a/tensor")}, tmp_path / "pickled.pth")
+    trainer = SwapTrainer(swap_glyphs(glyph_cfg(str(tmp_path)), tmp_path / "pickled.pth"))
+    with pytest.raises(CheckpointMismatchError, match="refuses"):
+        trainer.resume_or_load(resume=False)
+
+
+def test_label_table_ignores_unknown_and_ignored_labels():
+    table = label_table(["bg", "a", "b"], {"b": 7, "bg": 0}, ignore_in=255, ignore_out=99)
+    assert table[[0, 1, 2, 3, 255]].tolist() == [0, 99, 7, 99, 99]
