@@ -64,6 +64,10 @@ class GlyphViT(Backbone):
     def output_shape(self) -> dict[str, ShapeSpec]:
         return {"p2": ShapeSpec(channels=self.dim, stride=4)}
 
+    @property
+    def size_divisibility(self) -> int:
+        return 4  # inputs are padded to whole patches
+
 
 @BACKBONE_REGISTRY.register()
 def build_glyph_vit_backbone(cfg, input_shape) -> GlyphViT:

@@ -18,7 +18,15 @@ from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from torch import nn
 
-from kswap import Phase, PhaseScheduler, SwapReport, atomic_save, lora_state_dict, merge_and_export
+from kswap import (
+    Phase,
+    PhaseScheduler,
+    SwapConfigError,
+    SwapReport,
+    atomic_save,
+    lora_state_dict,
+    merge_and_export,
+)
 
 from .plan import SETS, SwapPlan
 
@@ -65,9 +73,10 @@ class SwapHook(HookBase):
         self.eval_period = eval_period
         self.chain_from_iter = chain_from_iter
         self.scheduler = PhaseScheduler(plan.phases, fingerprint=plan.config.fingerprint())
-        if chain_from_iter and chain_from_iter >= min(self.scheduler.phase_steps):
-            raise ValueError(f"cfg.SWAP.CHAIN_FROM_ITER={chain_from_iter} must be below every phase's length "
-                             f"{self.scheduler.phase_steps}.")
+        chained = self.scheduler.phase_steps[:-1]
+        if chain_from_iter and chained and chain_from_iter >= min(chained):
+            raise SwapConfigError(f"cfg.SWAP.CHAIN_FROM_ITER={chain_from_iter} must be below the length of every phase "
+                                  f"that another follows ({chained} iterations).")
         self.report = SwapReport(order=plan.config.order.value, metric="mIoU",
                                  classes={s: [plan.space.names[i] for i in plan.sets[s]] for s in SETS})
         self.snapshot: dict[str, torch.Tensor] | None = None
