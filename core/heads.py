@@ -108,8 +108,8 @@ def check_head_size(head_rows: int, num_pretrained: int, trailing_rows: int = 0,
         extra = f" + {trailing_rows} trailing" if trailing_rows else ""
         raise SwapConfigError(
             f"The {where} has {head_rows} outputs but the pretrained label space has {num_pretrained} classes"
-            f"{extra} = {expected}. Give the class list the checkpoint was trained with (or the right "
-            "--num-classes)."
+            f"{extra} = {expected}. Give the class list the checkpoint was trained with, or build the model with "
+            "that many classes."
         )
 
 

@@ -67,7 +67,8 @@ def patch_cpu_distributed(package_dir: Path) -> None:
     _replace(launch, '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n',
              "    has_gpu = torch.cuda.is_available()\n")
     _replace(launch, 'backend="NCCL",', 'backend="NCCL" if has_gpu else "GLOO",')
-    _replace(launch, "    assert num_gpus_per_machine <= torch.cuda.device_count()\n    torch.cuda.set_device(local_rank)\n",
+    _replace(launch,
+             "    assert num_gpus_per_machine <= torch.cuda.device_count()\n    torch.cuda.set_device(local_rank)\n",
              "    if has_gpu:\n        assert num_gpus_per_machine <= torch.cuda.device_count()\n"
              "        torch.cuda.set_device(local_rank)\n")
     _replace(package_dir / "engine" / "defaults.py", '    if "device_ids" not in kwargs:\n',

@@ -18,9 +18,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
 from prepare_data import FASHION_CLASSES, load_fashion, load_mnist  # noqa: E402
 
+Composite = tuple[np.ndarray, list[tuple[str, np.ndarray]]]
+
 
 def composite_glyphs(source: str, classes: list[str], n_images: int, split: str, seed: int, canvas: int,
-                     glyph: int, per_image: tuple[int, int]) -> Iterator[tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
+                     glyph: int, per_image: tuple[int, int]) -> Iterator[Composite]:
     """Yield ``(canvas, objects)``: a uint8 image and, per pasted glyph, its class name and full-size mask."""
     images, labels = (load_mnist if source == "mnist" else load_fashion)("train" if split == "train" else "test")
     names = [str(d) for d in range(10)] if source == "mnist" else FASHION_CLASSES

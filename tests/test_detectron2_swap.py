@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import labelme_example
 from d2_models import glyph_cfg, make_trainer_classes, register_datasets, swap_glyphs
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -39,6 +38,8 @@ from detectron2_swap import (
 )
 from kswap import PRESETS, CheckpointMismatchError, SwapConfigError, lora_state_dict
 
+from conftest import labelme_example
+
 TESTS = Path(__file__).resolve().parent
 DIGITS = ["background", "0", "1", "2", "3"]
 CLOTHES = ["background", "trouser", "bag"]
@@ -49,10 +50,12 @@ Trainer, SwapTrainer = make_trainer_classes()
 def glyph_spec(tmp_path_factory) -> Path:
     """The four composited datasets, registered here and described in a JSON file for spawned processes."""
     root = tmp_path_factory.mktemp("glyph_seg")
-    parts = {"glyph_digits_train": ("mnist", DIGITS, 600, "train", 1), "glyph_digits_val": ("mnist", DIGITS, 100, "test", 2),
+    parts = {"glyph_digits_train": ("mnist", DIGITS, 600, "train", 1),
+             "glyph_digits_val": ("mnist", DIGITS, 100, "test", 2),
              "glyph_clothes_train": ("fashion", CLOTHES, 300, "train", 3),
              "glyph_clothes_val": ("fashion", CLOTHES, 100, "test", 4)}
-    spec = {name: {"records": write_glyph_semseg(root, source, stuff[1:], stuff, n, split, seed), "stuff_classes": stuff}
+    spec = {name: {"records": write_glyph_semseg(root, source, stuff[1:], stuff, n, split, seed),
+                   "stuff_classes": stuff}
             for name, (source, stuff, n, split, seed) in parts.items()}
     register_datasets(spec)
     path = root / "datasets.json"
@@ -118,8 +121,10 @@ def test_mask2former_preset_on_a_model_with_its_names(glyph_spec, tmp_path):
     model = SwapTrainer.build_model(cfg)
 
     lora = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
-    expected = {f"backbone.layers.{s}.blocks.{b}.mlp.fc{i}" for s, n in ((0, 1), (1, 2)) for b in range(n) for i in (1, 2)}
-    expected |= {f"sem_seg_head.pixel_decoder.transformer.encoder.layers.{n}.linear{i}" for n in range(2) for i in (1, 2)}
+    fc, linear = (1, 2), (1, 2)
+    expected = {f"backbone.layers.{s}.blocks.{b}.mlp.fc{i}" for s, n in ((0, 1), (1, 2)) for b in range(n) for i in fc}
+    encoder = "sem_seg_head.pixel_decoder.transformer.encoder.layers"
+    expected |= {f"{encoder}.{n}.linear{i}" for n in range(2) for i in linear}
     expected |= {f"sem_seg_head.predictor.transformer_ffn_layers.{n}.linear{i}" for n in range(3) for i in (1, 2)}
     assert lora == expected  # not mask_embed, not attention, not the class head
     groups = model.swap_state.groups
@@ -129,7 +134,8 @@ def test_mask2former_preset_on_a_model_with_its_names(glyph_spec, tmp_path):
 
     # The class head grew before its "no object" row; everything sized by it followed.
     assert model.sem_seg_head.predictor.class_embed.out_features == 7 + 1
-    assert model.sem_seg_head.num_classes == model.sem_seg_head.predictor.num_classes == model.criterion.num_classes == 7
+    head = model.sem_seg_head
+    assert head.num_classes == head.predictor.num_classes == model.criterion.num_classes == 7
     assert model.criterion.empty_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
 
     checkpointer = SwapCheckpointer(model, grown=model.swap_state.grown)
@@ -239,6 +245,52 @@ def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec,
         torch.testing.assert_close(seen["start_of_forget"][key], value, rtol=0, atol=0)
 
 
+def test_lazyconfig_composes_the_same_pieces(glyph_spec, pretrained, tmp_path):
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+    from detectron2.data import transforms as T
+    from detectron2.engine import SimpleTrainer
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import SemanticSegmentor, SemSegFPNHead
+
+    from d2_models import GlyphViT
+    from detectron2_swap import DetectionRoleLoader, SwapDataLoader, SwapHook, prepare_swap_model, score_sets
+    from kswap import LoraSettings, LossWeights, SwapConfig
+
+    digits, clothes = ["glyph_digits_train"], ["glyph_clothes_train"]
+    plan = L(SwapPlan.from_datasets)(
+        config=L(SwapConfig.preset)(
+            task="segmentation", forget=["3"], learn=["trouser", "bag"], learn_length="4steps",
+            forget_length="4steps", lora=L(LoraSettings)(targets=r"backbone\.blocks\.\d+\.ffn\.linear[12]"),
+            forget_loss=L(LossWeights)(bnd=3.0, alpha=1e-4)),
+        pretrained_dataset="glyph_digits_train",
+        train=dict(forget=digits, retain=digits, learn=clothes),
+        test=dict(forget=["glyph_digits_val"], retain=["glyph_digits_val"], learn=["glyph_clothes_val"]))
+    model = L(prepare_swap_model)(plan=plan, model=L(SemanticSegmentor)(
+        backbone=L(GlyphViT)(dim=32, depth=2), pixel_mean=[128.0] * 3, pixel_std=[64.0] * 3,
+        sem_seg_head=L(SemSegFPNHead)(input_shape={"p2": L(ShapeSpec)(channels=32, stride=4)}, num_classes=5,
+                                      conv_dims=32, common_stride=4, norm="", ignore_value=255)))
+    resize = L(T.ResizeShortestEdge)(short_edge_length=64, max_size=86)
+    loader = L(SwapDataLoader)(plan=plan, ignore=255, build_loader=L(DetectionRoleLoader)(
+        mapper=L(DatasetMapper)(is_train=True, augmentations=[resize], image_format="BGR"), total_batch_size=8))
+
+    plan, model, loader = instantiate(plan), instantiate(model), instantiate(loader)
+    SwapCheckpointer(model, grown=model.swap_state.grown).load(str(pretrained))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    trainer = SimpleTrainer(model, loader, optimizer)
+    test_mapper = DatasetMapper(is_train=False, augmentations=[instantiate(resize)], image_format="BGR")
+    hook = SwapHook(plan, model, out_dir=tmp_path,
+                    score=lambda: score_sets(model, plan, lambda name: build_detection_test_loader(
+                        get_detection_dataset_dicts([name]), mapper=test_mapper)),
+                    checkpointer=SwapCheckpointer(model, str(tmp_path), grown=model.swap_state.grown, trainer=trainer))
+    loader.bind(hook.scheduler)
+    trainer.register_hooks([hook])
+    trainer.train(0, hook.scheduler.total_steps)
+    assert [p["name"] for p in hook.report.phases] == ["0_learn", "1_forget"]
+    assert (tmp_path / "model_swap_1_forget.pth").exists() and (tmp_path / "model_swapped.pth").exists()
+
+
 # -- resume -----------------------------------------------------------------------------------------------------
 
 class StopAt(HookBase):
@@ -292,7 +344,8 @@ def test_ddp_two_gloo_processes_through_detectron2_launch(glyph_spec, pretrained
         sys.path.insert(0, {str(TESTS)!r})
         from detectron2.engine import launch
         import d2_models
-        launch(d2_models.ddp_main, 2, dist_url="auto", args=({str(glyph_spec)!r}, {str(pretrained)!r}, {str(tmp_path)!r}))
+        args = ({str(glyph_spec)!r}, {str(pretrained)!r}, {str(tmp_path)!r})
+        launch(d2_models.ddp_main, 2, dist_url="auto", args=args)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

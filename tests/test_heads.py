@@ -2,7 +2,16 @@ import pytest
 import torch
 from torch import nn
 
-from kswap import SwapConfigError, check_head_size, extend_embedding, extend_head, replace_module, sigmoid_prior_bias
+from kswap import (
+    GrownRows,
+    SwapConfigError,
+    check_head_size,
+    extend_embedding,
+    extend_head,
+    grow_checkpoint_rows,
+    replace_module,
+    sigmoid_prior_bias,
+)
 
 
 def test_extend_head_keeps_old_rows_bit_identical():
@@ -27,6 +36,34 @@ def test_extend_head_before_trailing_no_object_row():
     out_old, out_new = old(x), new(x)
     torch.testing.assert_close(out_new[:, :5], out_old[:, :5])
     torch.testing.assert_close(out_new[:, -1], out_old[:, -1])
+
+
+class TaggedConv(nn.Conv2d):
+    """A Conv2d subclass with an attribute of its own, as detectron2's ``layers.Conv2d``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tag = "predictor"
+
+
+def test_extend_conv_predictor_keeps_its_type_and_old_channels():
+    old = TaggedConv(8, 5, kernel_size=1)
+    new = extend_head(old, 2)
+    assert type(new) is TaggedConv and new.tag == "predictor" and new.out_channels == 7
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(new(x)[:, :5], old(x), rtol=0, atol=0)
+    with pytest.raises(SwapConfigError, match="nn.Linear or nn.Conv2d"):
+        extend_head(nn.Embedding(5, 8), 1)
+
+
+def test_grow_checkpoint_rows_inserts_the_models_new_rows_before_trailing_ones():
+    old = nn.Linear(4, 6)  # 5 classes + "no object"
+    new = extend_head(old, 2, trailing_rows=1)
+    grown = {"weight": GrownRows(6, 8, 1), "bias": GrownRows(6, 8, 1)}
+    state = {"weight": old.weight.detach().clone(), "bias": old.bias.detach().clone()}
+    assert grow_checkpoint_rows(state, new.state_dict(), grown) == ["weight", "bias"]
+    assert torch.equal(state["weight"], new.weight) and torch.equal(state["bias"], new.bias)
+    assert grow_checkpoint_rows(state, new.state_dict(), grown) == []  # already grown (a resume): left as it is
 
 
 def test_extend_sigmoid_head_uses_prior_bias():

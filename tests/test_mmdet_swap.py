@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import labelme_example
 from glyph_coco import write_glyph_coco
 from mmengine.runner import Runner
 from tiny_dino import tiny_dino_config
 
 from kswap import SwapConfigError
 from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
+
+from conftest import labelme_example
 
 DIGITS = ["0", "1", "2"]
 LEARN = ["trouser", "bag"]

@@ -18,7 +18,7 @@ its CUDA op was never built.
 
 from .checkpoint import SwapCheckpointer
 from .config import add_swap_config, swap_config_from_cfg
-from .data import SwapDataLoader, remap_sample
+from .data import DetectionRoleLoader, SwapDataLoader, remap_sample
 from .evaluation import SetSemSegEvaluator, per_class_iou, score_sets
 from .hook import SwapHook
 from .model import ROLE_KEY, SwapModelMixin, extend_classes, find_class_head, prepare_swap_model
@@ -27,7 +27,7 @@ from .plan import SwapPlan, label_table
 from .trainer import SwapTrainerMixin, write_swapped_config
 
 __all__ = [
-    "ROLE_KEY", "SetSemSegEvaluator", "SwapCheckpointer", "SwapDataLoader", "SwapHook", "SwapModelMixin",
+    "DetectionRoleLoader", "ROLE_KEY", "SetSemSegEvaluator", "SwapCheckpointer", "SwapDataLoader", "SwapHook", "SwapModelMixin",
     "SwapPlan", "SwapTrainerMixin", "add_swap_config", "enable_msda_fallback", "extend_classes",
     "find_class_head", "label_table", "per_class_iou", "prepare_swap_model", "remap_sample", "score_sets",
     "swap_config_from_cfg", "write_swapped_config",

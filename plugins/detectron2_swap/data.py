@@ -2,7 +2,8 @@
 
 Each role's loader is the user's ``build_train_loader`` (their mapper, augmentation and sampler) over the role's
 datasets; the mapped samples' targets are then moved into the joint label space and restricted to the role's
-target classes (``SwapPlan.target_sets``), so any mapper that returns ``sem_seg`` (and Mask2Former's per-class ``instances``) works unchanged.
+target classes (``SwapPlan.target_sets``), so any mapper that returns ``sem_seg`` (and Mask2Former's per-class
+``instances``) works unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 
 from kswap import PhaseScheduler
 
@@ -34,6 +36,25 @@ def remap_sample(sample: dict, table: np.ndarray, ignore: int) -> dict:
         kept.gt_classes = classes[classes != ignore]
         sample["instances"] = kept
     return sample
+
+
+class DetectionRoleLoader:
+    """Builds a role's loader with ``build_detection_train_loader`` and a given mapper: the ``build_loader`` of a
+    ``SwapDataLoader`` in a LazyConfig, where there is no trainer class to ask.
+
+    Example:
+        dataloader.train = L(SwapDataLoader)(plan=swap_plan, ignore=255, build_loader=L(DetectionRoleLoader)(
+            mapper=L(DatasetMapper)(is_train=True, augmentations=[...], image_format="BGR"), total_batch_size=16))
+    """
+
+    def __init__(self, mapper: Callable[[dict], dict], total_batch_size: int, num_workers: int = 0) -> None:
+        self.mapper = mapper
+        self.total_batch_size = total_batch_size
+        self.num_workers = num_workers
+
+    def __call__(self, datasets: tuple[str, ...]) -> Iterable[list[dict]]:
+        return build_detection_train_loader(get_detection_dataset_dicts(list(datasets)), mapper=self.mapper,
+                                            total_batch_size=self.total_batch_size, num_workers=self.num_workers)
 
 
 class SwapDataLoader:

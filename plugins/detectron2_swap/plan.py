@@ -66,19 +66,35 @@ class SwapPlan:
                 )
 
     @classmethod
+    def from_datasets(cls, config: SwapConfig, pretrained_dataset: str, train: Mapping[str, Iterable[str]],
+                      test: Mapping[str, Iterable[str]], ignore_value: int = 255) -> SwapPlan:
+        """A plan from a ``SwapConfig`` and dataset names (what a LazyConfig instantiates).
+
+        Args:
+            config: the swap config (e.g. ``SwapConfig.preset("segmentation", forget=..., learn=...)``).
+            pretrained_dataset: the dataset the model was trained on; its ``stuff_classes`` are the pretrained
+                classes.
+            train: per set (forget, retain, learn), its training dataset names.
+            test: per set, the dataset names it is scored on.
+            ignore_value: the label of ignored pixels in training targets.
+        """
+        pretrained = _classes_of(_check_registered(pretrained_dataset, "the pretrained dataset"))
+        return cls(config=config, space=LabelSpace.for_config(pretrained, config),
+                   train={name: tuple(train.get(name, ())) for name in SETS},
+                   test={name: tuple(test.get(name, ())) for name in SETS}, ignore_value=ignore_value)
+
+    @classmethod
     def from_cfg(cls, cfg: CfgNode) -> SwapPlan:
         """Read ``cfg.SWAP``; the pretrained classes are those of ``cfg.DATASETS.TRAIN[0]``."""
         config = swap_config_from_cfg(cfg)
         if not cfg.DATASETS.TRAIN:
             raise SwapConfigError("cfg.DATASETS.TRAIN is empty: name the dataset the model was trained on, whose "
                                   "stuff_classes are the pretrained classes.")
-        pretrained = _classes_of(_check_registered(cfg.DATASETS.TRAIN[0], "cfg.DATASETS.TRAIN[0]"))
         datasets = cfg.SWAP.DATASETS
-        return cls(
-            config=config,
-            space=LabelSpace.for_config(pretrained, config),
-            train={name: tuple(datasets[name.upper()]) for name in SETS},
-            test={name: tuple(datasets[f"{name.upper()}_TEST"]) for name in SETS},
+        return cls.from_datasets(
+            config, cfg.DATASETS.TRAIN[0],
+            train={name: datasets[name.upper()] for name in SETS},
+            test={name: datasets[f"{name.upper()}_TEST"] for name in SETS},
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         )
 
