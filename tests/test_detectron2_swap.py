@@ -246,6 +246,7 @@ def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec,
 
 
 def test_lazyconfig_composes_the_same_pieces(glyph_spec, pretrained, tmp_path):
+    from d2_models import GlyphViT
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
     from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
@@ -254,7 +255,6 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, pretrained, tmp_path):
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import SemanticSegmentor, SemSegFPNHead
 
-    from d2_models import GlyphViT
     from detectron2_swap import DetectionRoleLoader, SwapDataLoader, SwapHook, prepare_swap_model, score_sets
     from kswap import LoraSettings, LossWeights, SwapConfig
 

@@ -27,8 +27,8 @@ from .plan import SwapPlan, label_table
 from .trainer import SwapTrainerMixin, write_swapped_config
 
 __all__ = [
-    "DetectionRoleLoader", "ROLE_KEY", "SetSemSegEvaluator", "SwapCheckpointer", "SwapDataLoader", "SwapHook", "SwapModelMixin",
-    "SwapPlan", "SwapTrainerMixin", "add_swap_config", "enable_msda_fallback", "extend_classes",
+    "DetectionRoleLoader", "ROLE_KEY", "SetSemSegEvaluator", "SwapCheckpointer", "SwapDataLoader", "SwapHook",
+    "SwapModelMixin", "SwapPlan", "SwapTrainerMixin", "add_swap_config", "enable_msda_fallback", "extend_classes",
     "find_class_head", "label_table", "per_class_iou", "prepare_swap_model", "remap_sample", "score_sets",
     "swap_config_from_cfg", "write_swapped_config",
 ]
