@@ -253,7 +253,7 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, pretrained, tmp_path):
     from detectron2.data import transforms as T
     from detectron2.engine import SimpleTrainer
     from detectron2.layers import ShapeSpec
-    from detectron2.modeling import SemanticSegmentor, SemSegFPNHead
+    from detectron2.modeling.meta_arch.semantic_seg import SemanticSegmentor, SemSegFPNHead
 
     from detectron2_swap import DetectionRoleLoader, SwapDataLoader, SwapHook, prepare_swap_model, score_sets
     from kswap import LoraSettings, LossWeights, SwapConfig
@@ -435,6 +435,17 @@ def test_bad_config_fails_before_training(glyph_spec, pretrained, tmp_path, chan
         SwapTrainer(cfg)
     assert message in str(err.value)
     assert not list(tmp_path.glob("*.pth"))
+
+
+def test_disabled_swap_is_the_users_trainer_and_a_missing_swap_node_is_named(glyph_spec, tmp_path):
+    cfg = glyph_cfg(str(tmp_path))
+    cfg.SOLVER.MAX_ITER = 2
+    trainer = SwapTrainer(cfg)  # SWAP.ENABLED is False by default
+    assert not any(".lora_" in n for n, _ in trainer.model.named_parameters())
+    assert type(trainer.checkpointer) is DetectionCheckpointer and trainer.max_iter == 2
+    cfg = get_cfg()
+    with pytest.raises(SwapConfigError, match="call detectron2_swap.add_swap_config"):
+        SwapTrainer(cfg)
 
 
 def test_wrong_head_size_is_refused(glyph_spec, pretrained, tmp_path):

@@ -22,7 +22,7 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kswap import atomic_write_text
+from kswap import SwapConfigError, atomic_write_text
 
 from .checkpoint import SwapCheckpointer
 from .data import SwapDataLoader
@@ -46,6 +46,14 @@ def _with(cfg: CfgNode, **values: Any) -> CfgNode:
     return cfg
 
 
+def swap_enabled(cfg: CfgNode) -> bool:
+    """``cfg.SWAP.ENABLED``; a config without the SWAP node is refused with the fix."""
+    if "SWAP" not in cfg:
+        raise SwapConfigError("The config has no SWAP node: call detectron2_swap.add_swap_config(cfg) in setup(), "
+                              "before merge_from_file.")
+    return bool(cfg.SWAP.ENABLED)
+
+
 class SwapTrainerMixin:
     """Put it before the user's trainer class: ``class Trainer(SwapTrainerMixin, Trainer)``."""
 
@@ -53,7 +61,7 @@ class SwapTrainerMixin:
     swap_hook: SwapHook
 
     def __init__(self, cfg: CfgNode) -> None:
-        if not cfg.SWAP.ENABLED:
+        if not swap_enabled(cfg):
             super().__init__(cfg)
             return
         # Everything the swap needs from the config and the catalogs is checked before a model is built.
@@ -65,13 +73,13 @@ class SwapTrainerMixin:
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
         model = super().build_model(cfg)
-        if cfg.SWAP.ENABLED:
+        if swap_enabled(cfg):
             prepare_swap_model(model, SwapPlan.from_cfg(cfg), cfg.SWAP.HEAD.NAME, cfg.SWAP.HEAD.TRAILING_ROWS)
         return model
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
-        if not cfg.SWAP.ENABLED:
+        if not swap_enabled(cfg):
             return super().build_train_loader(cfg)
         batch = cfg.SWAP.IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH
         parent = super()
@@ -82,7 +90,7 @@ class SwapTrainerMixin:
         return SwapDataLoader(SwapPlan.from_cfg(cfg), build, ignore=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
 
     def build_hooks(self) -> list:
-        if not self.cfg.SWAP.ENABLED:
+        if not swap_enabled(self.cfg):
             return super().build_hooks()
         cfg = self.cfg
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
@@ -109,7 +117,7 @@ class SwapTrainerMixin:
 
     def train(self) -> Any:
         result = super().train()
-        if self.cfg.SWAP.ENABLED and self.swap_hook.scheduler.done and comm.is_main_process():
+        if swap_enabled(self.cfg) and self.swap_hook.scheduler.done and comm.is_main_process():
             write_swapped_config(self.cfg, Path(self.cfg.OUTPUT_DIR), len(self.swap_plan.space.names))
         return result
 
