@@ -448,6 +448,14 @@ def test_disabled_swap_is_the_users_trainer_and_a_missing_swap_node_is_named(gly
         SwapTrainer(cfg)
 
 
+def test_a_batch_without_target_pixels_is_named(glyph_spec, tmp_path):
+    model = SwapTrainer.build_model(swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth"))
+    sample = {"image": torch.zeros(3, 64, 64), "height": 64, "width": 64, ROLE_KEY: "forget",
+              "sem_seg": torch.full((64, 64), 255, dtype=torch.long)}  # every pixel ignored
+    with pytest.raises(FloatingPointError, match=r"The \['forget'\] task loss of this batch is not finite"):
+        model([sample])
+
+
 def test_wrong_head_size_is_refused(glyph_spec, pretrained, tmp_path):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path), num_classes=6), pretrained)
     with pytest.raises(SwapConfigError, match="has 6 outputs but the pretrained label space has 5 classes"):

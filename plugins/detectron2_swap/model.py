@@ -62,6 +62,13 @@ class SwapModelMixin:
         task = {role: super(SwapModelMixin, self).forward([x for x in batched_inputs if x[ROLE_KEY] == role])
                 for role in dict.fromkeys(roles)}
         out = PhaseLoss(self.swap_state.weights, is_loss=every_term)(task, gs=group_sparse_loss(self.swap_state.groups))
+        bad = [role for role in task if not torch.isfinite(out.terms[f"{role}/task"])]
+        if bad:
+            raise FloatingPointError(
+                f"The {bad} task loss of this batch is not finite. A batch whose targets hold no pixel of the role's "
+                "classes gives a NaN cross-entropy: check that cropping keeps those classes (or disable the crop), "
+                "and that the datasets' stuff_classes name them."
+            )
         if events._CURRENT_STORAGE_STACK:  # inside a trainer: log every term beside detectron2's own scalars
             storage = events.get_event_storage()
             storage.put_scalars(**{f"swap/{k}": v.item() for k, v in out.terms.items() if k != "total"})
