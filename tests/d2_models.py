@@ -246,12 +246,7 @@ def swap_glyphs(cfg, weights: str, learn: int = 200, forget: int = 200, **swap):
     # This model's loss is one cross-entropy (~0.3), not Mask2Former's sum of 30 weighted terms (~100): the bound
     # and the sparsity weight are scaled to it.
     s.LOSS.FORGET.BND, s.LOSS.FORGET.ALPHA, s.LOSS.LEARN.ALPHA = 3.0, 1e-4, 1e-4
-    for key, value in swap.items():
-        node = s
-        *path, leaf = key.split("__")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    cfg.merge_from_list([item for key, value in swap.items() for item in (f"SWAP.{key.replace('__', '.')}", value)])
     return cfg
 
 

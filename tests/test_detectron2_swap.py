@@ -272,7 +272,7 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, pretrained, tmp_path):
         sem_seg_head=L(SemSegFPNHead)(input_shape={"p2": L(ShapeSpec)(channels=32, stride=4)}, num_classes=5,
                                       conv_dims=32, common_stride=4, norm="", ignore_value=255)))
     resize = L(T.ResizeShortestEdge)(short_edge_length=64, max_size=86)
-    loader = L(SwapDataLoader)(plan=plan, ignore=255, build_loader=L(DetectionRoleLoader)(
+    loader = L(SwapDataLoader)(plan=plan, build_loader=L(DetectionRoleLoader)(
         mapper=L(DatasetMapper)(is_train=True, augmentations=[resize], image_format="BGR"), total_batch_size=8))
 
     plan, model, loader = instantiate(plan), instantiate(model), instantiate(loader)

@@ -17,7 +17,7 @@ from detectron2.data import build_detection_train_loader, get_detection_dataset_
 from kswap import PhaseScheduler
 
 from .model import ROLE_KEY
-from .plan import SOURCE_KEY, SwapPlan
+from .plan import SOURCE_KEY, SwapPlan, swap_dataset_name
 
 BuildLoader = Callable[[tuple[str, ...]], Iterable[list[dict]]]
 
@@ -43,7 +43,7 @@ class DetectionRoleLoader:
     ``SwapDataLoader`` in a LazyConfig, where there is no trainer class to ask.
 
     Example:
-        dataloader.train = L(SwapDataLoader)(plan=swap_plan, ignore=255, build_loader=L(DetectionRoleLoader)(
+        dataloader.train = L(SwapDataLoader)(plan=swap_plan, build_loader=L(DetectionRoleLoader)(
             mapper=L(DatasetMapper)(is_train=True, augmentations=[...], image_format="BGR"), total_batch_size=16))
     """
 
@@ -61,18 +61,16 @@ class SwapDataLoader:
     """An endless iterable of training batches that follows the swap's phases.
 
     Args:
-        plan: the swap plan (datasets and label tables).
+        plan: the swap plan (datasets, label tables, the ignore label of the targets).
         build_loader: builds the user's train loader over the given dataset names.
-        ignore: the label of ignored pixels in the targets.
 
     ``bind`` gives it the scheduler whose current phase decides the roles of the next batch; role loaders are
     built the first time a phase needs them.
     """
 
-    def __init__(self, plan: SwapPlan, build_loader: BuildLoader, ignore: int) -> None:
+    def __init__(self, plan: SwapPlan, build_loader: BuildLoader) -> None:
         self.plan = plan
         self.build_loader = build_loader
-        self.ignore = ignore
         self.scheduler: PhaseScheduler | None = None
         self._roles: dict[tuple[str, ...], Iterator[list[dict]]] = {}
 
@@ -80,11 +78,9 @@ class SwapDataLoader:
         self.scheduler = scheduler
 
     def _role_batches(self, sources: tuple[str, ...]) -> Iterator[list[dict]]:
-        aliases = self.plan.register_role_datasets(sources, self.ignore)
-        datasets = tuple(dict.fromkeys(d for s in sources for d in self.plan.train[s]))
-        tables = {d: self.plan.label_table(d, self.plan.target_sets(sources), self.ignore) for d in datasets}
-        for batch in self.build_loader(aliases):
-            yield [remap_sample(sample, tables[sample[SOURCE_KEY]], self.ignore) for sample in batch]
+        tables = self.plan.register_role_datasets(sources)
+        for batch in self.build_loader(tuple(swap_dataset_name(d, sources) for d in tables)):
+            yield [remap_sample(sample, tables[sample[SOURCE_KEY]], self.plan.ignore_value) for sample in batch]
 
     def __iter__(self) -> Iterator[list[dict]]:
         if self.scheduler is None:

@@ -13,11 +13,9 @@ import numpy as np
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
-from detectron2.utils.file_io import PathManager
-from PIL import Image
 from torch import nn
 
-from .plan import SETS, SwapPlan
+from .plan import SETS, SwapPlan, read_label_ids
 
 
 class SetSemSegEvaluator(DatasetEvaluator):
@@ -46,8 +44,7 @@ class SetSemSegEvaluator(DatasetEvaluator):
         n = len(self.class_names) + 1
         for sample, output in zip(inputs, outputs):
             pred = output["sem_seg"].argmax(dim=0).cpu().numpy().astype(np.int64)
-            with PathManager.open(self.gt_files[sample["file_name"]], "rb") as f:
-                gt = self.table[np.clip(np.asarray(Image.open(f), dtype=np.int64), 0, len(self.table) - 1)]
+            gt = read_label_ids(self.gt_files[sample["file_name"]], self.table)
             self.confusion += np.bincount(n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n).reshape(n, n)
 
     def evaluate(self) -> dict[str, dict[str, float]] | None:

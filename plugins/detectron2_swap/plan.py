@@ -8,6 +8,7 @@ classes come after them. Pixels of classes outside the set a loader or an evalua
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -98,12 +99,12 @@ class SwapPlan:
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         )
 
-    @property
+    @cached_property
     def sets(self) -> dict[str, tuple[int, ...]]:
         """Per set, its label ids in the joint space."""
         return self.space.resolve(self.config).as_dict()
 
-    @property
+    @cached_property
     def phases(self) -> list[Phase]:
         return plan_phases(self.config)
 
@@ -126,40 +127,43 @@ class SwapPlan:
         """
         return ("forget",) if sources == ("forget",) else ("retain", "learn")
 
-    def register_role_datasets(self, sources: tuple[str, ...], ignore: int) -> tuple[str, ...]:
+    def register_role_datasets(self, sources: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Register the training datasets of a loss role fed by ``sources`` again, for the user's train loader.
 
-        Each alias (``swap_dataset_name``) has its dataset's metadata and only the records with at least one pixel
-        of the role's target classes (a batch of ignored pixels only has no loss), tagged with their source dataset
-        (whose label table applies after the user's mapper).
+        Each alias (``swap_dataset_name(name, sources)``) has its dataset's metadata and only the records with at
+        least one pixel of the role's target classes (a batch of ignored pixels only has no loss), tagged with
+        their source dataset (whose label table applies after the user's mapper).
 
         Returns:
-            The alias names.
+            Per source dataset, in order, its label table into the role's target classes (``ignore_value`` else).
         """
-        aliases = []
+        tables = {}
         for name in dict.fromkeys(d for s in sources for d in self.train[s]):
+            tables[name] = table = self.label_table(name, self.target_sets(sources), self.ignore_value)
             alias = swap_dataset_name(name, sources)
-            aliases.append(alias)
             if alias in DatasetCatalog.list():
                 continue
-            table = self.label_table(name, self.target_sets(sources), ignore)
-            DatasetCatalog.register(alias, lambda name=name, table=table: _role_records(name, table, ignore))
+            DatasetCatalog.register(alias, lambda name=name, table=table: _role_records(name, table, self.ignore_value))
             meta = {k: v for k, v in MetadataCatalog.get(name).as_dict().items() if k != "name"}
             MetadataCatalog.get(alias).set(**meta)
-        return tuple(aliases)
+        return tables
+
+
+def read_label_ids(path: str, table: np.ndarray) -> np.ndarray:
+    """A label PNG's ids (as detectron2's SemSegEvaluator reads them) mapped through ``table``."""
+    with PathManager.open(path, "rb") as f:
+        labels = np.asarray(Image.open(f), dtype=np.int64)
+    return table[np.clip(labels, 0, len(table) - 1)]
 
 
 def _role_records(name: str, table: np.ndarray, ignore: int) -> list[dict]:
     records = []
     for record in DatasetCatalog.get(name):
-        with PathManager.open(record["sem_seg_file_name"], "rb") as f:
-            labels = np.asarray(Image.open(f), dtype=np.int64)
-        if (table[np.clip(labels, 0, len(table) - 1)] != ignore).any():
+        if (read_label_ids(record["sem_seg_file_name"], table) != ignore).any():
             records.append({**record, SOURCE_KEY: name})
     if not records:
         raise SwapConfigError(f"No image of dataset {name!r} has a pixel of the classes it serves here.")
     return records
-
 
 
 def label_table(classes: list[str], keep: Mapping[str, int], ignore_in: int, ignore_out: int) -> np.ndarray:

@@ -32,16 +32,11 @@ from .model import prepare_swap_model
 from .plan import SwapPlan
 
 
-def _with(cfg: CfgNode, **values: Any) -> CfgNode:
-    """A copy of ``cfg`` with dotted keys set (``SOLVER__MAX_ITER=...``)."""
+def _with(cfg: CfgNode, values: dict[str, Any]) -> CfgNode:
+    """A frozen copy of ``cfg`` with ``{"SOLVER.MAX_ITER": n, ...}`` merged in (types checked as by yacs)."""
     cfg = cfg.clone()
     cfg.defrost()
-    for key, value in values.items():
-        node, *path, leaf = key.split("__")
-        target = cfg[node]
-        for part in path:
-            target = target[part]
-        target[leaf] = value
+    cfg.merge_from_list([item for pair in values.items() for item in pair])
     cfg.freeze()
     return cfg
 
@@ -67,7 +62,7 @@ class SwapTrainerMixin:
         # Everything the swap needs from the config and the catalogs is checked before a model is built.
         self.swap_plan = SwapPlan.from_cfg(cfg)
         total = sum(p.length.steps for p in self.swap_plan.phases)
-        super().__init__(_with(cfg, SOLVER__MAX_ITER=total))
+        super().__init__(_with(cfg, {"SOLVER.MAX_ITER": total}))
         self.data_loader.bind(self.swap_hook.scheduler)
 
     @classmethod
@@ -85,9 +80,9 @@ class SwapTrainerMixin:
         parent = super()
 
         def build(datasets: tuple[str, ...]) -> Any:
-            return parent.build_train_loader(_with(cfg, DATASETS__TRAIN=datasets, SOLVER__IMS_PER_BATCH=batch))
+            return parent.build_train_loader(_with(cfg, {"DATASETS.TRAIN": datasets, "SOLVER.IMS_PER_BATCH": batch}))
 
-        return SwapDataLoader(SwapPlan.from_cfg(cfg), build, ignore=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        return SwapDataLoader(SwapPlan.from_cfg(cfg), build)
 
     def build_hooks(self) -> list:
         if not swap_enabled(self.cfg):
@@ -105,7 +100,8 @@ class SwapTrainerMixin:
             checkpointer=self.checkpointer,
             out_dir=cfg.OUTPUT_DIR,
             build_optimizer=lambda: self.build_optimizer(cfg, model),
-            build_lr_scheduler=lambda optimizer, n: self.build_lr_scheduler(_with(cfg, SOLVER__MAX_ITER=n), optimizer),
+            build_lr_scheduler=lambda optimizer, n: self.build_lr_scheduler(_with(cfg, {"SOLVER.MAX_ITER": n}),
+                                                                            optimizer),
             eval_period=cfg.SWAP.EVAL_PERIOD,
             chain_from_iter=cfg.SWAP.CHAIN_FROM_ITER,
         )
