@@ -4,8 +4,9 @@ The core is framework-free. The flow a host plugin follows:
 
 1. ``SwapConfig`` (or ``SwapConfig.preset(task)``) and ``LabelSpace.for_config`` resolve the class sets;
 2. ``inject_lora`` / ``freeze_all_but_lora_`` / ``extend_head`` prepare the model, ``lora_groups`` finds the
-   group-sparsity groups;
-3. ``plan_phases`` and ``PhaseScheduler`` walk the phases; ``PhaseLoss`` combines the host's task losses;
+   group-sparsity groups; scores taken inside ``hidden_new_classes`` are the pretrained model's ("before");
+3. ``plan_phases`` and ``PhaseScheduler`` walk the phases; ``PhaseLoss`` combines the host's task losses, with the
+   forget bound of each forget phase checked (and resolved, when relative) by ``SwapReport.start_forget_phase``;
 4. ``SwapReport`` records per-set scores and writes JSON, Markdown and a plot; ``merge_and_export`` gives
    the plain model back.
 """
@@ -21,6 +22,7 @@ from .heads import (
     extend_embedding,
     extend_head,
     grow_checkpoint_rows,
+    hidden_new_classes,
     replace_module,
     sigmoid_prior_bias,
 )
@@ -51,7 +53,7 @@ __all__ = [
     "LabelSpace", "LoraSettings", "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss",
     "PhaseLossOutput", "PhaseScheduler", "SwapConfig", "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save",
     "atomic_write_text", "bounded_forget_loss", "check_head_size", "discover_groups", "extend_embedding",
-    "extend_head", "freeze_all_but_lora_", "grow_checkpoint_rows", "group_sparse_loss", "inject_lora",
+    "extend_head", "freeze_all_but_lora_", "grow_checkpoint_rows", "group_sparse_loss", "hidden_new_classes", "inject_lora",
     "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears",
     "merge_and_export", "plan_phases", "reinit_lora_", "replace_module", "sigmoid_prior_bias", "sum_task_loss",
     "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",

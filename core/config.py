@@ -69,6 +69,8 @@ class LossWeights:
         beta: weight of the bounded forgetting term (forget and joint phases).
         bnd: bound on the forget-set task loss; the forgetting term is zero once the loss exceeds it.
         alpha: weight of the group-sparse penalty on the LoRA groups.
+        bnd_relative: read ``bnd`` as a multiple of the forget-set task loss measured at the start of the forget
+            phase (``bnd=3`` ascends until that loss has tripled) instead of an absolute value (the reference).
     """
 
     retain_weight: float = 1.0
@@ -76,6 +78,7 @@ class LossWeights:
     beta: float = 0.2
     bnd: float = 105.0
     alpha: float = 0.01
+    bnd_relative: bool = False
 
     def validate(self, where: str) -> None:
         for name in ("retain_weight", "learn_weight", "beta", "alpha"):
@@ -87,10 +90,21 @@ class LossWeights:
                 f"{where}.bnd must be > 0, got {self.bnd}: it bounds the forget-set task loss from above "
                 "(reference: 105 classification, 15 detection, 115 segmentation)."
             )
+        if self.bnd_relative and not self.bnd > 1:
+            raise SwapConfigError(
+                f"{where}.bnd={self.bnd} with bnd_relative must be > 1: the bound is that multiple of the forget "
+                "loss measured at the phase start, and a bound at or below it forgets nothing (try 2-5)."
+            )
         if self.beta > 10:
             raise SwapConfigError(f"{where}.beta={self.beta} is out of range (0..10; reference 0.2).")
         if self.alpha > 10:
             raise SwapConfigError(f"{where}.alpha={self.alpha} is out of range (0..10; reference 0.005-0.01).")
+
+    def resolve_bound(self, measured_forget_loss: float) -> LossWeights:
+        """These weights with an absolute ``bnd``: a relative bound becomes that multiple of the measured loss."""
+        if not self.bnd_relative:
+            return self
+        return dataclasses.replace(self, bnd=self.bnd * measured_forget_loss, bnd_relative=False)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -64,7 +66,8 @@ def extend_head(
         raise SwapConfigError(f"extend_head takes an nn.Linear or nn.Conv2d classifier, got {type(old_head).__name__}.")
     rows = old_head.weight.shape[0]
     _check_rows(old_head, rows, n_new, trailing_rows)
-    weight = torch.empty(n_new, *old_head.weight.shape[1:])
+    old_weight = old_head.weight
+    weight = torch.empty(n_new, *old_weight.shape[1:], device=old_weight.device, dtype=old_weight.dtype)
     if init == "xavier_uniform":
         nn.init.xavier_uniform_(weight)
     elif init == "zeros":
@@ -74,7 +77,8 @@ def extend_head(
     head = copy.deepcopy(old_head)
     head.weight = nn.Parameter(_grown(old_head.weight, n_new, trailing_rows, weight))
     if old_head.bias is not None:
-        head.bias = nn.Parameter(_grown(old_head.bias, n_new, trailing_rows, torch.full((n_new,), float(bias))))
+        new_bias = torch.full((n_new,), float(bias), device=old_head.bias.device, dtype=old_head.bias.dtype)
+        head.bias = nn.Parameter(_grown(old_head.bias, n_new, trailing_rows, new_bias))
     setattr(head, size_attr, rows + n_new)
     head.requires_grad_(trainable)
     return head
@@ -84,7 +88,9 @@ def extend_head(
 def extend_embedding(old: nn.Embedding, n_new: int, *, trailing_rows: int = 0, trainable: bool = False) -> nn.Embedding:
     """An embedding with ``n_new`` more rows (normal init, as ``nn.Embedding``) before the trailing rows."""
     _check_rows(old, old.num_embeddings, n_new, trailing_rows)
-    new_rows = torch.randn(n_new, old.embedding_dim) * old.weight.std()
+    # Built on the old weights' device and dtype: a GPU (or meta) model never mixes devices.
+    new_rows = torch.randn(n_new, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    new_rows *= old.weight.std()
     emb = nn.Embedding(old.num_embeddings + n_new, old.embedding_dim, padding_idx=old.padding_idx)
     emb.to(device=old.weight.device, dtype=old.weight.dtype)
     emb.weight.copy_(_grown(old.weight, n_new, trailing_rows, new_rows))
@@ -105,11 +111,11 @@ def check_head_size(head_rows: int, num_pretrained: int, trailing_rows: int = 0,
     """Raise when a pretrained head does not have one row per pretrained class (plus its trailing rows)."""
     expected = num_pretrained + trailing_rows
     if head_rows != expected:
-        extra = f" + {trailing_rows} trailing" if trailing_rows else ""
+        rows = f"{expected} outputs ({num_pretrained} classes + {trailing_rows} trailing)" if trailing_rows \
+            else f"{expected} outputs"
         raise SwapConfigError(
-            f"The {where} has {head_rows} outputs but the pretrained label space has {num_pretrained} classes"
-            f"{extra} = {expected}. Give the class list the checkpoint was trained with, or build the model with "
-            "that many classes."
+            f"The {where} has {head_rows} outputs, but {num_pretrained} pretrained classes need {rows}. Give the "
+            "class list the checkpoint was trained with, or build the model with that many classes."
         )
 
 
@@ -144,3 +150,44 @@ def grow_checkpoint_rows(state: dict[str, torch.Tensor], model_state: dict[str, 
             state[key] = _grown(state[key], n_new, rows.trailing, new_rows)
             done.append(key)
     return done
+
+
+def _hide_rows_hook(dim: int, rows: GrownRows):
+    start, n_new = rows.old - rows.trailing, rows.new - rows.old
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # Far below any real logit, yet finite: softmax gives 0, sigmoid 0, argmax/top-k never pick it.
+        output = output.clone()
+        output.narrow(dim, start, n_new).fill_(torch.finfo(output.dtype).min / 4)
+        return output
+
+    return hook
+
+
+@contextmanager
+def hidden_new_classes(model: nn.Module, grown: Mapping[str, GrownRows]) -> Iterator[None]:
+    """Inside the block the grown model predicts exactly as the pretrained one did: "before" scores.
+
+    Every grown classifier (an ``nn.Linear`` or ``nn.Conv2d`` named by a ``<module>.weight`` key of ``grown``)
+    gets its new-class outputs pushed far below any real logit, so softmax, sigmoid, argmax and top-k treat
+    them as absent while the old rows are the pretrained ones. Grown embeddings and buffers are inputs, not
+    outputs, and stay as they are. LoRA must still be at its zero initialisation for this to be the pretrained
+    model.
+
+    Args:
+        model: the grown model (unwrapped: the keys of ``grown`` are relative to it).
+        grown: per grown state-dict key, its ``GrownRows`` (what the host's head growth returned).
+    """
+    handles = []
+    try:
+        for key, rows in grown.items():
+            name, _, param = key.rpartition(".")
+            module = model.get_submodule(name) if name else model
+            if param != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            dim = -1 if isinstance(module, nn.Linear) else 1
+            handles.append(module.register_forward_hook(_hide_rows_hook(dim, rows)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,7 +12,7 @@ from .config import LossWeights
 TaskLoss = torch.Tensor | Mapping[str, torch.Tensor]
 
 
-def bounded_forget_loss(task_loss_forget: torch.Tensor, bnd: float, beta: float) -> torch.Tensor:
+def bounded_forget_loss(task_loss_forget: torch.Tensor, bnd: float | torch.Tensor, beta: float) -> torch.Tensor:
     """``beta · relu(bnd − L_F)``: gradient ascent on the forget-set loss that stops once it reaches ``bnd``."""
     return beta * torch.relu(bnd - task_loss_forget)
 
@@ -42,7 +42,8 @@ def default_loss_key(key: str) -> bool:
 def sum_task_loss(losses: TaskLoss, is_loss: Callable[[str], bool] = default_loss_key) -> torch.Tensor:
     """The task loss of one batch: a tensor as is, or the sum of the loss terms of a host loss dict.
 
-    Values that are lists of tensors (mmdet returns per-level lists) are summed too.
+    As mmengine's ``parse_losses``: a multi-element term counts as its mean, and a list of tensors (per-level
+    losses) as the sum of their means.
     """
     if isinstance(losses, torch.Tensor):
         return losses
@@ -51,9 +52,9 @@ def sum_task_loss(losses: TaskLoss, is_loss: Callable[[str], bool] = default_los
         if not is_loss(key):
             continue
         if isinstance(value, torch.Tensor):
-            terms.append(value.sum() if value.dim() else value)
+            terms.append(value.mean())
         else:
-            terms.extend(v.sum() for v in value)
+            terms.append(torch.stack([v.mean() for v in value]).sum())
     if not terms:
         raise ValueError(f"The loss dict {sorted(losses)} holds no loss term (keys selected by {is_loss.__name__}).")
     return torch.stack(terms).sum()
@@ -106,7 +107,10 @@ class PhaseLoss:
             elif role == "learn":
                 parts.append(w.learn_weight * task)
             else:
-                bounded = bounded_forget_loss(task, w.bnd, w.beta)
+                # An unresolved relative bound is measured on this batch (the phase's first step); the host then
+                # resolves it once for the phase (``SwapReport.start_forget_phase``).
+                bnd = w.bnd * task.detach() if w.bnd_relative else w.bnd
+                bounded = bounded_forget_loss(task, bnd, w.beta)
                 terms["forget/bounded"] = bounded.detach()
                 parts.append(bounded)
         if gs is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from .checkpoint import atomic_write_text
+from .config import LossWeights
 from .metrics import GOALS, SETS, swap_hmean
 
 Scores = dict[str, float]
@@ -29,6 +31,33 @@ class SwapReport:
     before: Scores | None = None
     phases: list[dict[str, Any]] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
+    forget_bounds: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def start_forget_phase(self, phase: str, weights: LossWeights, measured_forget_loss: float) -> str | None:
+        """Record the forget-set task loss measured at the start of ``phase`` and the bound it works against.
+
+        Returns:
+            A warning to log when the bound is inactive (the loss already at or above it: the forgetting term is
+            zero and nothing would be forgotten), else ``None``.
+        """
+        bound = weights.resolve_bound(measured_forget_loss).bnd
+        active = measured_forget_loss < bound
+        self.forget_bounds[phase] = {"measured_forget_loss": float(measured_forget_loss), "bnd": float(bound),
+                                     "relative": weights.bnd_relative, "active": active}
+        if active:
+            return None
+        return (f"phase {phase}: the forget-set task loss at the phase start ({measured_forget_loss:.3g}) is already "
+                f"at or above the forgetting bound BND={bound:.3g}, so the bounded forgetting term is 0 and nothing "
+                "will be forgotten. Raise BND above it, or set a relative bound (bnd_relative with bnd e.g. 3: "
+                "three times the measured loss).")
+
+    def phase_weights(self, phase: str, weights: LossWeights) -> LossWeights:
+        """``weights`` with a relative bound resolved by the measurement recorded for ``phase`` (as they are
+        before that measurement)."""
+        bound = self.forget_bounds.get(phase)
+        if bound is None or not weights.bnd_relative:
+            return weights
+        return dataclasses.replace(weights, bnd=bound["bnd"], bnd_relative=False)
 
     def record(self, step: int, phase: str, scores: Mapping[str, float]) -> None:
         """Add a point of the per-set curves (an evaluation at ``step`` during ``phase``)."""
@@ -56,6 +85,7 @@ class SwapReport:
             "classes": {k: list(v) for k, v in self.classes.items()},
             "metrics": {"before": self.before, "after": self.after, "phases": self.phases},
             "curve": self.curve,
+            "forget_bounds": self.forget_bounds,
         }
         if self.before and self.after:
             out["hmean"] = swap_hmean(self.before, self.after)
@@ -71,6 +101,7 @@ class SwapReport:
             before=metrics.get("before"),
             phases=list(metrics.get("phases", [])),
             curve=list(data.get("curve", [])),
+            forget_bounds=dict(data.get("forget_bounds", {})),
         )
 
     def to_markdown(self) -> str:
@@ -89,6 +120,10 @@ class SwapReport:
         summary = self.to_dict().get("hmean")
         if summary is not None:
             lines += ["", f"H-mean of (forget drop, retain, learn): {summary:.2f} (library extra, not a paper metric)"]
+        for phase, bound in self.forget_bounds.items():
+            state = "active" if bound["active"] else "INACTIVE: nothing was forgotten by the bounded term"
+            lines.append(f"- {phase}: forget loss at start {bound['measured_forget_loss']:.3g}, "
+                         f"BND {bound['bnd']:.3g} ({state})")
         for s in SETS:
             if self.classes.get(s):
                 lines.append(f"- {s}: {', '.join(map(str, self.classes[s]))}")

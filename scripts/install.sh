@@ -26,7 +26,7 @@ OPENMMLAB_PINS=(pycocotools==2.0.11 mmengine==0.10.7 mmdet==3.3.0)
 TOOL_PINS=(scikit-learn matplotlib pyyaml tqdm pytest)
 MMCV=mmcv==2.1.0
 # The patched build carries a local version label (scripts/patch_detectron2_sdist.py VERSION).
-DETECTRON2=pb1-detectron2==0.6+kswap.1
+DETECTRON2=pb1-detectron2==0.6+kswap.2
 DETECTRON2_SDIST=pb1-detectron2==0.6
 
 log() { printf '[install] %s\n' "$*"; }

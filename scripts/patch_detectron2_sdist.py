@@ -3,7 +3,8 @@
 pb1-detectron2 is upstream detectron2 v0.6 without ``csrc/``. This makes it a pure-Python build:
 
 * ``setup.py``: no C++ extension, model-zoo configs shipped from ``detectron2/model_zoo/configs``;
-* ``detectron2/_C.py``: a stand-in that says the C++ ops were not built when one is used;
+* ``detectron2/_C.py``: a stand-in that says the C++ ops were not built when one is used, and answers the build
+  queries of ``collect_env_info`` (so ``default_setup`` works);
 * NumPy and Pillow aliases removed since v0.6 (``np.bool`` ..., ``Image.LINEAR``) replaced;
 * ``engine/launch.py`` as upstream since v0.6: processes without a GPU join a gloo group instead of asserting CUDA;
 * ``create_ddp_model`` gives DDP ``device_ids`` only for GPU modules (torch rejects them for CPU modules);
@@ -18,6 +19,21 @@ from pathlib import Path
 
 _C_STUB = '''"""Stand-in for detectron2's C++ ops, which this build does not compile (pure-Python install)."""
 
+# What detectron2.utils.collect_env (called by default_setup in every train_net.py) asks of the build.
+_NOT_BUILT = "not built (pure-Python detectron2 build)"
+
+
+def get_compiler_version():
+    return _NOT_BUILT
+
+
+def get_cuda_version():
+    return _NOT_BUILT
+
+
+def has_cuda():
+    return False
+
 
 def __getattr__(name):
     raise ImportError(
@@ -27,7 +43,7 @@ def __getattr__(name):
 '''
 
 # Bump when a patch changes; scripts/install.sh requires exactly this version.
-VERSION = "0.6+kswap.1"
+VERSION = "0.6+kswap.2"
 
 _NUMPY_ALIASES = {"bool": "bool", "int": "int64", "float": "float64", "str": "str_", "object": "object_"}
 

@@ -9,6 +9,7 @@ from kswap import (
     extend_embedding,
     extend_head,
     grow_checkpoint_rows,
+    hidden_new_classes,
     replace_module,
     sigmoid_prior_bias,
 )
@@ -90,8 +91,47 @@ def test_extend_head_bad_arguments(n_new, trailing):
 
 def test_check_head_size():
     check_head_size(11, 10, trailing_rows=1)
-    with pytest.raises(SwapConfigError, match="has 12 outputs but the pretrained label space has 10 classes"):
+    with pytest.raises(SwapConfigError, match=r"has 12 outputs, but 10 pretrained classes need 10 outputs\."):
         check_head_size(12, 10)
+    with pytest.raises(SwapConfigError, match=r"need 11 outputs \(10 classes \+ 1 trailing\)"):
+        check_head_size(12, 10, trailing_rows=1)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(4, 6), lambda: nn.Embedding(6, 4)])
+def test_new_rows_are_made_on_the_old_weights_device(make):
+    old = make().to("meta")
+    new = extend_head(old, 2) if isinstance(old, nn.Linear) else extend_embedding(old, 2)
+    assert all(p.device.type == "meta" for p in new.parameters())
+    assert new.weight.shape[0] == 8
+
+
+def test_hidden_new_classes_predicts_as_the_pretrained_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6))  # 5 classes + "no object"
+    conv = nn.Conv2d(8, 5, 1)
+    x = torch.randn(64, 8)
+    pretrained_probs = model(x).softmax(-1)
+    pretrained_map = conv(x[:, :, None, None].expand(-1, -1, 3, 3))
+    model[2] = extend_head(model[2], 3, trailing_rows=1)
+    grown_conv = extend_head(conv, 3)
+    # xavier rows with a large norm take the argmax somewhere: the grown model is not the pretrained one
+    with torch.no_grad():
+        model[2].weight[5:8] *= 50
+    assert not torch.equal(model(x).argmax(-1), pretrained_probs.argmax(-1))
+    grown = {"2.weight": GrownRows(6, 9, trailing=1), "2.bias": GrownRows(6, 9, trailing=1)}
+    with hidden_new_classes(model, grown):
+        probs = model(x).softmax(-1)
+    torch.testing.assert_close(probs[:, :5], pretrained_probs[:, :5])
+    torch.testing.assert_close(probs[:, 8], pretrained_probs[:, 5])  # "no object" stays last
+    assert probs[:, 5:8].max() == 0
+    assert model[2](x)[:, 5:8].abs().max() < 1e4  # the hooks are gone after the block
+    with hidden_new_classes(grown_conv, {"weight": GrownRows(5, 8)}):
+        scores = grown_conv(x[:, :, None, None].expand(-1, -1, 3, 3))
+    torch.testing.assert_close(scores[:, :5], pretrained_map)
+    assert torch.sigmoid(scores[:, 5:]).max() == 0
+    embedding = nn.Sequential(nn.Embedding(9, 4))  # grown inputs are left alone
+    with hidden_new_classes(embedding, {"0.weight": GrownRows(6, 9)}):
+        assert torch.equal(embedding(torch.tensor([7])), embedding[0].weight[7:8])
 
 
 def test_replace_module():

@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from kswap import LossWeights, PhaseLoss, bounded_forget_loss, group_sparse_loss, sum_task_loss
+from kswap import (
+    LossWeights,
+    PhaseLoss,
+    SwapConfigError,
+    SwapReport,
+    bounded_forget_loss,
+    group_sparse_loss,
+    sum_task_loss,
+)
 
 
 @pytest.mark.parametrize("loss_f, bnd, beta, expected", [
@@ -46,10 +54,11 @@ def test_group_sparse_loss_gradient_and_zero_group():
 
 
 def test_sum_task_loss_keeps_only_loss_terms():
-    losses = {"loss_cls": torch.tensor(1.0), "loss_bbox": [torch.tensor(0.5), torch.tensor(0.25)],
-              "acc": torch.tensor(99.0)}
-    assert sum_task_loss(losses).item() == pytest.approx(1.75)
-    assert sum_task_loss(losses, is_loss=lambda k: True).item() == pytest.approx(100.75)
+    losses = {"loss_cls": torch.tensor(1.0), "loss_bbox": [torch.tensor(0.5), torch.tensor([0.25, 0.75])],
+              "loss_mask": torch.tensor([1.0, 3.0]), "acc": torch.tensor(99.0)}
+    # mmengine's parse_losses: a multi-element term counts as its mean
+    assert sum_task_loss(losses).item() == pytest.approx(1.0 + 0.5 + 0.5 + 2.0)
+    assert sum_task_loss(losses, is_loss=lambda k: True).item() == pytest.approx(103.0)
     assert sum_task_loss(torch.tensor(2.5)).item() == 2.5
     with pytest.raises(ValueError, match="no loss term"):
         sum_task_loss({"acc": torch.tensor(1.0)})
@@ -81,3 +90,29 @@ def test_phase_loss_joint_and_detectron2_style_keys():
     assert out.total.item() == pytest.approx(1.0 + 0.9 * 2 + 0.0)
     with pytest.raises(ValueError, match="Unknown loss roles"):
         every_key({"other": torch.tensor(1.0)})
+
+
+def test_relative_bound_is_measured_then_resolved_by_the_report():
+    w = LossWeights(beta=0.5, bnd=3.0, bnd_relative=True)
+    first = PhaseLoss(w)({"forget": torch.tensor(2.0)})
+    assert first.terms["forget/bounded"].item() == pytest.approx(0.5 * (3 * 2.0 - 2.0))  # measured on this batch
+    report = SwapReport(order="learn_then_forget")
+    assert report.phase_weights("1_forget", w) is w  # nothing measured yet
+    assert report.start_forget_phase("1_forget", w, 2.0) is None
+    resolved = report.phase_weights("1_forget", w)
+    assert (resolved.bnd, resolved.bnd_relative) == (6.0, False)
+    later = PhaseLoss(resolved)({"forget": torch.tensor(5.0)})
+    assert later.terms["forget/bounded"].item() == pytest.approx(0.5 * (6.0 - 5.0))
+    assert SwapReport.from_dict(report.to_dict()).phase_weights("1_forget", w).bnd == 6.0  # survives a resume
+    with pytest.raises(SwapConfigError, match="must be > 1"):
+        LossWeights(bnd=1.0, bnd_relative=True).validate("forget_loss")
+
+
+def test_an_inactive_absolute_bound_is_reported():
+    report = SwapReport(order="learn_then_forget")
+    warning = report.start_forget_phase("1_forget", LossWeights(bnd=15.0), 35.0)
+    assert "already at or above the forgetting bound BND=15" in warning and "bnd_relative" in warning
+    assert report.forget_bounds["1_forget"] == {"measured_forget_loss": 35.0, "bnd": 15.0, "relative": False,
+                                                "active": False}
+    assert "INACTIVE" in report.to_markdown()
+    assert report.start_forget_phase("3_forget", LossWeights(bnd=15.0), 2.0) is None
