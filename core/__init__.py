@@ -11,6 +11,7 @@ The core is framework-free. The flow a host plugin follows:
    the plain model back.
 """
 
+from .audit import AuditHost, AuditSettings, run_audit
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .config import PRESETS, LoraSettings, LossWeights, Order, PhaseLength, SwapConfig
 from .data import InfiniteLoader, ResumableSampler
@@ -49,12 +50,13 @@ from .report import SwapReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccuracyMeter", "CheckpointMismatchError", "ClassSets", "GrownRows", "InfiniteLoader", "ResumableSampler",
-    "LabelSpace", "LoraSettings", "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss",
-    "PhaseLossOutput", "PhaseScheduler", "SwapConfig", "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save",
-    "atomic_write_text", "bounded_forget_loss", "check_head_size", "discover_groups", "extend_embedding",
-    "extend_head", "freeze_all_but_lora_", "grow_checkpoint_rows", "group_sparse_loss", "hidden_new_classes", "inject_lora",
-    "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears",
-    "merge_and_export", "plan_phases", "reinit_lora_", "replace_module", "sigmoid_prior_bias", "sum_task_loss",
-    "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
+    "AccuracyMeter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "GrownRows",
+    "InfiniteLoader", "LabelSpace", "LoraSettings", "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind",
+    "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "ResumableSampler", "SwapConfig",
+    "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save", "atomic_write_text", "bounded_forget_loss",
+    "check_head_size", "discover_groups", "extend_embedding", "extend_head", "freeze_all_but_lora_",
+    "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "inject_lora", "load_checkpoint",
+    "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export", "plan_phases",
+    "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean",
+    "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
 ]

@@ -32,6 +32,7 @@ class SwapReport:
     phases: list[dict[str, Any]] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
     forget_bounds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    audit: dict[str, Any] = field(default_factory=dict)
 
     def start_forget_phase(self, phase: str, weights: LossWeights, measured_forget_loss: float) -> str | None:
         """Record the forget-set task loss measured at the start of ``phase`` and the bound it works against.
@@ -86,6 +87,7 @@ class SwapReport:
             "metrics": {"before": self.before, "after": self.after, "phases": self.phases},
             "curve": self.curve,
             "forget_bounds": self.forget_bounds,
+            "audit": self.audit,
         }
         if self.before and self.after:
             out["hmean"] = swap_hmean(self.before, self.after)
@@ -102,6 +104,7 @@ class SwapReport:
             phases=list(metrics.get("phases", [])),
             curve=list(data.get("curve", [])),
             forget_bounds=dict(data.get("forget_bounds", {})),
+            audit=dict(data.get("audit", {})),
         )
 
     def to_markdown(self) -> str:
@@ -127,6 +130,7 @@ class SwapReport:
         for s in SETS:
             if self.classes.get(s):
                 lines.append(f"- {s}: {', '.join(map(str, self.classes[s]))}")
+        lines += _audit_markdown(self.audit)
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:
@@ -176,3 +180,20 @@ def _scores(scores: Mapping[str, float]) -> Scores:
 
 def _fmt(scores: Mapping[str, float] | None, s: str) -> str:
     return "-" if scores is None else f"{scores[s]:.2f}"
+
+
+def _audit_markdown(audit: Mapping[str, Any]) -> list[str]:
+    """The audit as a table: one row per model (pretrained, swapped, ...), one column per measurement."""
+    models = [m for m, row in audit.items() if m not in ("settings", "neighbours")]
+    if not models:
+        return []
+    columns = sorted({key for m in models for key in audit[m]})
+    lines = ["", "## Unlearning audit", "", "| model | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for m in models:
+        cells = [audit[m].get(c) for c in columns]
+        lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
+    if "neighbours" in audit:
+        lines.append(f"Neighbour classes of the forgotten ones: {audit['neighbours']}")
+    if "settings" in audit:
+        lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in audit["settings"].items())]
+    return lines
