@@ -24,6 +24,7 @@ from .heads import (
     extend_head,
     grow_checkpoint_rows,
     hidden_new_classes,
+    imprinted_rows,
     replace_module,
     sigmoid_prior_bias,
 )
@@ -55,8 +56,8 @@ __all__ = [
     "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "ResumableSampler", "SwapConfig",
     "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save", "atomic_write_text", "bounded_forget_loss",
     "check_head_size", "discover_groups", "extend_embedding", "extend_head", "freeze_all_but_lora_",
-    "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "inject_lora", "load_checkpoint",
-    "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export", "plan_phases",
-    "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean",
-    "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
+    "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora",
+    "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears",
+    "merge_and_export", "plan_phases", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias",
+    "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
 ]

@@ -42,6 +42,7 @@ def extend_head(
     init: str = "xavier_uniform",
     bias: float = 0.0,
     trainable: bool = False,
+    new_weight: torch.Tensor | None = None,
 ) -> nn.Linear | nn.Conv2d:
     """A copy of a classifier with ``K`` more output rows; the old rows are copied bit for bit.
 
@@ -55,6 +56,7 @@ def extend_head(
         init: ``"xavier_uniform"`` (reference) or ``"zeros"`` for the new weight rows.
         bias: the new rows' bias (reference 0; ``sigmoid_prior_bias()`` for sigmoid heads).
         trainable: whether the head trains; the reference keeps it frozen.
+        new_weight: the new rows themselves (e.g. ``imprinted_rows``), instead of ``init``.
     """
     if isinstance(old_head, nn.Conv2d):
         if old_head.groups != 1:
@@ -68,7 +70,12 @@ def extend_head(
     _check_rows(old_head, rows, n_new, trailing_rows)
     old_weight = old_head.weight
     weight = torch.empty(n_new, *old_weight.shape[1:], device=old_weight.device, dtype=old_weight.dtype)
-    if init == "xavier_uniform":
+    if new_weight is not None:
+        if new_weight.numel() != weight.numel():
+            raise SwapConfigError(f"new_weight has shape {tuple(new_weight.shape)}; the {n_new} new rows need "
+                                  f"{tuple(weight.shape)}.")
+        weight.copy_(new_weight.reshape(weight.shape))
+    elif init == "xavier_uniform":
         nn.init.xavier_uniform_(weight)
     elif init == "zeros":
         weight.zero_()
@@ -82,6 +89,25 @@ def extend_head(
     setattr(head, size_attr, rows + n_new)
     head.requires_grad_(trainable)
     return head
+
+
+@torch.no_grad()
+def imprinted_rows(old_weight: torch.Tensor, class_features: torch.Tensor, *, trailing_rows: int = 0) -> torch.Tensor:
+    """New classifier rows imprinted from the new classes' features (Qi et al., "Low-Shot Learning with
+    Imprinted Weights", CVPR 2018): each row is its class's mean feature direction, scaled to the mean norm of
+    the old class rows, so a new class starts where its images are instead of at a random direction.
+
+    Args:
+        old_weight: the pretrained classifier's weight, ``(N_old + trailing_rows, D)`` (a 1x1 conv's
+            ``(N, D, 1, 1)`` too).
+        class_features: ``(K, D)``, per new class the mean of its images' pre-logit features.
+        trailing_rows: rows of ``old_weight`` that are not classes (such as "no object"), left out of the norm.
+    """
+    rows = old_weight.flatten(1)[: old_weight.shape[0] - trailing_rows]
+    if class_features.dim() != 2 or class_features.shape[1] != rows.shape[1]:
+        raise SwapConfigError(f"class_features must be (K, {rows.shape[1]}), got {tuple(class_features.shape)}.")
+    direction = nn.functional.normalize(class_features.to(rows), dim=1)
+    return direction * rows.norm(dim=1).mean()
 
 
 @torch.no_grad()

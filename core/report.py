@@ -188,7 +188,8 @@ def _audit_markdown(audit: Mapping[str, Any]) -> list[str]:
     if not models:
         return []
     columns = sorted({key for m in models for key in audit[m]})
-    lines = ["", "## Unlearning audit", "", "| model | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines = ["", "## Unlearning audit", "", "| model | " + " | ".join(columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
     for m in models:
         cells = [audit[m].get(c) for c in columns]
         lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")

@@ -10,6 +10,7 @@ from kswap import (
     extend_head,
     grow_checkpoint_rows,
     hidden_new_classes,
+    imprinted_rows,
     replace_module,
     sigmoid_prior_bias,
 )
@@ -139,3 +140,21 @@ def test_replace_module():
     new = nn.Linear(3, 5)
     old = replace_module(model, "1.0", new)
     assert model[1][0] is new and old.out_features == 4
+
+
+def test_imprinted_rows_point_at_the_class_mean_with_the_old_rows_norm():
+    old = nn.Linear(4, 6)  # 5 classes + "no object"
+    with torch.no_grad():
+        old.weight.copy_(torch.arange(24.0).reshape(6, 4))
+    features = torch.tensor([[3.0, 0, 0, 4], [0, 1, 0, 0]])
+    rows = imprinted_rows(old.weight, features, trailing_rows=1)
+    mean_norm = old.weight[:5].norm(dim=1).mean()
+    torch.testing.assert_close(rows.norm(dim=1), mean_norm.expand(2))
+    torch.testing.assert_close(rows[0] / rows[0].norm(), torch.tensor([0.6, 0, 0, 0.8]))
+    grown = extend_head(old, 2, trailing_rows=1, new_weight=rows)
+    torch.testing.assert_close(grown.weight[5:7], rows)
+    assert torch.equal(grown.weight[7], old.weight[5])
+    with pytest.raises(SwapConfigError, match="class_features must be"):
+        imprinted_rows(old.weight, torch.zeros(2, 3))
+    with pytest.raises(SwapConfigError, match="new_weight has shape"):
+        extend_head(old, 3, new_weight=rows)

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from kswap import (
+    GrownRows,
     InfiniteLoader,
     LabelSpace,
     LoraSettings,
@@ -16,7 +17,6 @@ from kswap import (
     PhaseScheduler,
     SwapConfig,
     SwapReport,
-    GrownRows,
     extend_head,
     freeze_all_but_lora_,
     group_sparse_loss,
