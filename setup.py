@@ -1,15 +1,30 @@
 """Builds the optional compiled ops ``kswap._C`` (everything else is in pyproject.toml).
 
-The CPU kernels are built whenever a C++ compiler is available; the CUDA kernels too when a CUDA toolkit
-matching torch is found (``CUDA_HOME``; set ``TORCH_CUDA_ARCH_LIST`` to choose the GPU architectures).
-``KSWAP_BUILD_EXT=0`` skips the build. A failed build never fails the install: kswap then uses its PyTorch
-reference of the ops and says so once at run time.
+The CPU kernels are built whenever torch is importable at build time (``--no-build-isolation``) and a C++
+compiler is available; the CUDA kernels too when a CUDA toolkit matching torch is found (``CUDA_HOME``; set
+``TORCH_CUDA_ARCH_LIST`` to choose the GPU architectures). ``KSWAP_BUILD_EXT=0`` skips the build. A failed or
+skipped build never fails the install: the wheel always carries the sources (``kswap/csrc``), and kswap
+builds them on first use (``kswap/ops/extension.py``), else uses its PyTorch reference and says so once.
 """
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildPyWithSources(build_py):
+    """Copy ``csrc/`` into the built ``kswap`` package (an editable install finds it beside ``core/``)."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "kswap" / "csrc", dirs_exist_ok=True)
 
 
 def _extensions():
@@ -47,4 +62,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithSources})

@@ -23,7 +23,7 @@ TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 BUILD_PINS=("setuptools>=77.0.3,<81" wheel)
 TIMM_PINS=(timm==1.0.31 peft==0.21.2 pluggy==1.7.0 wandb==0.31.0)
 OPENMMLAB_PINS=(pycocotools==2.0.11 mmengine==0.10.7 mmdet==3.3.0)
-TOOL_PINS=(scikit-learn matplotlib pyyaml tqdm pytest)
+TOOL_PINS=(scikit-learn matplotlib pyyaml tqdm pytest ninja ruff)
 MMCV=mmcv==2.1.0
 # The patched build carries a local version label (scripts/patch_detectron2_sdist.py VERSION).
 DETECTRON2=pb1-detectron2==0.6+kswap.2

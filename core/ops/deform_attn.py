@@ -1,8 +1,8 @@
 """Multi-scale deformable attention (Deformable DETR, DINO, Mask2Former's pixel decoder).
 
-``ms_deform_attn`` runs the compiled kernel of ``kswap._C`` (CPU, and CUDA when built with it) and falls back
-to ``ms_deform_attn_reference`` (``grid_sample``, differentiable by autograd) when the extension is missing,
-saying so once. Both take the op contract of the reference implementations:
+``ms_deform_attn`` runs the compiled kernel (``kswap._C``, or the same sources built on first use; CPU, and CUDA
+when built with it) and falls back to ``ms_deform_attn_reference`` (``grid_sample``, differentiable by autograd)
+when neither is available, saying so once. Both take the op contract of the reference implementations:
 
 - value ``(N, S, M, D)``, ``S = Σ_l H_l·W_l``;
 - spatial_shapes ``(L, 2)`` int64 ``(H_l, W_l)``; level_start_index ``(L,)`` int64;
@@ -13,32 +13,18 @@ saying so once. Both take the op contract of the reference implementations:
 
 from __future__ import annotations
 
-import logging
-from functools import lru_cache
-from types import ModuleType
-
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-logger = logging.getLogger(__name__)
+from .extension import extension
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-@lru_cache(maxsize=None)
-def _extension() -> ModuleType | None:
-    try:
-        from kswap import _C
-    except ImportError as err:
-        logger.warning("kswap: compiled ops unavailable (%s); using the PyTorch reference of ms_deform_attn", err)
-        return None
-    return _C
-
-
 def compiled_available(device: torch.device | str = "cpu") -> bool:
     """Whether the compiled kernel serves tensors on ``device``."""
-    ext = _extension()
+    ext = extension()
     if ext is None:
         return False
     return torch.device(device).type == "cpu" or (torch.device(device).type == "cuda" and ext.with_cuda())
@@ -72,7 +58,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return _extension().ms_deform_attn_forward(
+        return extension().ms_deform_attn_forward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
 
@@ -80,7 +66,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_attn = _extension().ms_deform_attn_backward(
+        grad_value, grad_loc, grad_attn = extension().ms_deform_attn_backward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
         )
         return grad_value, None, None, grad_loc, grad_attn
