@@ -1,14 +1,16 @@
 """kswap: knowledge swapping (forget, retain and learn classes at once) for vision models.
 
-The core is framework-free. The flow a host plugin follows:
+The core is framework-free. The flow a host follows:
 
 1. ``SwapConfig`` (or ``SwapConfig.preset(task)``) and ``LabelSpace.for_config`` resolve the class sets;
-2. ``inject_lora`` / ``freeze_all_but_lora_`` / ``extend_head`` prepare the model, ``lora_groups`` finds the
-   group-sparsity groups; scores taken inside ``hidden_new_classes`` are the pretrained model's ("before");
-3. ``plan_phases`` and ``PhaseScheduler`` walk the phases; ``PhaseLoss`` combines the host's task losses, with the
-   forget bound of each forget phase checked (and resolved, when relative) by ``SwapReport.start_forget_phase``;
-4. ``SwapReport`` records per-set scores and writes JSON, Markdown and a plot; ``merge_and_export`` gives
-   the plain model back.
+2. ``prepare_model`` checks and grows the head (``extend_head``), injects LoRA (``inject_lora``), freezes the rest
+   and finds the group-sparsity groups (``lora_groups``);
+3. ``SwapSession`` drives the swap behind a ``SwapHost`` (a role's loader, task losses, scores, phase start, save):
+   ``plan_phases`` / ``PhaseScheduler`` walk the phases, ``PhaseLoss`` combines the host's task losses with the
+   forget bound checked (and resolved, when relative) by ``SwapReport.start_forget_phase``, "before" is scored
+   inside ``hidden_new_classes`` (the pretrained model's own predictions);
+4. ``SwapReport`` records per-set scores and writes JSON, Markdown and a plot; ``SwapSession.export`` (or
+   ``merge_and_export``) gives the plain model back, and ``run_audit`` checks that forgotten knowledge is gone.
 """
 
 from .audit import AuditHost, AuditSettings, run_audit
@@ -47,17 +49,19 @@ from .losses import PhaseLoss, PhaseLossOutput, bounded_forget_loss, group_spars
 from .metrics import AccuracyMeter, swap_hmean, top1_accuracy
 from .phases import Phase, PhaseKind, PhaseScheduler, plan_phases
 from .report import SwapReport
+from .session import PreparedModel, SwapHost, SwapSession, prepare_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccuracyMeter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "GrownRows",
     "InfiniteLoader", "LabelSpace", "LoraSettings", "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind",
-    "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "ResumableSampler", "SwapConfig",
-    "SwapConfigError", "SwapReport", "TARGET_PRESETS", "atomic_save", "atomic_write_text", "bounded_forget_loss",
-    "check_head_size", "discover_groups", "extend_embedding", "extend_head", "freeze_all_but_lora_",
-    "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora",
-    "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears",
-    "merge_and_export", "plan_phases", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias",
-    "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
+    "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler", "SwapConfig",
+    "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "atomic_save", "atomic_write_text",
+    "bounded_forget_loss", "check_head_size", "discover_groups", "extend_embedding", "extend_head",
+    "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows",
+    "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears",
+    "merge_and_export", "plan_phases", "prepare_model", "reinit_lora_", "replace_module", "run_audit",
+    "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy",
+    "validate_lora_state",
 ]

@@ -32,7 +32,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return _atomic(path, lambda f: f.write(text.encode()))
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path: str | Path) -> Any:

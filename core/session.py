@@ -1,0 +1,222 @@
+"""The swap protocol in one place: a session that drives phases, role loaders, losses, scoring and the report,
+behind a small host protocol.
+
+A host (timm's training script, mmengine's loop, detectron2's trainer, or your own loop) prepares the model
+with ``prepare_model`` and implements ``SwapHost``: a loader for a phase's role, the task losses of role-tagged
+batches, per-set scores, the phase start (optimizer / LR schedule) and saving. The session owns the rest:
+
+    session = SwapSession(config, host, prepared)
+    session.run(optimizer_step)          # or, in a host's own loop: session.begin(); loss = session.loss();
+                                         # ... backward, step ...; session.step_done()
+    session.export(out_dir)              # swap_report.{json,md,png}, model_swapped.pth, swap_adapter.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_save, atomic_write_bytes
+from .config import SwapConfig
+from .data import InfiniteLoader
+from .errors import SwapConfigError
+from .heads import GrownRows, check_head_size, extend_head, hidden_new_classes, replace_module
+from .lora import freeze_all_but_lora_, inject_lora, lora_groups, lora_state_dict, merge_and_export
+from .losses import PhaseLoss, PhaseLossOutput, TaskLoss, default_loss_key, group_sparse_loss
+from .metrics import SETS
+from .phases import Phase, PhaseScheduler, plan_phases
+from .report import SwapReport
+
+logger = logging.getLogger(__name__)
+
+
+class SwapHost(Protocol):
+    """What a host framework gives a ``SwapSession``."""
+
+    def role_loader(self, phase: Phase, role: str, sets: tuple[str, ...]) -> Iterable[Any]:
+        """A finite loader over the training images of ``sets`` (``forget``, ``retain``, ``learn``) for ``role``
+        of ``phase``; the session cycles it. A loader whose sampler has ``set_epoch``/``skip`` (e.g.
+        ``ResumableSampler``) resumes mid-epoch exactly."""
+
+    def task_losses(self, batches: Mapping[str, Any]) -> Mapping[str, TaskLoss]:
+        """Forward one batch per role (model in training mode) and return per role its task loss (a tensor or
+        the host's loss dict)."""
+
+    def score(self) -> dict[str, float]:
+        """Per-set scores (``forget``, ``retain``, ``learn``) of the current model, in percent."""
+
+    def start_phase(self, phase: Phase) -> None:
+        """Called before the first step of each phase: rebuild the optimizer or restart the LR schedule where
+        the config says so (``reset_optimizer_between_phases``, ``restart_lr_schedule``)."""
+
+    def save(self, state: dict[str, Any], tag: str) -> None:
+        """Save a resumable checkpoint holding ``state`` (the session's ``state_dict``) at a phase end."""
+
+
+@dataclass
+class PreparedModel:
+    """A model made ready for a swap by ``prepare_model``: its head grown and LoRA injected."""
+
+    model: nn.Module
+    grown: dict[str, GrownRows]
+    groups: dict[str, list[torch.Tensor]]
+    adapted: list[str]
+
+
+def prepare_model(model: nn.Module, config: SwapConfig, head: str, num_pretrained: int, num_new: int, *,
+                  trailing_rows: int = 0, **head_kwargs: Any) -> PreparedModel:
+    """Check the head, grow it by the new classes, inject LoRA, freeze everything else, find the groups.
+
+    Args:
+        model: the pretrained model (changed in place).
+        config: the swap config (LoRA settings).
+        head: the dotted name of the classifier (an ``nn.Linear`` or 1x1 ``nn.Conv2d``).
+        num_pretrained: the pretrained classes, which the head must have (plus ``trailing_rows``).
+        num_new: the new classes.
+        trailing_rows: rows kept last, such as Mask2Former's "no object".
+        head_kwargs: passed to ``extend_head`` (``init``, ``bias``, ``new_weight``).
+    """
+    old = model.get_submodule(head)
+    rows = old.weight.shape[0]
+    check_head_size(rows, num_pretrained, trailing_rows, where=f"classifier {head}")
+    replace_module(model, head, extend_head(old, num_new, trailing_rows=trailing_rows, **head_kwargs))
+    grow = GrownRows(rows, rows + num_new, trailing_rows)
+    grown = {f"{head}.{p}": grow for p in ("weight", "bias") if getattr(old, p, None) is not None}
+    adapted = inject_lora(model, config.lora)
+    freeze_all_but_lora_(model)
+    return PreparedModel(model, grown, lora_groups(model, config.lora.group_by), adapted)
+
+
+@dataclass
+class SwapSession:
+    """Drives one swap: phases, one cycling loader per phase and role, the phase loss with its forget-bound
+    check, scoring before / every ``eval_interval`` steps / at phase ends, the report, resume state and export.
+
+    Args:
+        config: the swap config.
+        host: the host framework's side (``SwapHost``).
+        prepared: the model from ``prepare_model`` (or the host's own surgery with the same fields).
+        classes: per set, class names for the report.
+        metric: the per-set score's name (``top1``, ``bbox_mAP``, ``mIoU``).
+        eval_interval: score the sets every this many steps as well (0: phase ends only).
+        is_loss: selects the optimised terms of a host loss dict.
+        log: where progress lines go (the host's logger); default this module's logger.
+    """
+
+    config: SwapConfig
+    host: SwapHost
+    prepared: PreparedModel
+    classes: Mapping[str, list[str]] = field(default_factory=dict)
+    metric: str = "top1"
+    eval_interval: int = 0
+    is_loss: Callable[[str], bool] = default_loss_key
+    log: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.phases = plan_phases(self.config)
+        self.loaders = [
+            {role: InfiniteLoader(self.host.role_loader(p, role, sets)) for role, sets in p.sources.items()}
+            for p in self.phases
+        ]
+        self.scheduler = PhaseScheduler(self.phases, lambda p: len(self.loaders[p.index]["retain"].loader),
+                                        fingerprint=self.config.fingerprint())
+        self.report = SwapReport(order=self.config.order.value, metric=self.metric, classes=dict(self.classes))
+        self._log = self.log or logger.info
+
+    @property
+    def done(self) -> bool:
+        return self.scheduler.done
+
+    def begin(self) -> None:
+        """Score "before" (the pretrained model: new classes hidden, LoRA still zero) unless resumed."""
+        if self.report.before is None:
+            with hidden_new_classes(self.prepared.model, self.prepared.grown):
+                self.report.set_before(self.host.score())
+            self._log(f"swap: before {_fmt(self.report.before)}")
+
+    def loss(self) -> PhaseLossOutput:
+        """The current step's loss: one batch per role of the current phase through the host's forward."""
+        phase = self.scheduler.phase
+        if self.scheduler.at_phase_start:
+            self.host.start_phase(phase)
+        batches = {role: next(it) for role, it in self.loaders[phase.index].items()}
+        weights = self.report.phase_weights(phase.name, phase.loss)
+        task = self.host.task_losses(batches)
+        out = PhaseLoss(weights, self.is_loss)(task, gs=group_sparse_loss(self.prepared.groups))
+        if "forget" in phase.sources and phase.name not in self.report.forget_bounds:
+            warning = self.report.start_forget_phase(phase.name, phase.loss, float(out.terms["forget/task"]))
+            if warning:
+                logger.warning(warning)
+                self._log(f"swap: WARNING {warning}")
+        return out
+
+    def step_done(self) -> dict[str, float] | None:
+        """Count the optimizer step; score at a phase end (and save) or every ``eval_interval`` steps.
+
+        Returns:
+            The scores when the sets were scored at this step, else ``None``.
+        """
+        phase = self.scheduler.phase
+        ended = self.scheduler.step()
+        step = self.scheduler.global_step
+        if ended:
+            scores = self.host.score()
+            self.report.end_phase(phase.name, phase.kind.value, step, scores)
+            self._log(f"swap: after {phase.name} (step {step}) {_fmt(scores)}")
+            self.host.save(self.state_dict(), phase.name)
+            return scores
+        if self.eval_interval and step % self.eval_interval == 0:
+            scores = self.host.score()
+            self.report.record(step, phase.name, scores)
+            return scores
+        return None
+
+    def run(self, optimizer_step: Callable[[torch.Tensor], None]) -> SwapReport:
+        """The whole swap in a plain loop; ``optimizer_step(loss)`` back-propagates and steps the optimizer."""
+        self.begin()
+        while not self.done:
+            optimizer_step(self.loss().total)
+            self.step_done()
+        return self.report
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position, loader positions and report: all a resume needs besides model and optimizer."""
+        return {"scheduler": self.scheduler.state_dict(), "report": self.report.to_dict(),
+                "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.loaders],
+                "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        for roles, saved in zip(self.loaders, state["loaders"]):
+            for role, it in roles.items():
+                it.load_state_dict(saved[role])
+        self.report = SwapReport.from_dict(state["report"])
+
+    def export(self, out_dir: str | Path, **meta: Any) -> dict[str, Path]:
+        """Write the report, the merged model (``model_swapped.pth``: ``state_dict`` plus ``meta``) and the LoRA
+        weights alone (``swap_adapter.safetensors``, with the config and the grown rows to re-apply or revert
+        the swap). The session's model keeps its LoRA layers."""
+        from safetensors.torch import save
+
+        if not self.report.phases:
+            raise SwapConfigError("export() before any phase ended: run the swap first.")
+        out = Path(out_dir)
+        paths = self.report.write(out)
+        paths["model"] = atomic_save({"state_dict": merge_and_export(self.prepared.model).state_dict(), **meta},
+                                     out / "model_swapped.pth")
+        adapter = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.prepared.model).items()}
+        metadata = {"swap_config": json.dumps(self.config.to_dict()),
+                    "grown": json.dumps({k: vars(g) for k, g in self.prepared.grown.items()}),
+                    "classes": json.dumps(self.report.classes)}
+        paths["adapter"] = atomic_write_bytes(out / "swap_adapter.safetensors", save(adapter, metadata=metadata))
+        return paths
+
+
+def _fmt(scores: Mapping[str, float]) -> str:
+    return ", ".join(f"{s} {scores[s]:.2f}" for s in SETS)
