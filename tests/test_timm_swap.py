@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,9 +19,9 @@ from timm_swap.train import main
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=64", "depth=2",
             "num_heads=4", "--img-size", "8", "--in-chans", "1", "--mean", "0.5", "--std", "0.5", "--crop-pct", "1.0",
             "-j", "0", "--no-progress", "--seed", "0", "--log-interval", "0"]
+# The swap's optimizer and LR schedule are the preset's by default (AdamW 1e-2, cosine per phase, no warmup).
 SWAP = ["--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", "100steps", "--swap-forget-length",
-        "100steps", "--swap-learn-retain-weight", "1", "--opt", "adamw", "--lr", "1e-2", "--weight-decay", "0.05",
-        "--warmup-epochs", "0", "--min-lr", "1e-5", "-b", "32", "--num-classes", "8"]
+        "100steps", "--swap-learn-retain-weight", "1", "-b", "32", "--num-classes", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,127 @@ def test_swap_learns_forgets_retains_and_exports(digit_folders, pretrained, tmp_
     assert json.loads((out / "class_names.json").read_text())[8:] == ["eight", "nine"]
 
 
+def plain_top1(checkpoint: Path, root: Path, class_map: dict[str, int]) -> float:
+    """Top-1 (percent) of the 8-class pretrained checkpoint in plain timm on the ``val`` images of ``root``'s classes
+    in ``class_map`` (folder name -> label)."""
+    import timm
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    model = timm.create_model("vit_tiny_patch16_224", patch_size=2, embed_dim=64, depth=2, num_heads=4, img_size=8,
+                              in_chans=1, num_classes=8, checkpoint_path=str(checkpoint)).eval()
+    config = resolve_data_config({"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0},
+                                 model=model)
+    dataset = create_dataset("", root=str(root), split="val", class_map=class_map, input_img_mode="L",
+                             transform=create_transform(**config))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return 100.0 * correct / len(dataset)
+
+
+def test_before_is_the_pretrained_model(digit_folders, pretrained, tmp_path):
+    """ "before" is scored with the new head rows hidden: exactly what the pretrained checkpoint scores in plain timm
+    (its 8-class head cannot name a learn image, so learn is 0). The checkpoint's head is scaled by 0.05 (the same
+    predictions, small logits, as a low-confidence model has) so that unhidden xavier rows would win the argmax."""
+    state = load_checkpoint(pretrained)["state_dict"]
+    for key in ("head.weight", "head.bias"):
+        state[key] = state[key] * 0.05
+    checkpoint = tmp_path / "low_confidence.pth"
+    torch.save({"state_dict": state}, checkpoint)
+    ctx = main(swap_args(digit_folders, checkpoint, tmp_path, "--experiment", "before", "--swap-learn-length",
+                         "2steps", "--swap-forget-length", "2steps"))
+    before = json.loads((ctx.output_dir / "swap_report.json").read_text())["metrics"]["before"]
+    expected = {
+        "forget": plain_top1(checkpoint, digit_folders / "old", {"0": 0}),
+        "retain": plain_top1(checkpoint, digit_folders / "old", {str(d): d for d in range(1, 8)}),
+        "learn": plain_top1(checkpoint, digit_folders / "new", {"eight": 8, "nine": 9}),
+    }
+    assert expected["learn"] == 0 and expected["forget"] > 85
+    for name, value in expected.items():
+        assert abs(before[name] - value) < 0.1, (before, expected)
+
+
+def test_class_folders_in_timm_order(digit_folders, pretrained, tmp_path):
+    """Class folders "0".."6", "10" (digit 7) and learn folders "l2", "l10": ids follow timm's natural order, the order
+    the checkpoint was trained in, for the pretrained classes and the new ones alike."""
+    import shutil
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(digit_folders / "old", old)
+    shutil.copytree(digit_folders / "new", new)
+    for split in ("train", "val"):
+        (old / split / "7").rename(old / split / "10")
+        (new / split / "nine").rename(new / split / "l10")
+        (new / split / "eight").rename(new / split / "l2")
+    ctx = main([*swap_args(digit_folders, pretrained, tmp_path, "--experiment", "natural", "--swap-learn-length",
+                           "2steps", "--swap-forget-length", "2steps"), "--data-dir", str(old),
+                "--swap-learn-dir", str(new)])
+    names = [*(str(d) for d in range(7)), "10", "l2", "l10"]
+    assert json.loads((ctx.output_dir / "class_names.json").read_text()) == names
+    report = json.loads((ctx.output_dir / "swap_report.json").read_text())
+    assert report["classes"]["retain"] == names[1:8] and report["classes"]["learn"] == ["l2", "l10"]
+    assert report["metrics"]["before"]["retain"] > 85  # "10" is the pretrained model's class 7
+
+
+def test_forget_bound_checked_and_relative(digit_folders, pretrained, tmp_path, caplog, third_party_plugin):
+    """A BND below the forget loss at the forget phase start is reported as inactive (warning + report); a relative
+    BND is that multiple of the measured loss and is the bound the phase's loss uses."""
+    short = ("--swap-learn-length", "2steps", "--swap-forget-length", "3steps", "--plugin", "stopat")
+    with caplog.at_level("WARNING", logger="timm_swap"):
+        ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "tiny", *short, "--swap-bnd", "1e-6"))
+    bound = json.loads((ctx.output_dir / "swap_report.json").read_text())["forget_bounds"]["1_forget"]
+    assert bound["active"] is False and bound["bnd"] == 1e-6
+    assert bound["measured_forget_loss"] == pytest.approx(ctx.losses[2]["forget/task"], rel=1e-6)
+    assert "nothing will be forgotten" in caplog.text and "1_forget" in caplog.text
+    assert all(losses["forget/bounded"] == 0 for losses in ctx.losses[2:])
+
+    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "relative", *short,
+                         "--swap-forget-bnd-relative", "--swap-bnd", "3"))
+    bound = json.loads((ctx.output_dir / "swap_report.json").read_text())["forget_bounds"]["1_forget"]
+    measured = ctx.losses[2]["forget/task"]
+    assert bound["measured_forget_loss"] == pytest.approx(measured, rel=1e-6)
+    assert bound["bnd"] == pytest.approx(3 * measured, rel=1e-6) and bound["relative"] and bound["active"]
+    for losses in ctx.losses[3:]:  # later steps use the resolved bound: beta * relu(3 * measured - loss)
+        assert losses["forget/bounded"] == pytest.approx(0.2 * max(0.0, bound["bnd"] - losses["forget/task"]),
+                                                         rel=1e-5)
+
+
+def cosine(k: int, n: int, base: float = 1e-2, low: float = 1e-5) -> float:
+    """timm's cosine LR after ``k`` of ``n`` updates, without warmup."""
+    return low + 0.5 * (base - low) * (1 + math.cos(math.pi * k / n))
+
+
+def test_swap_owns_optimizer_and_per_update_schedule(digit_folders, pretrained, tmp_path, capsys,
+                                                     third_party_plugin):
+    """The pretraining run's flags (SGD, warmup over the whole phase) do not leak into the swap: it uses the preset's
+    AdamW and a cosine restarted per phase and stepped per update, so 10-step phases get their whole cosine."""
+    pretraining = ["--opt", "sgd", "--lr", "0.5", "--weight-decay", "0", "--warmup-epochs", "5", "--min-lr", "0",
+                   "--sched", "step"]
+    args = swap_args(digit_folders, pretrained, tmp_path, "--swap-learn-length", "10steps", "--swap-forget-length",
+                     "10steps", "--plugin", "stopat", *pretraining)
+    ctx = main([*args, "--experiment", "preset"])
+    assert isinstance(ctx.optimizer, torch.optim.AdamW)
+    assert max(g["weight_decay"] for g in ctx.optimizer.param_groups) == 0.05
+    expected = [cosine(k, 10) for k in range(10)] * 2
+    assert ctx.lrs == pytest.approx(expected, rel=1e-9)
+    assert "swap: optimizer adamw (lr 0.01, weight decay 0.05), cosine LR schedule restarted per phase" in \
+        capsys.readouterr().out
+
+    ctx = main([*args, "--experiment", "custom", "--swap-opt", "sgd", "--swap-lr", "0.1", "--swap-min-lr", "0"])
+    assert isinstance(ctx.optimizer, torch.optim.SGD)
+    assert ctx.lrs == pytest.approx([cosine(k, 10, 0.1, 0.0) for k in range(10)] * 2, rel=1e-9)
+
+
+def test_reset_optimizer_keeps_one_schedule(digit_folders, pretrained, tmp_path, third_party_plugin):
+    """A fresh optimizer per phase with one schedule over both phases: the schedule moves onto the new optimizer
+    and continues where it was."""
+    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "reset", "--swap-learn-length",
+                         "10steps", "--swap-forget-length", "10steps", "--plugin", "stopat", "--swap-reset-optimizer",
+                         "--no-swap-restart-lr"))
+    assert ctx.lr_scheduler.optimizer is ctx.optimizer
+    assert ctx.lrs == pytest.approx([cosine(k, 20) for k in range(20)], rel=1e-9)
+
+
 PLUGIN = '''
 from timm_swap import hookimpl
 
@@ -96,6 +218,8 @@ class StopAt:
     @hookimpl
     def after_step(self, ctx, step, losses):
         ctx.seen = getattr(ctx, "seen", []) + [(step.period, step.global_step, round(losses["loss"], 6))]
+        ctx.losses = getattr(ctx, "losses", []) + [losses]
+        ctx.lrs = getattr(ctx, "lrs", []) + [ctx.optimizer.param_groups[0]["lr"]]  # the LR this update used
         if ctx.args.stop_at and step.global_step + 1 == ctx.args.stop_at:
             raise KeyboardInterrupt("simulated crash")
 '''
@@ -126,6 +250,7 @@ def test_resume_mid_phase_continues_exactly(digit_folders, pretrained, tmp_path,
     resumed = main([*args, "--resume", str(last)])
     assert resumed.output_dir == full.output_dir.parent / "cut"
     assert resumed.seen == full.seen[120:]  # same phases, steps and losses after the cut
+    assert resumed.lrs == pytest.approx(full.lrs[120:], rel=1e-12)  # the schedule resumes at its position
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "cut" / "swap_report.json").read_text())["metrics"] == \
@@ -229,8 +354,9 @@ def test_wandb_offline(digit_folders, pretrained, tmp_path, monkeypatch):
 
 def test_ddp_two_processes_match_single_process(digit_folders, pretrained, tmp_path):
     """torchrun, 2 CPU processes (gloo), batch 16 each, against one process with batch 32."""
+    # A constant LR (min = base): 30 steps per phase are too few to forget under a decaying cosine.
     common = swap_args(digit_folders, pretrained, tmp_path, "--swap-learn-length", "30steps",
-                       "--swap-forget-length", "30steps")
+                       "--swap-forget-length", "30steps", "--swap-min-lr", "1e-2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",

@@ -27,9 +27,11 @@ class Step:
         step_in_epoch: the step within the epoch.
         steps_per_epoch: the steps in one epoch of the period.
         global_step: the number of steps before this one in the whole run.
-        lr_epoch: the epoch the LR scheduler is stepped to at an epoch start.
+        lr_epoch: the epoch the LR scheduler is stepped to at an epoch start (schedules stepped per epoch).
+        lr_update: the updates done in the current LR schedule before this step: its position when the schedule
+            is stepped per update (it restarts at 0 with each new schedule).
         new_lr_schedule: at a period start, ``(num_epochs, updates_per_epoch)`` of a scheduler to (re)build.
-        reset_optimizer: at a period start, build a fresh optimizer.
+        reset_optimizer: at a period start, build a fresh optimizer (the current schedule moves onto it).
     """
 
     batch: Any
@@ -41,6 +43,7 @@ class Step:
     steps_per_epoch: int
     global_step: int
     lr_epoch: int
+    lr_update: int
     new_lr_schedule: tuple[int, int] | None = None
     reset_optimizer: bool = False
 

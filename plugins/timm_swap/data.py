@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from timm.data import create_dataset, create_transform
+from timm.data.readers.reader_image_folder import find_images_and_targets
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from kswap import ResumableSampler, SwapConfigError
@@ -46,6 +47,16 @@ def check_image_folder(root: str | Path, split: str, what: str) -> Path:
             "(an empty class folder shifts the ids of the classes after it)."
         )
     return folder
+
+
+def folder_classes(root: str | Path, split: str) -> list[str]:
+    """The classes of the ImageFolder ``root/split`` in the order of timm's ImageFolder, i.e. its label ids.
+
+    timm sorts class folders naturally (``2`` before ``10``); the ``class_to_idx`` of its own folder scan is taken
+    rather than re-implementing the rule.
+    """
+    _, class_to_idx = find_images_and_targets(str(Path(root) / split))
+    return sorted(class_to_idx, key=class_to_idx.__getitem__)
 
 
 def image_folder(

@@ -4,24 +4,28 @@ The plugin turns the user's timm run into the reference recipe (../shared/spec/a
 preset): LoRA on the FFN of every block, the pretrained head extended by the new classes and frozen, phases in
 the configured order, each step drawing a retain-side batch and a target batch, loss
 ``w_R·CE(R') + w_L·CE(L) + β·relu(BND − CE(F)) + α·GS``. Forget and retain come from ``--data-dir`` (the
-pretrained model's ImageFolder), the learn set from ``--swap-learn-dir``.
+pretrained model's ImageFolder), the learn set from ``--swap-learn-dir``. The swap owns its optimizer and LR
+schedule (``--swap-opt`` ...; the preset's AdamW and per-phase cosine by default), stepped per update.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from kswap import (
     PRESETS,
+    GrownRows,
     InfiniteLoader,
     LabelSpace,
     LoraSettings,
@@ -37,6 +41,7 @@ from kswap import (
     extend_head,
     freeze_all_but_lora_,
     group_sparse_loss,
+    hidden_new_classes,
     inject_lora,
     lora_groups,
     merge_and_export,
@@ -50,6 +55,7 @@ from .data import (
     check_image_folder,
     class_names,
     concat,
+    folder_classes,
     image_folder,
     resolve_split,
     resumable_loader,
@@ -57,6 +63,8 @@ from .data import (
 )
 from .evaluation import evaluate_top1
 from .hookspecs import hookimpl
+
+_logger = logging.getLogger(__name__)
 
 # CLI flag -> (loss-weights field, phases it sets).
 _LOSS_FLAGS = {
@@ -66,7 +74,13 @@ _LOSS_FLAGS = {
     "swap_beta": ("beta", ("forget_loss",)),
     "swap_bnd": ("bnd", ("forget_loss",)),
     "swap_alpha": ("alpha", ("learn_loss", "forget_loss")),
+    "swap_forget_bnd_relative": ("bnd_relative", ("forget_loss",)),
 }
+
+# The swap's optimizer and LR schedule: --swap-* flag -> the timm flag it sets. The defaults are the reference
+# classification preset (../shared/spec/algorithm.md §2.5), not the pretraining run's --opt/--lr/... flags.
+_OPTIM_FLAGS = {"swap_opt": "opt", "swap_lr": "lr", "swap_weight_decay": "weight_decay", "swap_sched": "sched",
+                "swap_warmup_epochs": "warmup_epochs", "swap_min_lr": "min_lr"}
 
 
 def swap_config_from_args(args: argparse.Namespace) -> SwapConfig:
@@ -109,6 +123,7 @@ class SwapPlugin:
         self.space: LabelSpace | None = None
         self.sets: dict[str, tuple[int, ...]] = {}
         self.groups: dict[str, list[nn.Parameter]] = {}
+        self.grown: dict[str, GrownRows] = {}
         self.train_sets: dict[str, Any] = {}
         self.eval_loaders: dict[str, Any] = {}
         self.scheduler: PhaseScheduler | None = None
@@ -136,6 +151,9 @@ class SwapPlugin:
         g.add_argument("--swap-forget-retain-weight", type=float, default=None, help="w_R in forget phases (1.0)")
         g.add_argument("--swap-beta", type=float, default=None, help="weight of the bounded forget term (0.2)")
         g.add_argument("--swap-bnd", type=float, default=None, help="bound on the forget-set loss (105)")
+        g.add_argument("--swap-forget-bnd-relative", action="store_true", default=None,
+                       help="read --swap-bnd as a multiple of the forget-set loss measured at the forget phase start "
+                            "(e.g. --swap-bnd 3: ascend until that loss has tripled)")
         g.add_argument("--swap-alpha", type=float, default=None, help="group-sparse weight (0.005)")
         g.add_argument("--swap-lora-rank", type=int, default=None, help="LoRA rank (8)")
         g.add_argument("--swap-lora-scaling", type=float, default=None, help="LoRA scaling (0.125)")
@@ -151,6 +169,12 @@ class SwapPlugin:
                        help="fresh optimizer at each phase (preset)")
         g.add_argument("--swap-restart-lr", action=argparse.BooleanOptionalAction, default=None,
                        help="restart the LR schedule at each phase (preset)")
+        g.add_argument("--swap-opt", default="adamw", help="the swap's optimizer (timm name); replaces --opt")
+        g.add_argument("--swap-lr", type=float, default=1e-2, help="the swap's learning rate; replaces --lr")
+        g.add_argument("--swap-weight-decay", type=float, default=0.05, help="replaces --weight-decay")
+        g.add_argument("--swap-sched", default="cosine", help="the swap's LR schedule (timm name); replaces --sched")
+        g.add_argument("--swap-warmup-epochs", type=int, default=0, help="replaces --warmup-epochs")
+        g.add_argument("--swap-min-lr", type=float, default=1e-5, help="replaces --min-lr")
 
     @hookimpl
     def validate_args(self, args: argparse.Namespace) -> None:
@@ -164,13 +188,16 @@ class SwapPlugin:
             raise SwapConfigError("--plugin swap needs --data-dir, the ImageFolder the model was trained on.")
         if not 0 < args.swap_train_fraction <= 1:
             raise SwapConfigError(f"--swap-train-fraction must be in (0, 1], got {args.swap_train_fraction}.")
+        if args.swap_sched == "plateau":
+            raise SwapConfigError("--swap-sched plateau needs an epoch metric, but the swap steps its LR schedule per "
+                                  "update: choose cosine, tanh, step, multistep or poly.")
         for root, what in ((args.data_dir, "--data-dir dataset"), (args.swap_learn_dir, "--swap-learn-dir dataset")):
             for split in (args.train_split, args.val_split):
                 check_image_folder(root, resolve_split(root, split), what)
-        pretrained = sorted(p.name for p in (Path(args.data_dir) / resolve_split(args.data_dir, args.train_split))
-                            .iterdir() if p.is_dir())
+        # Class ids in timm's ImageFolder order, the order the pretrained head was trained in.
+        pretrained = folder_classes(args.data_dir, resolve_split(args.data_dir, args.train_split))
         learn_root = Path(args.swap_learn_dir) / resolve_split(args.swap_learn_dir, args.train_split)
-        available = sorted(p.name for p in learn_root.iterdir() if p.is_dir())
+        available = folder_classes(args.swap_learn_dir, resolve_split(args.swap_learn_dir, args.train_split))
         args.swap_learn = args.swap_learn or available
         missing = [c for c in args.swap_learn if c not in available]
         if missing:
@@ -186,6 +213,11 @@ class SwapPlugin:
                 f"extends the head to {self.space.num_classes} itself."
             )
         args.num_classes = self.space.num_pretrained
+        # The swap's optimizer and schedule replace the pretraining flags; stepped per update, so that a phase
+        # measured in steps gets its whole schedule (the epoch of such a phase is the phase).
+        for swap_flag, flag in _OPTIM_FLAGS.items():
+            setattr(args, flag, getattr(args, swap_flag))
+        args.sched_on_updates = True
 
     # -- model and data ------------------------------------------------------------------------------------------
     @hookimpl
@@ -196,6 +228,8 @@ class SwapPlugin:
             raise SwapConfigError(f"{ctx.args.model}'s classifier {head_name} is not a Linear layer.")
         check_head_size(head.out_features, self.space.num_pretrained, where=f"classifier {head_name}")
         replace_module(model, head_name, extend_head(head, len(self.space.new)))
+        rows = GrownRows(old=head.out_features, new=head.out_features + len(self.space.new))
+        self.grown = {f"{head_name}.weight": rows, f"{head_name}.bias": rows}
         inject_lora(model, self.config.lora)
         freeze_all_but_lora_(model)
         self.groups = lora_groups(model, self.config.lora.group_by)
@@ -235,6 +269,12 @@ class SwapPlugin:
         self.scheduler = PhaseScheduler(phases, lambda p: len(self.phase_loaders[p.index]["retain"].loader),
                                         fingerprint=self.config.fingerprint())
         ctx.total_steps = self.scheduler.total_steps
+        if ctx.is_main:
+            span = "restarted per phase" if self.config.restart_lr_schedule else "over all phases"
+            tqdm.write(f"swap: optimizer {args.opt} (lr {args.lr:g}, weight decay {args.weight_decay:g}), "
+                       f"{args.sched} LR schedule {span} stepped per update, {args.warmup_epochs} warmup epochs, "
+                       f"min lr {args.min_lr:g}; set by --swap-opt/--swap-lr/--swap-weight-decay/--swap-sched/"
+                       "--swap-warmup-epochs/--swap-min-lr (the run's --opt/--lr/... are not used)")
         self.report = SwapReport(order=self.config.order.value, metric="top1",
                                  classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
         return {f"swap/{name}": loader for name, loader in self.eval_loaders.items()}
@@ -254,19 +294,23 @@ class SwapPlugin:
     def train_steps(self, ctx: TrainContext) -> Iterator[Step]:
         sched, cfg = self.scheduler, self.config
         epochs = [(n // self._steps_per_epoch(p)) for p, n in zip(sched.phases, sched.phase_steps)]
+        # One schedule over all phases (no restart) spans every step: sum(epochs) epochs of the mean epoch length.
+        whole_run = (sum(epochs), round(sched.total_steps / sum(epochs)))
         while not sched.done:
             phase = sched.phase
             spe = self._steps_per_epoch(phase)
             step_in_phase = sched.step_in_phase
             new_schedule = None
             if step_in_phase == 0 and (cfg.restart_lr_schedule or phase.index == 0):
-                new_schedule = (epochs[phase.index], spe) if cfg.restart_lr_schedule else (sum(epochs), spe)
+                new_schedule = (epochs[phase.index], spe) if cfg.restart_lr_schedule else whole_run
             lr_epoch = step_in_phase // spe + (0 if cfg.restart_lr_schedule else sum(epochs[: phase.index]))
             batch = {role: next(loader) for role, loader in self.phase_loaders[phase.index].items()}
             step = Step(
                 batch=batch, period=phase.name, period_index=phase.index, epoch=step_in_phase // spe,
                 epochs=epochs[phase.index], step_in_epoch=step_in_phase % spe, steps_per_epoch=spe,
-                global_step=sched.global_step, lr_epoch=lr_epoch, new_lr_schedule=new_schedule,
+                global_step=sched.global_step, lr_epoch=lr_epoch,
+                lr_update=step_in_phase if cfg.restart_lr_schedule else sched.global_step,
+                new_lr_schedule=new_schedule,
                 reset_optimizer=step_in_phase == 0 and phase.index > 0 and cfg.reset_optimizer_between_phases,
             )
             # Count the step before handing it out: a checkpoint written during it resumes after it.
@@ -285,7 +329,7 @@ class SwapPlugin:
         logits = ctx.train_model(images).split([len(step.batch[r][1]) for r in roles])
         task = {r: F.cross_entropy(out, step.batch[r][1].to(ctx.device)) for r, out in zip(roles, logits)}
         phase = self.scheduler.phases[step.period_index]
-        out = PhaseLoss(phase.loss)(task, gs=group_sparse_loss(self.groups))
+        out = PhaseLoss(self.report.phase_weights(phase.name, phase.loss))(task, gs=group_sparse_loss(self.groups))
         return {"loss": out.total, **{k: v for k, v in out.terms.items() if k != "total"}}
 
     # -- evaluation and report -----------------------------------------------------------------------------------
@@ -295,17 +339,33 @@ class SwapPlugin:
     @hookimpl
     def on_period_start(self, ctx: TrainContext, step: Step) -> None:
         if step.global_step == 0 and self.report.before is None:
-            self.report.set_before(self._scores(ctx))
+            # The pretrained model's scores: the new head rows (xavier) must not take the argmax.
+            with hidden_new_classes(ctx.model, self.grown):
+                self.report.set_before(self._scores(ctx))
             if ctx.is_main:
                 tqdm.write("swap: before " + _fmt(self.report.before))
 
     @hookimpl
     def after_step(self, ctx: TrainContext, step: Step, losses: dict[str, float]) -> None:
+        phase = self.scheduler.phases[step.period_index]
+        if "forget" in phase.roles and phase.name not in self.report.forget_bounds:
+            self._start_forget_phase(ctx, phase, losses["forget/task"])
         interval = ctx.args.swap_eval_interval
         if interval and (step.global_step + 1) % interval == 0 and not step.ends_period:
             scores = self._scores(ctx)
             self.report.record(step.global_step + 1, step.period, scores)
             ctx.log({f"swap/{k}": v for k, v in scores.items()}, step.global_step + 1)
+
+    def _start_forget_phase(self, ctx: TrainContext, phase: Phase, forget_loss: float) -> None:
+        """Record the forget loss of the phase's first step against its bound (resolving a relative bound)."""
+        if ctx.distributed:
+            # The mean over the ranks' batches: every rank resolves the same bound.
+            measured = torch.tensor(forget_loss, dtype=torch.float64, device=ctx.device)
+            dist.all_reduce(measured)
+            forget_loss = float(measured) / ctx.world_size
+        warning = self.report.start_forget_phase(phase.name, phase.loss, forget_loss)
+        if warning and ctx.is_main:
+            _logger.warning("swap: %s", warning)
 
     @hookimpl
     def evaluate(self, ctx: TrainContext, step: Step) -> dict[str, float]:

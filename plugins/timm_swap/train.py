@@ -276,7 +276,7 @@ def default_train_steps(ctx: TrainContext) -> Iterator[Step]:
             new_schedule = (ctx.args.epochs, steps_per_epoch) if global_step == 0 else None
             yield Step(batch=batch, period="train", period_index=0, epoch=epoch, epochs=ctx.args.epochs,
                        step_in_epoch=i, steps_per_epoch=steps_per_epoch, global_step=global_step, lr_epoch=epoch,
-                       new_lr_schedule=new_schedule)
+                       lr_update=global_step, new_lr_schedule=new_schedule)
             global_step += 1
 
 
@@ -312,15 +312,20 @@ class Trainer:
                 ctx.optimizer = build_optimizer(ctx)
             if step.new_lr_schedule is not None:
                 self.lr_schedule = step.new_lr_schedule
-                ctx.lr_scheduler = build_lr_scheduler(ctx, *step.new_lr_schedule)
+            if step.new_lr_schedule is not None or (step.reset_optimizer and self.lr_schedule is not None):
+                # A scheduler drives the optimizer it was built on: a fresh optimizer gets the schedule rebuilt on
+                # it, which the positioning below continues where it was when the schedule does not restart.
+                ctx.lr_scheduler = build_lr_scheduler(ctx, *self.lr_schedule)
             if step.starts_period:
                 pm.hook.on_period_start(ctx=ctx, step=step)
-            if step.starts_epoch and ctx.lr_scheduler is not None:
-                ctx.lr_scheduler.step(step.lr_epoch)
+            if ctx.lr_scheduler is not None:
+                # The LR of this update (timm's train.py sets it after the previous update, to the same values);
+                # each call is a no-op for the other kind of schedule (per epoch / per update).
+                if step.starts_epoch:
+                    ctx.lr_scheduler.step(step.lr_epoch)
+                ctx.lr_scheduler.step_update(num_updates=step.lr_update)
             losses = self._update(step)
             num_updates += 1
-            if ctx.lr_scheduler is not None:
-                ctx.lr_scheduler.step_update(num_updates=num_updates)
             pm.hook.after_step(ctx=ctx, step=step, losses=losses)
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", period=step.period, refresh=False)
