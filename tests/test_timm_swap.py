@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kswap import load_checkpoint
+from kswap import load_checkpoint, merge_and_export
 from timm_swap.train import main
 
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=64", "depth=2",
@@ -373,3 +373,26 @@ def test_ddp_two_processes_match_single_process(digit_folders, pretrained, tmp_p
     assert ddp_report["after"]["forget"] < 20 and ddp_report["after"]["learn"] > 30
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pth")
     assert ckpt["position"]["global_step"] == 60
+
+
+def test_audit_reports_probe_relearn_and_neighbour_mass(digit_folders, pretrained, tmp_path):
+    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "audit", "--swap-audit",
+                         "--swap-audit-relearn-steps", "20", "--swap-audit-relearn-lr", "1e-3"))
+    out = ctx.output_dir
+    report = json.loads((out / "swap_report.json").read_text())
+    audit, before, after = report["audit"], report["metrics"]["before"], report["metrics"]["after"]
+    pre, swapped = audit["pretrained"], audit["swapped"]
+    # the audit scores the same models the report scored: the pretrained one and the merged export
+    assert pre["forget_score"] == pytest.approx(before["forget"], abs=0.5)
+    assert swapped["forget_score"] == pytest.approx(after["forget"], abs=1.0)
+    assert pre["probe_forget_vs_retain"] > 80  # digit 0 is linearly separable in the pretrained features
+    for row in (pre, swapped):
+        assert 0 <= row["relearn_forget_score"] <= 100 and 0 <= row["neighbour_mass"] <= 100
+        assert row["probe_forget_classes"] is None  # one forgotten class
+    assert audit["settings"] == {"probe_steps": 100, "relearn_shots": 5, "relearn_steps": 20, "relearn_lr": 1e-3,
+                                 "neighbours": 3, "seed": 0}
+    assert "## Unlearning audit" in (out / "swap_report.md").read_text()
+    # the attack fine-tuned copies: the exported model is the swapped model itself
+    exported = load_checkpoint(out / "model_swapped.pth")["state_dict"]
+    merged = merge_and_export(ctx.model).state_dict()
+    assert exported.keys() == merged.keys() and all(torch.equal(exported[k], v) for k, v in merged.items())

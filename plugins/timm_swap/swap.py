@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from kswap import (
     PRESETS,
+    AuditSettings,
     GrownRows,
     InfiniteLoader,
     LabelSpace,
@@ -50,6 +51,7 @@ from kswap import (
 )
 from kswap.metrics import SETS
 
+from .audit import audit_classifier
 from .context import Step, TrainContext
 from .data import (
     check_image_folder,
@@ -163,6 +165,15 @@ class SwapPlugin:
                        help="random fraction of the forget/retain train images used (reference: 0.1)")
         g.add_argument("--swap-eval-interval", type=int, default=0, metavar="N",
                        help="also evaluate the three sets every N steps (0: at phase ends only)")
+        g.add_argument("--swap-audit", action="store_true",
+                       help="after the swap, audit the forgetting: linear probes on the pre-logits, a relearn attack "
+                            "and the neighbour-class mass, for the pretrained and the swapped model (in the report)")
+        g.add_argument("--swap-audit-relearn-shots", type=int, default=AuditSettings.relearn_shots,
+                       help="images per forgotten class given to the relearn attack")
+        g.add_argument("--swap-audit-relearn-steps", type=int, default=AuditSettings.relearn_steps,
+                       help="optimizer steps of the relearn attack")
+        g.add_argument("--swap-audit-relearn-lr", type=float, default=AuditSettings.relearn_lr,
+                       help="AdamW learning rate of the relearn attack (every weight of a copy of the merged model)")
         g.add_argument("--swap-retain-learned", action=argparse.BooleanOptionalAction, default=None,
                        help="forget phases after a learn phase retain R ∪ L (default: yes, as the reference)")
         g.add_argument("--swap-reset-optimizer", action=argparse.BooleanOptionalAction, default=None,
@@ -395,6 +406,8 @@ class SwapPlugin:
     def on_train_end(self, ctx: TrainContext) -> None:
         if not ctx.is_main:
             return
+        if ctx.args.swap_audit:
+            self.report.audit = self._audit(ctx)
         paths = self.report.write(ctx.output_dir)
         plain = merge_and_export(ctx.model)
         export = {"state_dict": plain.state_dict(), "class_names": list(self.space.names),
@@ -405,6 +418,16 @@ class SwapPlugin:
         tqdm.write(f"swap: report {paths['md']}, merged model {ctx.output_dir / 'model_swapped.pth'} "
                    f"(timm.create_model('{ctx.args.model}', num_classes={self.space.num_classes}, "
                    "checkpoint_path=...))")
+
+    def _audit(self, ctx: TrainContext) -> dict[str, Any]:
+        args = ctx.args
+        settings = AuditSettings(relearn_shots=args.swap_audit_relearn_shots,
+                                 relearn_steps=args.swap_audit_relearn_steps, relearn_lr=args.swap_audit_relearn_lr,
+                                 seed=args.seed)
+        tqdm.write(f"swap: auditing the forgetting ({settings})")
+        sets = {"train": self.train_sets, "test": {name: loader.dataset for name, loader in self.eval_loaders.items()}}
+        return audit_classifier(ctx.model, self.grown, sets, self.sets["forget"], settings, ctx.device,
+                                args.validation_batch_size or args.batch_size)
 
 
 def _fmt(scores: dict[str, float]) -> str:

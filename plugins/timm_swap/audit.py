@@ -1,0 +1,102 @@
+"""``--swap-audit``: the core unlearning audit (``kswap.run_audit``) on a timm classifier.
+
+Features are timm's pre-logits (``forward_head(..., pre_logits=True)``); probes train on the forget and retain
+images of the train split and are scored on those of the validation split; the relearn attack fine-tunes every
+weight of a copy of the merged model on ``k`` train images per forgotten class. The "pretrained" row is the
+same model with its LoRA adapters switched off and the new classes hidden, i.e. the pretrained classifier.
+Runs on the main process only, after training, on copies: the exported model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, merge_and_export, run_audit
+from kswap.audit import few_shot_indices
+
+from .data import targets
+
+# The probes see at most this many images per split (a seeded draw): enough for a linear probe on pre-logits,
+# and it bounds the audit's cost on ImageNet-sized sets.
+PROBE_IMAGES = 2000
+
+
+def _labels(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, Subset):
+        inner = _labels(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, ConcatDataset):
+        return [t for d in dataset.datasets for t in _labels(d)]
+    return targets(dataset)
+
+
+def _draw(dataset: Dataset, limit: int, seed: int) -> Dataset:
+    if len(dataset) <= limit:
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    return Subset(dataset, sorted(keep.tolist()))
+
+
+def _stack(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _batched(model: nn.Module, images: torch.Tensor, fn, device: torch.device, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(model, x.to(device)).float().cpu() for x in images.split(batch_size)])
+
+
+def _pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def without_adapters(model: nn.Module) -> nn.Module:
+    """A copy of a LoRA-injected model with every adapter switched off: the pretrained weights."""
+    base = copy.deepcopy(model)
+    for module in base.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(False)
+    return base
+
+
+def audit_classifier(model: nn.Module, grown: Mapping[str, GrownRows], sets: Mapping[str, Mapping[str, Dataset]],
+                     forget_ids: Sequence[int], settings: AuditSettings, device: torch.device,
+                     batch_size: int) -> dict[str, Any]:
+    """The audit of the pretrained and the swapped classifier (``SwapReport.audit``).
+
+    Args:
+        model: the swapped model, LoRA still injected.
+        grown: the grown head rows (to hide the new classes in the pretrained row).
+        sets: ``{"train": {"forget": ds, "retain": ds}, "test": {...}}`` with joint-space labels.
+        forget_ids: the forgotten classes.
+        settings: the audit settings.
+        device: where the models run.
+        batch_size: inference batch size.
+    """
+    data = {split: _stack(_draw(ConcatDataset([s["forget"], s["retain"]]), PROBE_IMAGES, settings.seed), batch_size)
+            for split, s in sets.items()}
+    forget_test = _stack(sets["test"]["forget"], batch_size)
+    shots = few_shot_indices(_labels(sets["train"]["forget"]), forget_ids, settings.relearn_shots, settings.seed)
+    attack = _stack(Subset(sets["train"]["forget"], shots), batch_size)
+
+    def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x)
+
+    host = AuditHost(
+        features=lambda m, split: (_batched(m, data[split][0], _pre_logits, device, batch_size), data[split][1]),
+        forget_score=lambda m: 100.0 * float((_batched(m, forget_test[0], logits, device, batch_size).argmax(-1)
+                                              == forget_test[1]).float().mean()),
+        attack_batches=[(attack[0].to(device), attack[1].to(device))],
+        batch_loss=lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]),
+        forget_probs=lambda m: _batched(m, forget_test[0], logits, device, batch_size).softmax(-1),
+    )
+    pretrained, swapped = without_adapters(model), merge_and_export(model)
+    with hidden_new_classes(pretrained, grown):
+        return run_audit({"pretrained": pretrained, "swapped": swapped}, host, forget_ids, settings)
