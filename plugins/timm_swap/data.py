@@ -66,12 +66,14 @@ def image_folder(
     class_map: Mapping[str, int] | None = None,
     is_training: bool = False,
 ) -> Dataset:
-    """timm's ImageFolder dataset of ``root/split`` with its eval transform (the reference uses no augmentation)."""
+    """timm's ImageFolder dataset of ``root/split`` with the transform of ``data_config`` (timm's
+    ``create_transform`` keywords; an optional ``input_img_mode`` overrides the PIL mode of ``in_chans``)."""
+    config = dict(data_config)
+    mode = config.pop("input_img_mode", None) or image_mode(config["input_size"][0])
     dataset = create_dataset(
-        "", root=str(root), split=split, class_map=dict(class_map) if class_map else None,
-        input_img_mode=image_mode(data_config["input_size"][0]),
+        "", root=str(root), split=split, class_map=dict(class_map) if class_map else None, input_img_mode=mode,
     )
-    dataset.transform = create_transform(**dict(data_config), is_training=is_training)
+    dataset.transform = create_transform(**config, is_training=is_training)
     return dataset
 
 
@@ -106,11 +108,11 @@ def concat(datasets: Sequence[Dataset]) -> Dataset:
 
 def resumable_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-    workers: int = 0,
+    workers: int = 0, pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader sharded across ranks with a ``ResumableSampler``: padded when shuffling (training), an
     exact split otherwise (evaluation)."""
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                                pad=shuffle)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      persistent_workers=False, drop_last=False)
+                      persistent_workers=False, drop_last=False, pin_memory=pin_memory)

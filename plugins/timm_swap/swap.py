@@ -273,7 +273,8 @@ class SwapPlugin:
             else:
                 self.eval_loaders = {
                     name: resumable_loader(d, args.validation_batch_size or args.batch_size, shuffle=False,
-                                           rank=ctx.rank, world_size=ctx.world_size, workers=args.workers)
+                                           rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
+                                           pin_memory=args.pin_mem)
                     for name, d in sets.items()}
         phases = plan_phases(self.config)
         self.phase_loaders = [self._phase_loaders(p, ctx) for p in phases]
@@ -291,12 +292,14 @@ class SwapPlugin:
         return {f"swap/{name}": loader for name, loader in self.eval_loaders.items()}
 
     def _phase_loaders(self, phase: Phase, ctx: TrainContext) -> dict[str, InfiniteLoader]:
-        """One cycling loader per loss role, over the concatenation of that role's sets."""
+        """One cycling loader per loss role, over the concatenation of that role's sets. A step is one update: its
+        batches hold the ``--grad-accum-steps`` micro-batches the trainer cuts them into."""
+        args = ctx.args
         return {
             role: InfiniteLoader(resumable_loader(
-                concat([self.train_sets[s] for s in sources]), ctx.args.batch_size, shuffle=True,
-                seed=ctx.args.seed + 1000 * phase.index + i, rank=ctx.rank, world_size=ctx.world_size,
-                workers=ctx.args.workers))
+                concat([self.train_sets[s] for s in sources]), args.batch_size * args.grad_accum_steps, shuffle=True,
+                seed=args.seed + 1000 * phase.index + i, rank=ctx.rank, world_size=ctx.world_size,
+                workers=args.workers, pin_memory=args.pin_mem))
             for i, (role, sources) in enumerate(phase.sources.items())
         }
 

@@ -1,9 +1,9 @@
 """A timm-style training script with plugins.
 
-Same flag names as timm's ``train.py`` (the subset that matters off ImageNet-scale GPUs), a ``-c/--config``
-YAML whose keys are flag names, and a repeatable ``--plugin NAME`` that loads pluggy plugins from the
-``timm_swap.plugins`` entry-point group. Without a plugin it trains a classifier on an ImageFolder;
-``--plugin swap`` runs a knowledge swap on a pretrained one::
+Every flag of timm's ``train.py`` (what each does here, honoured, ignored or refused: ``timm_args.py``), a
+``-c/--config`` YAML whose keys are flag names (timm's own ``args.yaml`` of a run included), and a repeatable
+``--plugin NAME`` that loads pluggy plugins from the ``timm_swap.plugins`` entry-point group. Without a plugin it
+trains a classifier on an ImageFolder; ``--plugin swap`` runs a knowledge swap on a pretrained one::
 
     timm-swap-train --data-dir DATA --model vit_tiny_patch16_224 --initial-checkpoint pretrained.pth \\
         --num-classes 10 --plugin swap --swap-forget 0 1 --swap-learn-dir NEW_DATA
@@ -14,10 +14,13 @@ Run it with ``torchrun --nproc_per_node N`` for DDP (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,19 +36,7 @@ from .context import Step, TrainContext
 from .data import check_image_folder, image_folder, resolve_split, resumable_loader
 from .evaluation import evaluate_top1
 from .plugins import load_plugins
-
-
-class ParseKwargs(argparse.Action):
-    """``--model-kwargs key=value ...`` into a dict, values parsed as YAML scalars (as timm)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kwargs = {}
-        for item in values:
-            key, sep, value = item.partition("=")
-            if not sep:
-                parser.error(f"{option_string} expects key=value pairs, got {item!r}")
-            kwargs[key] = yaml.safe_load(value)
-        setattr(namespace, self.dest, kwargs)
+from .timm_args import ParseKwargs, add_timm_arguments, check_timm_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, A
     plugins = list(dict.fromkeys([*file_cfg.get("plugin", []), *known.plugin]))
     pm = load_plugins(plugins)
     parser = build_parser()
+    add_timm_arguments(parser)
     pm.hook.add_arguments(parser=parser)
     if file_cfg:
         dests = {a.dest for a in parser._actions}
@@ -179,12 +171,16 @@ def create_model(args: argparse.Namespace) -> nn.Module:
 
     kwargs = dict(args.model_kwargs)
     for flag, key in (("in_chans", "in_chans"), ("img_size", "img_size"), ("drop", "drop_rate"),
-                      ("drop_path", "drop_path_rate"), ("gp", "global_pool")):
+                      ("drop_path", "drop_path_rate"), ("gp", "global_pool"), ("drop_block", "drop_block_rate"),
+                      ("bn_momentum", "bn_momentum"), ("bn_eps", "bn_eps")):
         value = getattr(args, flag)
         if value is not None:
             kwargs[key] = value
     if args.input_size is not None:
         kwargs.setdefault("in_chans", args.input_size[0])
+    if args.pretrained_path:
+        # As timm's train.py: the file replaces the pretrained weights' source, its head adapted to --num-classes.
+        kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, **kwargs)
     if args.initial_checkpoint:
         state = load_state_dict(args.initial_checkpoint, use_ema=False)
@@ -204,13 +200,26 @@ def create_model(args: argparse.Namespace) -> nn.Module:
                 f"--initial-checkpoint {args.initial_checkpoint} does not fit --model {args.model} "
                 f"with these --model-kwargs: {err}"
             ) from None
+    # After the checkpoint, as timm (whose create_model loads it first).
+    head = model.get_classifier()
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            head.weight.mul_(args.head_init_scale)
+            head.bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None:
+            head.bias.fill_(args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
     return model
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> None:
-    """timm's rule: without ``--lr``, scale ``--lr-base`` by the global batch size."""
+    """timm's rule: without ``--lr``, scale ``--lr-base`` by the global batch size (accumulated micro-batches
+    included), linearly or, with ``--lr-base-scale sqrt`` (default for Ada*/LAMB optimizers), by its square root."""
     if args.lr is None:
-        args.lr = args.lr_base * args.batch_size * world_size / args.lr_base_size
+        ratio = args.batch_size * world_size * args.grad_accum_steps / args.lr_base_size
+        scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+        args.lr = args.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
 
 
 def build_optimizer(ctx: TrainContext) -> torch.optim.Optimizer:
@@ -219,7 +228,17 @@ def build_optimizer(ctx: TrainContext) -> torch.optim.Optimizer:
 
     if not any(p.requires_grad for p in ctx.model.parameters()):
         raise SwapConfigError("The model has no trainable parameter: nothing to optimise.")
-    return create_optimizer_v2(ctx.model, **optimizer_kwargs(cfg=ctx.args))
+    return create_optimizer_v2(ctx.model, **optimizer_kwargs(cfg=ctx.args), **ctx.args.opt_kwargs)
+
+
+def scheduled_epochs(args: argparse.Namespace, updates_per_epoch: int) -> int:
+    """The epochs timm's train.py runs: ``--epochs`` plus what its schedule adds (cooldown, further LR cycles,
+    prefixed warmup), as timm's scheduler factory counts them."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=args.lr)
+    _, epochs = create_scheduler_v2(probe, **{**scheduler_kwargs(args), "updates_per_epoch": updates_per_epoch})
+    return epochs
 
 
 def build_lr_scheduler(ctx: TrainContext, num_epochs: int, updates_per_epoch: int) -> Any:
@@ -249,32 +268,51 @@ def default_loaders(ctx: TrainContext) -> dict[str, Any]:
         raise SwapConfigError("No dataset: pass --data-dir DIR (an ImageFolder root with train/val splits).")
     train_split = resolve_split(args.data_dir, args.train_split)
     check_image_folder(args.data_dir, train_split, "dataset")
-    aug = dict(no_aug=args.no_aug, hflip=args.hflip, vflip=args.vflip, scale=tuple(args.scale),
-               ratio=tuple(args.ratio), color_jitter=args.color_jitter)
-    train_set = image_folder(args.data_dir, train_split, {**ctx.data_config, **aug}, is_training=True)
-    loaders = {"train": resumable_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,
-                                         rank=ctx.rank, world_size=ctx.world_size, workers=args.workers)}
+    from timm.data.readers.class_map import load_class_map
+
+    class_map = load_class_map(args.class_map) if args.class_map else None
+    train_set = image_folder(args.data_dir, train_split, {**ctx.data_config, **train_augmentation(ctx)},
+                             class_map=class_map, is_training=True)
+    # One step is one update: its batch holds the --grad-accum-steps micro-batches the trainer cuts it into.
+    loaders = {"train": resumable_loader(train_set, args.batch_size * args.grad_accum_steps, shuffle=True,
+                                         seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
+                                         workers=args.workers, pin_memory=args.pin_mem)}
     val_split = resolve_split(args.data_dir, args.val_split)
     if (Path(args.data_dir) / val_split).is_dir():
-        val_set = image_folder(args.data_dir, val_split, ctx.data_config)
+        val_set = image_folder(args.data_dir, val_split, ctx.data_config, class_map=class_map)
         loaders["eval"] = resumable_loader(val_set, args.validation_batch_size or args.batch_size, shuffle=False,
-                                           rank=ctx.rank, world_size=ctx.world_size, workers=args.workers)
+                                           rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
+                                           pin_memory=args.pin_mem)
     return loaders
 
 
+def train_augmentation(ctx: TrainContext) -> dict[str, Any]:
+    """The keyword arguments of timm's ``create_transform`` for training, from timm's augmentation flags."""
+    args = ctx.args
+    interpolation = args.train_interpolation if args.train_interpolation and not args.no_aug else None
+    return dict(no_aug=args.no_aug, train_crop_mode=args.train_crop_mode, scale=tuple(args.scale),
+                ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+                color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob or 0.0,
+                gaussian_blur_prob=args.gaussian_blur_prob or 0.0, auto_augment=args.aa,
+                interpolation=interpolation or ctx.data_config["interpolation"], re_prob=args.reprob,
+                re_mode=args.remode, re_count=args.recount)
+
+
 def default_train_steps(ctx: TrainContext) -> Iterator[Step]:
-    """``--epochs`` epochs over ``ctx.loaders['train']``, resuming mid-epoch from ``ctx.resume_state``."""
+    """``ctx.total_steps`` (timm's epoch count) over ``ctx.loaders['train']``, resuming mid-epoch from
+    ``ctx.resume_state``."""
     loader = ctx.loaders["train"]
     steps_per_epoch = len(loader)
+    epochs = ctx.total_steps // steps_per_epoch
     start = (ctx.resume_state or {}).get("position", {"epoch": 0, "step_in_epoch": 0, "global_step": 0})
     global_step = start["global_step"]
-    for epoch in range(start["epoch"], ctx.args.epochs):
+    for epoch in range(start["epoch"], epochs):
         loader.sampler.set_epoch(epoch)
         first = start["step_in_epoch"] if epoch == start["epoch"] else 0
         loader.sampler.skip(first * loader.batch_size)
         for i, batch in enumerate(loader, start=first):
             new_schedule = (ctx.args.epochs, steps_per_epoch) if global_step == 0 else None
-            yield Step(batch=batch, period="train", period_index=0, epoch=epoch, epochs=ctx.args.epochs,
+            yield Step(batch=batch, period="train", period_index=0, epoch=epoch, epochs=epochs,
                        step_in_epoch=i, steps_per_epoch=steps_per_epoch, global_step=global_step, lr_epoch=epoch,
                        lr_update=global_step, new_lr_schedule=new_schedule)
             global_step += 1
@@ -298,6 +336,10 @@ class Trainer:
         self.lr_schedule: tuple[int, int] | None = None
         self.best: float | None = None
         self.metrics_file = ctx.output_dir / "metrics.jsonl" if ctx.output_dir else None
+        self.amp_dtype = getattr(torch, ctx.args.amp_dtype)
+        # As timm: a loss scaler for float16 on CUDA only (bfloat16 has float32's range).
+        use_scaler = ctx.args.amp and self.amp_dtype == torch.float16 and ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     def run(self) -> None:
         ctx, pm = self.ctx, self.pm
@@ -305,7 +347,7 @@ class Trainer:
         num_updates = (ctx.resume_state or {}).get("position", {}).get("global_step", 0)
         # disable=None: no bar when stderr is not a terminal (CI logs); log lines still come every --log-interval.
         quiet = not ctx.is_main or ctx.args.no_progress
-        bar = tqdm(total=self._total_steps(), initial=num_updates, disable=True if quiet else None,
+        bar = tqdm(total=ctx.total_steps, initial=num_updates, disable=True if quiet else None,
                    dynamic_ncols=True, desc="train")
         for step in steps:
             if step.reset_optimizer:
@@ -332,35 +374,55 @@ class Trainer:
             if ctx.args.log_interval and num_updates % ctx.args.log_interval == 0:
                 ctx.log({f"train/{k}": v for k, v in losses.items()} | {"lr": self._lr()}, num_updates)
                 if ctx.is_main and bar.disable:
-                    print(f"[{step.period}] step {num_updates}/{self._total_steps()} loss {losses['loss']:.4f} "
+                    print(f"[{step.period}] step {num_updates}/{ctx.total_steps} loss {losses['loss']:.4f} "
                           f"lr {self._lr():.3g}", flush=True)
-            metrics = self._evaluate(step) if (step.ends_period or (not self.owned and step.ends_epoch)) else {}
+            if step.ends_epoch and ctx.distributed and ctx.args.dist_bn in ("broadcast", "reduce"):
+                from timm.utils import distribute_bn
+
+                distribute_bn(ctx.model, ctx.world_size, reduce=ctx.args.dist_bn == "reduce")
+            validate = not self.owned and step.ends_epoch and (step.epoch + 1) % ctx.args.val_interval == 0
+            metrics = self._evaluate(step) if (step.ends_period or validate) else {}
             if step.ends_epoch or (ctx.args.recovery_interval and num_updates % ctx.args.recovery_interval == 0):
                 self.save(step, metrics)
         bar.close()
         pm.hook.on_train_end(ctx=ctx)
 
-    def _total_steps(self) -> int | None:
-        if self.owned:
-            return self.ctx.total_steps
-        return self.ctx.args.epochs * len(self.ctx.loaders["train"])
-
     def _lr(self) -> float:
         return float(self.ctx.optimizer.param_groups[0]["lr"])
 
     def _update(self, step: Step) -> dict[str, float]:
-        ctx = self.ctx
+        """One optimizer update: the loss of each micro-batch of the step (``--grad-accum-steps``), back-propagated
+        under ``--amp`` autocast, averaged; clipped, then stepped. Returns the averaged loss terms."""
+        ctx, args = self.ctx, self.ctx.args
         ctx.train_model.train()
-        out = self.pm.hook.compute_loss(ctx=ctx, step=step) or default_loss(ctx, step)
         ctx.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if ctx.args.clip_grad is not None:
+        chunks = micro_batches(step.batch, args.grad_accum_steps, args.channels_last)
+        totals: dict[str, float] = {}
+        for i, chunk in enumerate(chunks):
+            # DDP all-reduces the gradients once per update, at the last micro-batch (as timm's train.py).
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not ctx.distributed else ctx.train_model.no_sync()
+            with sync:
+                with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=args.amp):
+                    micro = replace(step, batch=chunk)
+                    out = self.pm.hook.compute_loss(ctx=ctx, step=micro) or default_loss(ctx, micro)
+                loss = out["loss"] / len(chunks)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + (float(v.detach()) if torch.is_tensor(v) else float(v)) / len(chunks)
+        if self.scaler:
+            self.scaler.unscale_(ctx.optimizer)
+        if args.clip_grad is not None:
             from timm.utils import dispatch_clip_grad
 
             params = [p for p in ctx.model.parameters() if p.requires_grad]
-            dispatch_clip_grad(params, value=ctx.args.clip_grad, mode=ctx.args.clip_mode)
-        ctx.optimizer.step()
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+            dispatch_clip_grad(params, value=args.clip_grad, mode=args.clip_mode)
+        if self.scaler:
+            self.scaler.step(ctx.optimizer)
+            self.scaler.update()
+        else:
+            ctx.optimizer.step()
+        return totals
 
     def _evaluate(self, step: Step) -> dict[str, float]:
         ctx = self.ctx
@@ -393,6 +455,7 @@ class Trainer:
             "optimizer": ctx.optimizer.state_dict(),
             "lr_scheduler": ctx.lr_scheduler.state_dict() if ctx.lr_scheduler is not None else None,
             "lr_schedule": list(self.lr_schedule) if self.lr_schedule else None,
+            "amp_scaler": self.scaler.state_dict() if self.scaler else None,
             "position": step.position_after(),
             "plugins": plugin_state,
             "metrics": metrics,
@@ -403,6 +466,40 @@ class Trainer:
         if value is not None and (self.best is None or value > self.best):
             self.best = value
             atomic_save(checkpoint, ctx.output_dir / "model_best.pth")
+
+
+def micro_batches(batch: Any, parts: int, channels_last: bool = False) -> list[Any]:
+    """``batch`` cut into ``parts`` micro-batches along the first dimension of every tensor in it (tuples, lists
+    and dicts of them keep their structure); fewer when a tensor has fewer rows. Image batches (4-D floating
+    tensors) become channels-last with ``channels_last``."""
+    sizes = [t.shape[0] for t in _tensors(batch)]
+    parts = max(1, min([parts, *sizes]))
+
+    def split(obj: Any) -> list[Any]:
+        if torch.is_tensor(obj):
+            if channels_last and obj.dim() == 4 and obj.is_floating_point():
+                obj = obj.contiguous(memory_format=torch.channels_last)
+            return list(torch.tensor_split(obj, parts)) if parts > 1 else [obj]
+        if isinstance(obj, dict):
+            cut = {k: split(v) for k, v in obj.items()}
+            return [{k: cut[k][i] for k in obj} for i in range(parts)]
+        if isinstance(obj, (list, tuple)):
+            cut = [split(v) for v in obj]
+            return [type(obj)(c[i] for c in cut) for i in range(parts)]
+        return [obj] * parts
+
+    return split(batch)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -428,6 +525,8 @@ def restore(ctx: TrainContext, trainer: Trainer, pm: Any) -> None:
         trainer.lr_schedule = tuple(state["lr_schedule"])
         ctx.lr_scheduler = build_lr_scheduler(ctx, *trainer.lr_schedule)
         ctx.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if trainer.scaler is not None and state.get("amp_scaler"):
+        trainer.scaler.load_state_dict(state["amp_scaler"])
     pm.hook.load_state_dict(ctx=ctx, state=state.get("plugins", {}))
 
 
@@ -437,8 +536,10 @@ def setup_logging(ctx: TrainContext) -> None:
         return
     import wandb
 
+    resume = {"id": ctx.args.wandb_resume_id, "resume": "must"} if ctx.args.wandb_resume_id else {}
     run = wandb.init(project=ctx.args.wandb_project or "timm-swap", name=ctx.output_dir.name,
-                     dir=str(ctx.output_dir), config=_plain_args(ctx.args))
+                     dir=str(ctx.output_dir), config=_plain_args(ctx.args), tags=ctx.args.wandb_tags or None,
+                     **resume)
     ctx.log = lambda metrics, step: run.log(metrics, step=step)
 
 
@@ -452,8 +553,15 @@ def main(argv: Sequence[str] | None = None) -> TrainContext:
 
 def run(args: argparse.Namespace, pm: Any) -> TrainContext:
     """Build the run in the order timm does, with the plugin hooks in between; then train."""
+    timm_notes = check_timm_args(args, swap="swap" in args.plugin)
     pm.hook.validate_args(args=args)
+    for module in args.device_modules or ():
+        importlib.import_module(module)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SwapConfigError(f"--device {args.device}: CUDA is not available here; pass --device cpu.")
     device, rank, world_size = init_distributed(args)
+    if rank == 0:
+        print("\n".join(timm_notes), flush=True)
     torch.manual_seed(args.seed + rank)
     resolve_lr(args, world_size)
     ctx = TrainContext(args=args, device=device, rank=rank, world_size=world_size)
@@ -464,20 +572,36 @@ def run(args: argparse.Namespace, pm: Any) -> TrainContext:
 
     from timm.data import resolve_data_config
 
+    if args.fast_norm:
+        from timm.layers import set_fast_norm
+
+        set_fast_norm()
     ctx.model = create_model(args)
     ctx.data_config = resolve_data_config(vars(args), model=ctx.model, verbose=False)
+    if args.input_img_mode:
+        ctx.data_config["input_img_mode"] = args.input_img_mode
     pm.hook.configure_model(model=ctx.model, ctx=ctx)
+    if world_size > 1 and args.sync_bn:
+        from timm.layers import convert_sync_batchnorm
+
+        ctx.model = convert_sync_batchnorm(ctx.model)
+        args.dist_bn = ""  # synchronised statistics need no averaging at epoch ends (as timm)
     ctx.model.to(device)
+    if args.channels_last:
+        ctx.model.to(memory_format=torch.channels_last)
     trainer_owned = bool(pm.hook.train_steps.get_hookimpls())
     if not trainer_owned:
         ctx.loaders.update(default_loaders(ctx))
+        steps_per_epoch = len(ctx.loaders["train"])
+        ctx.total_steps = scheduled_epochs(args, steps_per_epoch) * steps_per_epoch
     for extra in pm.hook.build_loaders(ctx=ctx):
         ctx.loaders.update(extra or {})
     ctx.optimizer = build_optimizer(ctx)
     ctx.train_model = ctx.model
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        ctx.train_model = nn.parallel.DistributedDataParallel(ctx.model, device_ids=ids)
+        ctx.train_model = nn.parallel.DistributedDataParallel(ctx.model, device_ids=ids,
+                                                              broadcast_buffers=not args.no_ddp_bb)
 
     ctx.output_dir = prepare_output_dir(args)
     trainer = Trainer(ctx, pm)
