@@ -243,6 +243,8 @@ def swap_glyphs(cfg, weights: str, learn: int = 200, forget: int = 200, **swap):
     s.LEARN_ITERS, s.FORGET_ITERS, s.EVAL_PERIOD = learn, forget, 0
     if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
         s.LORA.TARGETS = r"backbone\.blocks\.\d+\.ffn\.linear[12]"  # no preset: the generic path, by regex
+        # A few hundred steps of this small model need its pretraining LR, not the reference's 1e-4 (3500 steps).
+        s.SOLVER.BASE_LR = cfg.SOLVER.BASE_LR
     # This model's loss is one cross-entropy (~0.3), not Mask2Former's sum of 30 weighted terms (~100): the bound
     # and the sparsity weight are scaled to it.
     s.LOSS.FORGET.BND, s.LOSS.FORGET.ALPHA, s.LOSS.LEARN.ALPHA = 3.0, 1e-4, 1e-4

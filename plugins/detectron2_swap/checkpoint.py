@@ -3,7 +3,8 @@
 * Loads ``.pth`` files with ``torch.load(weights_only=True)`` (torch >= 2.6's default, which fvcore does not
   handle) and says what to do with one that holds Python objects.
 * Maps a plain pretrained checkpoint onto the grown, LoRA-injected model (new class rows, ``base_layer`` keys)
-  and refuses one that does not fit, instead of fvcore's warning and a silently half-loaded model.
+  and refuses one that does not fit, instead of fvcore's warning and a silently half-loaded model; the state
+  dict's format metadata, which modules such as Mask2Former's ``MaskFormerHead`` read, goes along.
 * Writes checkpoints and the ``last_checkpoint`` pointer atomically.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -64,14 +66,43 @@ class SwapCheckpointer(DetectionCheckpointer):
                 "need name-matching heuristics: set MODEL.WEIGHTS to the trained model's checkpoint."
             )
         state = checkpoint["model"]
+        # Modules read their format version from the state dict's metadata, and Mask2Former's MaskFormerHead
+        # renames every pixel-decoder key of a state dict without it: the dict rebuilt here keeps it.
+        metadata = getattr(state, "_metadata", None)
         self._convert_ndarray_to_tensor(state)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        self._check_class_rows(state)
         grow_checkpoint_rows(state, self.model.state_dict(), self.grown)
-        checkpoint["model"] = validate_lora_state(self.model, state)
+        mapped = OrderedDict(validate_lora_state(self.model, state))
+        if metadata is not None:
+            mapped._metadata = metadata
+        checkpoint["model"] = mapped
         incompatible = super()._load_model(checkpoint)
         # The LoRA tensors of a plain checkpoint are missing by design: they keep their initialisation.
         missing = [k for k in incompatible.missing_keys if LORA_KEY not in f".{k}"]
-        return incompatible._replace(missing_keys=missing)
+        if missing:
+            raise CheckpointMismatchError(
+                f"The model did not take {len(missing)} tensors that the checkpoint holds ({', '.join(missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}): a module's own _load_from_state_dict renamed or dropped "
+                "them, as Mask2Former's MaskFormerHead does with a state dict that carries no format version. Load "
+                "the checkpoint as torch.save wrote it (its state dict's _metadata intact)."
+            )
+        return incompatible._replace(missing_keys=[])
+
+    def _check_class_rows(self, state: dict[str, Any]) -> None:
+        """Refuse a head sized for another label space, naming the pretrained size (a shape check after growing
+        would compare it with the grown head)."""
+        for key, rows in self.grown.items():
+            if key not in state or state[key].shape[0] in (rows.old, rows.new):  # pretrained, or a swap's own
+                continue
+            classes = rows.old - rows.trailing
+            trailing = f"{classes} + {rows.trailing} trailing = " if rows.trailing else ""
+            raise CheckpointMismatchError(
+                f"The checkpoint's {key} has {state[key].shape[0]} rows, but the pretrained label space has "
+                f"{classes} classes ({trailing}{rows.old} rows). Set MODEL.WEIGHTS to the model trained "
+                "on those classes, or list the classes it was trained with (the stuff_classes of the pretrained "
+                "dataset, DATASETS.TRAIN[0])."
+            )
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:

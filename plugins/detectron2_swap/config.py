@@ -3,8 +3,9 @@
     cfg = get_cfg(); add_maskformer2_config(cfg); add_swap_config(cfg); cfg.merge_from_file("swap.yaml")
 
 Defaults are the reference segmentation preset (Mask2Former on ADE20K): bnd 115, beta 0.2, alpha 0.01, learn
-weight 0.9, phases of 3500 iterations, a fresh optimizer and LR schedule per phase, LoRA rank 8 on the
-Mask2Former FFNs. With ``SWAP.ENABLED: False`` (the default) nothing changes.
+weight 0.9, phases of 3500 iterations, a fresh optimizer and LR schedule per phase at a constant LR 1e-4 in fp32,
+backbone included (``SWAP.SOLVER``), LoRA rank 8 on the Mask2Former FFNs. With ``SWAP.ENABLED: False`` (the
+default) nothing changes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 from detectron2.config import CfgNode as CN
 
 from kswap import PRESETS, LoraSettings, LossWeights, PhaseLength, SwapConfig, SwapConfigError
+
+# cfg.SWAP.SOLVER.LR_SCHEDULER_NAME of the reference's constant LR (detectron2 has no scheduler of that name).
+CONSTANT_LR = "Constant"
 
 
 def add_swap_config(cfg: CN) -> None:
@@ -64,6 +68,8 @@ def add_swap_config(cfg: CN) -> None:
     cfg.SWAP.LOSS.FORGET.RETAIN_WEIGHT = forget.retain_weight
     cfg.SWAP.LOSS.FORGET.BETA = forget.beta
     cfg.SWAP.LOSS.FORGET.BND = forget.bnd
+    # True: BND is a multiple of the forget loss measured at the forget phase's first step (e.g. 3), not absolute.
+    cfg.SWAP.LOSS.FORGET.BND_RELATIVE = forget.bnd_relative
     cfg.SWAP.LOSS.FORGET.ALPHA = forget.alpha
 
     # The classifier that grows by the new classes ("": Mask2Former's sem_seg_head.predictor.class_embed, else
@@ -72,6 +78,32 @@ def add_swap_config(cfg: CN) -> None:
     cfg.SWAP.HEAD = CN()
     cfg.SWAP.HEAD.NAME = ""
     cfg.SWAP.HEAD.TRAILING_ROWS = -1
+
+    # The swap's optimisation, which replaces the pretraining's SOLVER values while SWAP.ENABLED (the reference:
+    # a constant LR 1e-4 in fp32, the backbone LoRA at the full LR). The user's build_optimizer and
+    # build_lr_scheduler read these through cfg.SOLVER; the other SOLVER keys (optimizer type, weight decay,
+    # gradient clipping) stay the user's.
+    cfg.SWAP.SOLVER = CN()
+    cfg.SWAP.SOLVER.BASE_LR = 1e-4
+    # "Constant": the LR stays at BASE_LR. Any other name (e.g. "WarmupPolyLR") becomes SOLVER.LR_SCHEDULER_NAME
+    # for the user's build_lr_scheduler, over each phase's iterations (restarted per phase, RESTART_LR_SCHEDULE).
+    cfg.SWAP.SOLVER.LR_SCHEDULER_NAME = CONSTANT_LR
+    cfg.SWAP.SOLVER.AMP = False
+    # Mask2Former's SOLVER.BACKBONE_MULTIPLIER (pretraining: 0.1); set only where the config has that key.
+    cfg.SWAP.SOLVER.BACKBONE_MULTIPLIER = 1.0
+
+
+def solver_overrides(cfg: CN) -> dict[str, object]:
+    """The ``SOLVER`` values a swap trains with, from ``cfg.SWAP.SOLVER``, as ``{"SOLVER.BASE_LR": 1e-4, ...}``."""
+    s = cfg.SWAP.SOLVER
+    if not s.BASE_LR > 0:
+        raise SwapConfigError(f"cfg.SWAP.SOLVER.BASE_LR must be > 0, got {s.BASE_LR!r} (reference: 1e-4).")
+    values: dict[str, object] = {"SOLVER.BASE_LR": s.BASE_LR, "SOLVER.AMP.ENABLED": s.AMP}
+    if s.LR_SCHEDULER_NAME != CONSTANT_LR:
+        values["SOLVER.LR_SCHEDULER_NAME"] = s.LR_SCHEDULER_NAME
+    if "BACKBONE_MULTIPLIER" in cfg.SOLVER:
+        values["SOLVER.BACKBONE_MULTIPLIER"] = s.BACKBONE_MULTIPLIER
+    return values
 
 
 def swap_config_from_cfg(cfg: CN) -> SwapConfig:
@@ -98,7 +130,8 @@ def swap_config_from_cfg(cfg: CN) -> SwapConfig:
         learn_loss=LossWeights(retain_weight=s.LOSS.LEARN.RETAIN_WEIGHT, learn_weight=s.LOSS.LEARN.LEARN_WEIGHT,
                                alpha=s.LOSS.LEARN.ALPHA, beta=base["learn_loss"].beta, bnd=base["learn_loss"].bnd),
         forget_loss=LossWeights(retain_weight=s.LOSS.FORGET.RETAIN_WEIGHT, beta=s.LOSS.FORGET.BETA,
-                                bnd=s.LOSS.FORGET.BND, alpha=s.LOSS.FORGET.ALPHA),
+                                bnd=s.LOSS.FORGET.BND, alpha=s.LOSS.FORGET.ALPHA,
+                                bnd_relative=s.LOSS.FORGET.BND_RELATIVE),
         lora=LoraSettings(rank=s.LORA.RANK, scaling=s.LORA.SCALING, targets=s.LORA.TARGETS, dropout=s.LORA.DROPOUT,
                           group_by=s.LORA.GROUP_BY or None, reference_init=s.LORA.REFERENCE_INIT),
         forget_retains_learned=s.FORGET_RETAINS_LEARNED,

@@ -4,7 +4,9 @@ Per step it counts the phase position (the data loader reads it for the next bat
 the phase's loss weights and, as the reference segmentation recipe, a fresh optimizer and LR schedule; at a
 phase end it scores forget / retain / learn, records them in the swap report and saves a checkpoint. Its state
 (phase position, report, the phase's LR schedule) is part of the trainer's checkpoints, so ``--resume``
-continues the phase. After the last phase it writes the report and the merged plain model.
+continues the phase. "Before" is the pretrained model's score (the grown rows hidden); each forget phase records
+its forget loss at the start against the bound (resolving a relative one). After the last phase it writes the
+report, the merged plain model and the sets' joint-label test data for detectron2's stock evaluation.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from kswap import (
     SwapConfigError,
     SwapReport,
     atomic_save,
+    hidden_new_classes,
     lora_state_dict,
     merge_and_export,
 )
 
+from .export import export_test_sets
 from .plan import SETS, SwapPlan
 
-logger = logging.getLogger(__name__)
+# Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
+logger = logging.getLogger(f"detectron2.{__name__}")
 
 Scores = Callable[[], "dict[str, float] | None"]
 
@@ -49,6 +54,8 @@ class SwapHook(HookBase):
         eval_period: also score the sets every this many iterations (0: only at phase ends).
         chain_from_iter: start each next phase from the LoRA weights at this iteration of the previous phase
             (the reference's restart at 3000); 0 chains from the final weights.
+        write_config: writes the host's config for the merged model (``config_swapped.yaml``) with the other
+            outputs, before any later hook (such as an evaluation) can fail.
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class SwapHook(HookBase):
         build_lr_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None,
         eval_period: int = 0,
         chain_from_iter: int = 0,
+        write_config: Callable[[], Path] | None = None,
     ) -> None:
         self.plan = plan
         self.model = model
@@ -72,6 +80,7 @@ class SwapHook(HookBase):
         self.build_lr_scheduler = build_lr_scheduler
         self.eval_period = eval_period
         self.chain_from_iter = chain_from_iter
+        self.write_config = write_config
         self.scheduler = PhaseScheduler(plan.phases, fingerprint=plan.config.fingerprint())
         chained = self.scheduler.phase_steps[:-1]
         if chain_from_iter and chained and chain_from_iter >= min(chained):
@@ -88,17 +97,24 @@ class SwapHook(HookBase):
     # -- trainer hooks ------------------------------------------------------------------------------------------
     def before_train(self) -> None:
         if self.report.before is None:
-            scores = self.score()
+            # The pretrained model's scores: the grown head's new rows (LoRA still zero) must not take any pixel.
+            with hidden_new_classes(self.model, self.model.swap_state.grown):
+                scores = self.score()
             if scores is not None:
                 self.report.set_before(scores)
                 logger.info(f"Swap: before {scores}")
 
     def before_step(self) -> None:
+        phase = self.scheduler.phase
         if self.scheduler.at_phase_start:
-            self.start_phase(self.scheduler.phase)
+            self.start_phase(phase)
+        # A relative forgetting bound, once measured, holds for the rest of the phase (and after a resume).
+        self.model.swap_state.weights = self.report.phase_weights(phase.name, phase.loss)
 
     def after_step(self) -> None:
         phase = self.scheduler.phase
+        if "forget" in phase.sources and phase.name not in self.report.forget_bounds:
+            self.check_forget_bound(phase)
         ended = self.scheduler.step()
         if self.chain_from_iter and self.scheduler.step_in_phase == self.chain_from_iter:
             self.snapshot = {k: v.detach().clone() for k, v in lora_state_dict(self.model).items()}
@@ -128,6 +144,14 @@ class SwapHook(HookBase):
         logger.info(f"Swap: phase {phase.name} ({self.scheduler.phase_steps[phase.index]} iterations, "
                     f"roles {dict(phase.sources)})")
 
+    def check_forget_bound(self, phase: Phase) -> None:
+        """Record the forget-set task loss of the phase's first step and the bound it works against (every process
+        resolves a relative bound from the same mean), and warn when the bound is inactive."""
+        measured = comm.all_gather(self.trainer.storage.history("swap/forget/task").latest())
+        warning = self.report.start_forget_phase(phase.name, phase.loss, sum(measured) / len(measured))
+        if warning:
+            logger.warning(f"Swap: {warning}")
+
     def end_phase(self, phase: Phase) -> None:
         scores = self.score()
         if scores is not None:
@@ -142,11 +166,15 @@ class SwapHook(HookBase):
         self.checkpointer.save(f"model_swap_{phase.name}", iteration=self.trainer.iter)
 
     def export(self) -> dict[str, Path]:
-        """Write the swap report and ``model_swapped.pth``: LoRA merged, the original keys, the joint classes."""
+        """Write the swap report and ``model_swapped.pth`` (LoRA merged, the original keys, the joint classes), and
+        the config for it when the host gave ``write_config``."""
         paths = self.report.write(self.out_dir)
         plain = merge_and_export(self.model)
         state = {"model": plain.state_dict(), "classes": list(self.plan.space.names)}
         paths["model"] = atomic_save(state, self.out_dir / "model_swapped.pth")
+        paths["test_sets"] = export_test_sets(self.plan, self.out_dir)
+        if self.write_config is not None:
+            paths["config"] = self.write_config()
         logger.info("Swap report:\n" + self.report.to_markdown())
         return paths
 

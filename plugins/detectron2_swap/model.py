@@ -8,6 +8,7 @@ value), logging each term through the event storage.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,9 @@ from kswap import (
 )
 
 from .plan import SwapPlan
+
+# Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
+logger = logging.getLogger(f"detectron2.{__name__}")
 
 ROLE_KEY = "swap_role"
 # Mask2Former's classifier ends with a "no object" row; a SemanticSegmentor's 1x1 predictor has one row a class.
@@ -126,11 +130,17 @@ def prepare_swap_model(model: nn.Module, plan: SwapPlan, head_name: str = "", tr
     """
     name, _, trailing = find_class_head(model, head_name, trailing_rows)
     grown = extend_classes(model, name, trailing, plan.space.num_pretrained, len(plan.space.new))
-    inject_lora(model, plan.config.lora)
-    freeze_all_but_lora_(model)
+    adapted = inject_lora(model, plan.config.lora)
+    trainable = freeze_all_but_lora_(model)
     base = type(model)
     if not isinstance(model, SwapModelMixin):
         model.__class__ = type(f"Swap{base.__name__}", (SwapModelMixin, base), {})
-    model.swap_state = SwapModelState(groups=lora_groups(model, plan.config.lora.group_by), grown=grown,
-                                      weights=plan.phases[0].loss, class_names=plan.space.names)
+    groups = lora_groups(model, plan.config.lora.group_by)
+    model.swap_state = SwapModelState(groups=groups, grown=grown, weights=plan.phases[0].loss,
+                                      class_names=plan.space.names)
+    rows = grown[f"{name}.weight"]
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(f"Swap: LoRA rank {plan.config.lora.rank} on {len(adapted)} linear layers in {len(groups)} groups, "
+                f"{trainable} trainable parameters of {total}; {name} grown from {rows.old} to {rows.new} outputs "
+                "(new rows frozen).")
     return model

@@ -2,7 +2,8 @@
 
 Every dataset keeps the label ids it was registered with. Labels are moved into the swapped model's joint label
 space by class name (``stuff_classes``), never by an offset: pretrained classes keep their ids, the learn
-classes come after them. Pixels of classes outside the set a loader or an evaluator serves become ignored.
+classes come after them. Training ignores the pixels of classes outside a loss role's target classes; scoring
+counts every labelled pixel (``SwapPlan.score_table``).
 """
 
 from __future__ import annotations
@@ -116,6 +117,15 @@ class SwapPlan:
         """A lookup table from ``dataset``'s label ids to joint ids; other classes and its ignore label give
         ``ignore``."""
         return label_table(_classes_of(dataset), self.kept_ids(sets), _ignore_of(dataset), ignore)
+
+    def score_table(self, dataset: str) -> np.ndarray:
+        """A lookup table from ``dataset``'s label ids to joint ids, for scoring: every class of the joint space
+        keeps its pixels, ``num_classes`` marks the labelled pixels of the dataset's other classes (no prediction
+        is right there) and ``num_classes + 1`` its ignore label and undefined ids."""
+        classes, ignore, n = _classes_of(dataset), _ignore_of(dataset), self.space.num_classes
+        table = label_table(classes, {name: i for i, name in enumerate(self.space.names)}, ignore, n + 1)
+        table[[i for i, name in enumerate(classes) if name not in self.space.names and i != ignore]] = n
+        return table
 
     @staticmethod
     def target_sets(sources: tuple[str, ...]) -> tuple[str, ...]:

@@ -6,30 +6,39 @@
 ``DefaultTrainer.__init__`` builds the model, then the optimizer, the loader and DDP, then the hooks; the mixin
 acts at each of these points: the model is grown, LoRA-injected and frozen inside ``build_model`` (so the
 optimizer sees only LoRA and DDP wraps the final module), the train loader follows the phases, the checkpointer
-maps the pretrained weights, and a ``SwapHook`` runs the phases. ``SOLVER.MAX_ITER`` becomes the swap's length.
-With ``SWAP.ENABLED: False`` the trainer is the user's, unchanged.
+maps the pretrained weights, and a ``SwapHook`` runs the phases. ``SOLVER.MAX_ITER`` becomes the swap's length and
+``SWAP.SOLVER`` gives the LR, LR schedule, AMP and backbone multiplier the user's optimizer and schedule are built
+with. detectron2's ``EvalHook`` is left out: the grown model predicts classes that the evaluators of
+``DATASETS.TEST`` do not know, and the swap scores its own sets. With ``SWAP.ENABLED: False`` the trainer is the
+user's, unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.engine import hooks
-from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kswap import SwapConfigError, atomic_write_text
 
 from .checkpoint import SwapCheckpointer
+from .config import CONSTANT_LR, solver_overrides
 from .data import SwapDataLoader
 from .evaluation import score_sets
+from .export import swapped_test_datasets
 from .hook import SwapHook
 from .model import prepare_swap_model
 from .plan import SwapPlan
+
+# Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
+logger = logging.getLogger(f"detectron2.{__name__}")
 
 
 def _with(cfg: CfgNode, values: dict[str, Any]) -> CfgNode:
@@ -61,9 +70,11 @@ class SwapTrainerMixin:
             return
         # Everything the swap needs from the config and the catalogs is checked before a model is built.
         self.swap_plan = SwapPlan.from_cfg(cfg)
+        self.swap_user_cfg = cfg  # what config_swapped.yaml is written from: the user's SOLVER, not the swap's
         total = sum(p.length.steps for p in self.swap_plan.phases)
-        super().__init__(_with(cfg, {"SOLVER.MAX_ITER": total}))
+        super().__init__(_with(cfg, {"SOLVER.MAX_ITER": total, **solver_overrides(cfg)}))
         self.data_loader.bind(self.swap_hook.scheduler)
+        self._log_solver()
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
@@ -71,6 +82,12 @@ class SwapTrainerMixin:
         if swap_enabled(cfg):
             prepare_swap_model(model, SwapPlan.from_cfg(cfg), cfg.SWAP.HEAD.NAME, cfg.SWAP.HEAD.TRAILING_ROWS)
         return model
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Any:
+        if swap_enabled(cfg) and cfg.SWAP.SOLVER.LR_SCHEDULER_NAME == CONSTANT_LR:
+            return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
@@ -104,26 +121,43 @@ class SwapTrainerMixin:
                                                                             optimizer),
             eval_period=cfg.SWAP.EVAL_PERIOD,
             chain_from_iter=cfg.SWAP.CHAIN_FROM_ITER,
+            write_config=lambda: write_swapped_config(self.swap_user_cfg, Path(cfg.OUTPUT_DIR),
+                                                      len(self.swap_plan.space.names)),
         )
-        ret = [h for h in super().build_hooks() if h is not None]
+        ret = [h for h in super().build_hooks() if h is not None and not isinstance(h, hooks.EvalHook)]
+        if cfg.DATASETS.TEST:
+            logger.info(f"Swap: detectron2's evaluation of DATASETS.TEST {tuple(cfg.DATASETS.TEST)} (TEST.EVAL_PERIOD "
+                        f"{cfg.TEST.EVAL_PERIOD}) is replaced by the swap's per-set mIoU of SWAP.DATASETS.*_TEST, "
+                        f"every SWAP.EVAL_PERIOD ({cfg.SWAP.EVAL_PERIOD}) iterations and at each phase end: the "
+                        "swapped model predicts classes those evaluators do not know.")
         # After the LR hook (its step of the phase's last iteration is in the phase-end checkpoint), before the
         # checkpointer and the writers (they see the phase position after the step).
         at = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
         return ret[:at] + [self.swap_hook] + ret[at:]
 
-    def train(self) -> Any:
-        result = super().train()
-        if swap_enabled(self.cfg) and self.swap_hook.scheduler.done and comm.is_main_process():
-            write_swapped_config(self.cfg, Path(self.cfg.OUTPUT_DIR), len(self.swap_plan.space.names))
-        return result
+    def _log_solver(self) -> None:
+        """Say once what the swap optimises with, as built by the user's optimizer and schedule."""
+        cfg, optimizer = self.cfg, self.optimizer
+        lrs = sorted({group["lr"] for group in optimizer.param_groups})
+        fresh = "a fresh optimizer per phase" if self.swap_plan.config.reset_optimizer_between_phases else \
+            "one optimizer for all phases"
+        restart = ", restarted per phase" if self.swap_plan.config.restart_lr_schedule else ""
+        multiplier = f", SOLVER.BACKBONE_MULTIPLIER {cfg.SOLVER.BACKBONE_MULTIPLIER}" \
+            if "BACKBONE_MULTIPLIER" in cfg.SOLVER else ""
+        logger.info(f"Swap: {type(optimizer).__name__} from {type(self).__name__}.build_optimizer ({fresh}), "
+                    f"{len(optimizer.param_groups)} param groups at LR {lrs}{multiplier}; LR schedule "
+                    f"{cfg.SWAP.SOLVER.LR_SCHEDULER_NAME}{restart}; {'AMP' if cfg.SOLVER.AMP.ENABLED else 'fp32'} "
+                    f"({type(self._trainer).__name__}). Set SWAP.SOLVER.* to change them.")
 
 
 def write_swapped_config(cfg: CfgNode, out_dir: Path, num_classes: int) -> Path:
-    """``config_swapped.yaml``: the run's config without ``SWAP``, sized for the joint classes and pointing at
-    ``model_swapped.pth``, for evaluating the merged model with plain detectron2."""
+    """``config_swapped.yaml``: the run's config without ``SWAP``, sized for the joint classes, pointing at
+    ``model_swapped.pth`` and testing on the sets' joint-label test data (``export.export_test_sets``), for
+    evaluating the merged model with plain detectron2."""
     plain = cfg.clone()
     plain.defrost()
     plain.pop("SWAP")
     plain.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
     plain.MODEL.WEIGHTS = str(out_dir / "model_swapped.pth")
+    plain.DATASETS.TEST = swapped_test_datasets()
     return atomic_write_text(out_dir / "config_swapped.yaml", plain.dump())

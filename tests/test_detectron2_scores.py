@@ -1,0 +1,221 @@
+"""The detectron2 swap's numbers, checked against detectron2's own ``SemSegEvaluator``: "before" is the pretrained
+model, a set's mIoU counts every labelled pixel of its images, the forgetting bound is checked at the start of a
+forget phase, and the swapped model scores the same with detectron2's stock tools, without kswap.
+
+Data and models as in ``test_detectron2_swap`` (composited real MNIST / Fashion-MNIST glyphs, a small
+SemanticSegmentor trained here).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from d2_models import glyph_cfg, register_datasets, swap_glyphs
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import SemSegEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+from PIL import Image
+from test_detectron2_swap import TESTS, Trainer, glyph_spec, pretrained, run_swap
+from torch import nn
+
+from detectron2_swap import SwapPlan, per_class_iou, score_sets
+from detectron2_swap.hook import logger as hook_logger
+
+SHARED_FIXTURES = (glyph_spec, pretrained)  # test_detectron2_swap's session fixtures, requested here by name
+JOINT = ["background", "0", "1", "2", "3", "trouser", "bag"]
+SETS = {"forget": ["3"], "retain": ["background", "0", "1", "2"], "learn": ["trouser", "bag"]}
+DIGIT_3 = 4  # the label of digit 3 in the digits' label PNGs
+
+
+@pytest.fixture(scope="module")
+def swapped(glyph_spec, pretrained, tmp_path_factory) -> Path:
+    """A short learn-then-forget swap (long enough to move the scores) and its output directory."""
+    out = tmp_path_factory.mktemp("swapped")
+    run_swap(swap_glyphs(glyph_cfg(str(out)), pretrained, learn=40, forget=8))
+    return out
+
+
+def stock_scores(model: nn.Module, cfg, dataset: str) -> dict[str, float]:
+    """detectron2's own evaluation of ``model`` on ``dataset``: its per-class IoU."""
+    loader = Trainer.build_test_loader(cfg, dataset)
+    return inference_on_dataset(model, loader, SemSegEvaluator(dataset, distributed=False))["sem_seg"]
+
+
+# -- item: "before" is the pretrained model ---------------------------------------------------------------------
+
+def test_before_is_the_pretrained_model_as_detectron2_scores_it(glyph_spec, pretrained, swapped, tmp_path):
+    before = json.loads((swapped / "swap_report.json").read_text())["metrics"]["before"]
+    cfg = glyph_cfg(str(tmp_path))  # the un-grown model the user trained, plain detectron2
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(pretrained))
+    iou = stock_scores(model, cfg, "glyph_digits_val")
+    for name in ("forget", "retain"):  # the digits: the pretrained model's own label space
+        assert before[name] == pytest.approx(np.mean([iou[f"IoU-{c}"] for c in SETS[name]]), abs=0.1), name
+    assert before["learn"] == 0.0  # the pretrained model has no trouser or bag output
+    assert before["retain"] > 50 and before["forget"] > 30  # a model that works: the comparison means something
+
+
+# -- item: a set's mIoU counts every labelled pixel -------------------------------------------------------------
+
+class PaintOneClass(nn.Module):
+    """Predicts one class on every pixel: what a set mIoU that ignores other sets' pixels scores at 100."""
+
+    def __init__(self, class_id: int, num_classes: int) -> None:
+        super().__init__()
+        self.class_id, self.num_classes = class_id, num_classes
+
+    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+        out = []
+        for x in batched_inputs:
+            scores = torch.zeros(self.num_classes, x["height"], x["width"])
+            scores[self.class_id] = 1.0
+            out.append({"sem_seg": scores})
+        return out
+
+
+class GroundTruth(nn.Module):
+    """Predicts each image's own labels, read from its label PNG and moved to the joint classes by name."""
+
+    def __init__(self, datasets: list[str]) -> None:
+        super().__init__()
+        self.labels = {}
+        for dataset in datasets:
+            table = {i: JOINT.index(c) for i, c in enumerate(MetadataCatalog.get(dataset).stuff_classes)}
+            for r in DatasetCatalog.get(dataset):
+                self.labels[r["file_name"]] = (r["sem_seg_file_name"], table)
+
+    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+        out = []
+        for x in batched_inputs:
+            path, table = self.labels[x["file_name"]]
+            raw = torch.as_tensor(np.asarray(Image.open(path), dtype=np.int64))
+            joint = torch.tensor([table.get(i, 0) for i in range(256)])[raw]  # ignored pixels: any class
+            out.append({"sem_seg": torch.nn.functional.one_hot(joint, len(JOINT)).permute(2, 0, 1).float()})
+        return out
+
+
+def test_set_miou_counts_every_labelled_pixel_of_its_images(glyph_spec, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth")
+    plan = SwapPlan.from_cfg(cfg)
+    assert list(plan.space.names) == JOINT
+
+    def score(model: nn.Module) -> dict[str, float]:
+        return score_sets(model, plan, lambda name: Trainer.build_test_loader(cfg, name), distributed=False)
+
+    painted = score(PaintOneClass(JOINT.index("3"), len(JOINT)))
+    labels = [np.asarray(Image.open(r["sem_seg_file_name"])) for r in DatasetCatalog.get("glyph_digits_val")]
+    threes = sum((x == DIGIT_3).sum() for x in labels) / sum((x != 255).sum() for x in labels)
+    assert painted["forget"] == pytest.approx(100 * threes, abs=1e-6)
+    assert painted["forget"] < 10, "painting the forget class everywhere must not score forget"
+    assert painted["retain"] == painted["learn"] == 0.0
+
+    perfect = score(GroundTruth(["glyph_digits_val", "glyph_clothes_val"]))
+    assert perfect == {"forget": 100.0, "retain": 100.0, "learn": 100.0}
+
+
+
+def test_pixels_of_classes_outside_the_joint_space_count_against_any_prediction(glyph_spec, tmp_path):
+    # The digits' val images registered with a class the swap does not know ("sock" where the 3s are).
+    records = DatasetCatalog.get("glyph_digits_val")
+    register_datasets({"glyph_digits_val_sock": {"records": records,
+                                                 "stuff_classes": ["background", "0", "1", "2", "sock"]}})
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth", DATASETS__RETAIN_TEST=("glyph_digits_val_sock",))
+    plan = SwapPlan.from_cfg(cfg)
+    table = plan.score_table("glyph_digits_val_sock")
+    n = len(JOINT)
+    assert table[[0, 1, 2, 3, 4, 255, 17]].tolist() == [0, 1, 2, 3, n, n + 1, n + 1]
+    # Predicting "2" on 30 "2" pixels and 10 "sock" pixels: the sock pixels are false positives of "2".
+    confusion = np.zeros((n + 2, n + 2), np.int64)
+    confusion[3, 3], confusion[3, n], confusion[0, n + 1] = 30, 10, 50
+    assert per_class_iou(confusion, JOINT, over=[3]) == {"mIoU": 75.0, "IoU-2": 75.0}
+
+
+# -- item: the forgetting bound is checked at the start of each forget phase ---------------------------------------
+
+def swap_with_bound(glyph_spec, pretrained, out: Path, caplog, **loss) -> tuple[object, dict]:
+    hook_logger.addHandler(caplog.handler)  # detectron2's logger does not propagate to the root logger
+    try:
+        cfg = swap_glyphs(glyph_cfg(str(out)), pretrained, learn=1, forget=2,
+                          **{f"LOSS__FORGET__{k}": v for k, v in loss.items()})
+        trainer = run_swap(cfg)
+    finally:
+        hook_logger.removeHandler(caplog.handler)
+    return trainer, json.loads((out / "swap_report.json").read_text())
+
+
+def test_an_inactive_forgetting_bound_is_reported(glyph_spec, pretrained, tmp_path, caplog):
+    trainer, report = swap_with_bound(glyph_spec, pretrained, tmp_path, caplog, BND=1e-3)
+    first_forget_loss = trainer.storage.history("swap/forget/task").values()[0][0]
+    bound = report["forget_bounds"]["1_forget"]
+    assert bound == {"measured_forget_loss": pytest.approx(first_forget_loss), "bnd": 1e-3, "relative": False,
+                     "active": False}
+    assert list(report["forget_bounds"]) == ["1_forget"]  # the learn phase has no forgetting term
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1_forget" in w and "nothing will be forgotten" in w for w in warnings), warnings
+
+
+def test_a_relative_forgetting_bound_is_resolved_from_the_measured_loss(glyph_spec, pretrained, tmp_path, caplog):
+    trainer, report = swap_with_bound(glyph_spec, pretrained, tmp_path, caplog, BND=3.0, BND_RELATIVE=True)
+    first_forget_loss = trainer.storage.history("swap/forget/task").values()[0][0]
+    bound = report["forget_bounds"]["1_forget"]
+    assert bound["relative"] and bound["active"]
+    assert bound["measured_forget_loss"] == pytest.approx(first_forget_loss)
+    assert bound["bnd"] == pytest.approx(3 * first_forget_loss)
+    weights = trainer.model.swap_state.weights  # what the model's loss used after the first forget step
+    assert not weights.bnd_relative and weights.bnd == pytest.approx(bound["bnd"])
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# -- item: detectron2's stock tools score the swapped model ----------------------------------------------------
+
+def test_stock_detectron2_scores_the_swapped_model_as_the_report(swapped):
+    report = json.loads((swapped / "swap_report.json").read_text())["metrics"]
+    assert report["after"]["learn"] > 2, "the swap must have changed the model (the pretrained model scores 0 on learn)"
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        import numpy as np
+        sys.path.insert(0, {str(TESTS)!r})
+        import d2_models  # the test model's backbone and config keys (detectron2 only)
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import get_cfg
+        from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+        from detectron2.evaluation import SemSegEvaluator, inference_on_dataset
+        from detectron2.modeling import build_model
+
+        out = {str(swapped)!r}
+        # What the README shows: register the swapped test sets with plain detectron2.
+        spec = json.load(open(os.path.join(out, "swapped_datasets.json")))
+        for name, entry in spec["datasets"].items():
+            DatasetCatalog.register(name, lambda records=entry["records"]: records)
+            MetadataCatalog.get(name).set(stuff_classes=spec["stuff_classes"], ignore_label=spec["ignore_label"],
+                                          evaluator_type="sem_seg")
+
+        cfg = get_cfg(); d2_models.add_glyph_config(cfg); cfg.merge_from_file(os.path.join(out, "config_swapped.yaml"))
+        model = build_model(cfg).eval()
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        assert tuple(cfg.DATASETS.TEST) == tuple(spec["datasets"]), f"DATASETS.TEST is {{cfg.DATASETS.TEST}}"
+        scores = {{}}
+        for name in cfg.DATASETS.TEST:
+            iou = inference_on_dataset(model, build_detection_test_loader(cfg, name),
+                                       SemSegEvaluator(name, distributed=False))["sem_seg"]
+            entry = spec["datasets"][name]
+            scores[entry["set"]] = float(np.nanmean([iou["IoU-" + c] for c in entry["classes"]]))
+        assert not {{"kswap", "peft", "detectron2_swap"}} & set(sys.modules), "stock scoring must not need them"
+        print(json.dumps(scores))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stock = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps({"report": report, "stock": stock}))
+    assert set(stock) == {"forget", "retain", "learn"}
+    for name, value in stock.items():
+        assert report["after"][name] == pytest.approx(value, abs=0.5), (name, report["after"], stock)
