@@ -84,3 +84,19 @@ def labelme_example(subdir: str):
             members = [m for m in tar.getmembers() if f"/examples/{subdir}/" in m.name]
             tar.extractall(cache, members=members, filter="data")
     return root
+
+
+@pytest.fixture(scope="session")
+def glyph_spec(tmp_path_factory):
+    """detectron2's registered glyph segmentation datasets (see ``d2_models.write_glyph_spec``)."""
+    from d2_models import write_glyph_spec
+
+    return write_glyph_spec(tmp_path_factory.mktemp("glyph_seg"))
+
+
+@pytest.fixture(scope="session")
+def d2_pretrained(glyph_spec, tmp_path_factory):
+    """The pretrained detectron2 SemanticSegmentor on the glyph digits (``d2_models.pretrain_glyph_segmentor``)."""
+    from d2_models import pretrain_glyph_segmentor
+
+    return pretrain_glyph_segmentor(tmp_path_factory.mktemp("pretrain"))

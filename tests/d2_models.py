@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
@@ -292,3 +294,53 @@ def ddp_main(spec_path: str, weights: str, out_dir: str) -> None:
 
     torch.save({"lora": lora_state_dict(model), "world_size": comm.get_world_size(),
                 "ddp": hasattr(trainer.model, "module")}, f"{out_dir}/rank{comm.get_rank()}.pt")
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+DIGITS = ["background", "0", "1", "2", "3"]
+CLOTHES = ["background", "trouser", "bag"]
+
+
+def write_glyph_spec(root: Path) -> Path:
+    """The four composited datasets (digits: background and 0-3; clothes: background, trouser, bag), registered here
+    and described in a JSON file for spawned processes."""
+    import json
+
+    from glyph_coco import write_glyph_semseg
+
+    parts = {"glyph_digits_train": ("mnist", DIGITS, 600, "train", 1),
+             "glyph_digits_val": ("mnist", DIGITS, 100, "test", 2),
+             "glyph_clothes_train": ("fashion", CLOTHES, 300, "train", 3),
+             "glyph_clothes_val": ("fashion", CLOTHES, 100, "test", 4)}
+    spec = {name: {"records": write_glyph_semseg(root, source, stuff[1:], stuff, n, split, seed),
+                   "stuff_classes": stuff}
+            for name, (source, stuff, n, split, seed) in parts.items()}
+    register_datasets(spec)
+    path = root / "datasets.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def pretrain_glyph_segmentor(out: Path) -> Path:
+    """A GlyphViT SemanticSegmentor trained on the digits with plain detectron2 (the user's model before a swap)."""
+    from detectron2.utils.env import seed_all_rng
+
+    cfg = glyph_cfg(str(out))
+    cfg.SOLVER.MAX_ITER = 1500
+    seed_all_rng(0)
+    trainer = make_trainer_classes()[0](cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return out / "model_final.pth"
+
+
+def run_swap(cfg, resume: bool = False, extra_hooks=()):
+    """Train the swap of ``cfg`` with the mixed-in trainer (seeded); returns the trainer."""
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(0)
+    trainer = make_trainer_classes()[1](cfg)
+    trainer.register_hooks(list(extra_hooks))
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer

@@ -25,7 +25,6 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
-from test_detectron2_swap import glyph_spec  # noqa: F401  (the registered glyph datasets, session-wide)
 
 from detectron2_swap import SwapTrainerMixin
 from detectron2_swap.config import solver_overrides

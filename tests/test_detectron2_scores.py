@@ -18,29 +18,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from d2_models import glyph_cfg, register_datasets, swap_glyphs
+from d2_models import TESTS_DIR, glyph_cfg, make_trainer_classes, register_datasets, run_swap, swap_glyphs
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from PIL import Image
-from test_detectron2_swap import TESTS, Trainer, glyph_spec, pretrained, run_swap
 from torch import nn
 
 from detectron2_swap import SwapPlan, per_class_iou, score_sets
 from detectron2_swap.hook import logger as hook_logger
 
-SHARED_FIXTURES = (glyph_spec, pretrained)  # test_detectron2_swap's session fixtures, requested here by name
+Trainer = make_trainer_classes()[0]
 JOINT = ["background", "0", "1", "2", "3", "trouser", "bag"]
 SETS = {"forget": ["3"], "retain": ["background", "0", "1", "2"], "learn": ["trouser", "bag"]}
 DIGIT_3 = 4  # the label of digit 3 in the digits' label PNGs
 
 
 @pytest.fixture(scope="module")
-def swapped(glyph_spec, pretrained, tmp_path_factory) -> Path:
+def swapped(glyph_spec, d2_pretrained, tmp_path_factory) -> Path:
     """A short learn-then-forget swap (long enough to move the scores) and its output directory."""
     out = tmp_path_factory.mktemp("swapped")
-    run_swap(swap_glyphs(glyph_cfg(str(out)), pretrained, learn=40, forget=8))
+    run_swap(swap_glyphs(glyph_cfg(str(out)), d2_pretrained, learn=40, forget=8))
     return out
 
 
@@ -52,11 +51,11 @@ def stock_scores(model: nn.Module, cfg, dataset: str) -> dict[str, float]:
 
 # -- item: "before" is the pretrained model ---------------------------------------------------------------------
 
-def test_before_is_the_pretrained_model_as_detectron2_scores_it(glyph_spec, pretrained, swapped, tmp_path):
+def test_before_is_the_pretrained_model_as_detectron2_scores_it(glyph_spec, d2_pretrained, swapped, tmp_path):
     before = json.loads((swapped / "swap_report.json").read_text())["metrics"]["before"]
     cfg = glyph_cfg(str(tmp_path))  # the un-grown model the user trained, plain detectron2
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(str(pretrained))
+    DetectionCheckpointer(model).load(str(d2_pretrained))
     iou = stock_scores(model, cfg, "glyph_digits_val")
     for name in ("forget", "retain"):  # the digits: the pretrained model's own label space
         assert before[name] == pytest.approx(np.mean([iou[f"IoU-{c}"] for c in SETS[name]]), abs=0.1), name
@@ -141,10 +140,10 @@ def test_pixels_of_classes_outside_the_joint_space_count_against_any_prediction(
 
 # -- item: the forgetting bound is checked at the start of each forget phase ---------------------------------------
 
-def swap_with_bound(glyph_spec, pretrained, out: Path, caplog, **loss) -> tuple[object, dict]:
+def swap_with_bound(glyph_spec, d2_pretrained, out: Path, caplog, **loss) -> tuple[object, dict]:
     hook_logger.addHandler(caplog.handler)  # detectron2's logger does not propagate to the root logger
     try:
-        cfg = swap_glyphs(glyph_cfg(str(out)), pretrained, learn=1, forget=2,
+        cfg = swap_glyphs(glyph_cfg(str(out)), d2_pretrained, learn=1, forget=2,
                           **{f"LOSS__FORGET__{k}": v for k, v in loss.items()})
         trainer = run_swap(cfg)
     finally:
@@ -152,8 +151,8 @@ def swap_with_bound(glyph_spec, pretrained, out: Path, caplog, **loss) -> tuple[
     return trainer, json.loads((out / "swap_report.json").read_text())
 
 
-def test_an_inactive_forgetting_bound_is_reported(glyph_spec, pretrained, tmp_path, caplog):
-    trainer, report = swap_with_bound(glyph_spec, pretrained, tmp_path, caplog, BND=1e-3)
+def test_an_inactive_forgetting_bound_is_reported(glyph_spec, d2_pretrained, tmp_path, caplog):
+    trainer, report = swap_with_bound(glyph_spec, d2_pretrained, tmp_path, caplog, BND=1e-3)
     first_forget_loss = trainer.storage.history("swap/forget/task").values()[0][0]
     bound = report["forget_bounds"]["1_forget"]
     assert bound == {"measured_forget_loss": pytest.approx(first_forget_loss), "bnd": 1e-3, "relative": False,
@@ -163,8 +162,8 @@ def test_an_inactive_forgetting_bound_is_reported(glyph_spec, pretrained, tmp_pa
     assert any("1_forget" in w and "nothing will be forgotten" in w for w in warnings), warnings
 
 
-def test_a_relative_forgetting_bound_is_resolved_from_the_measured_loss(glyph_spec, pretrained, tmp_path, caplog):
-    trainer, report = swap_with_bound(glyph_spec, pretrained, tmp_path, caplog, BND=3.0, BND_RELATIVE=True)
+def test_a_relative_forgetting_bound_is_resolved_from_the_measured_loss(glyph_spec, d2_pretrained, tmp_path, caplog):
+    trainer, report = swap_with_bound(glyph_spec, d2_pretrained, tmp_path, caplog, BND=3.0, BND_RELATIVE=True)
     first_forget_loss = trainer.storage.history("swap/forget/task").values()[0][0]
     bound = report["forget_bounds"]["1_forget"]
     assert bound["relative"] and bound["active"]
@@ -183,7 +182,7 @@ def test_stock_detectron2_scores_the_swapped_model_as_the_report(swapped):
     script = textwrap.dedent(f"""
         import json, os, sys
         import numpy as np
-        sys.path.insert(0, {str(TESTS)!r})
+        sys.path.insert(0, {str(TESTS_DIR)!r})
         import d2_models  # the test model's backbone and config keys (detectron2 only)
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg

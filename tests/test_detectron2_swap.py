@@ -17,14 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from d2_models import glyph_cfg, make_trainer_classes, register_datasets, swap_glyphs
+from d2_models import (
+    DIGITS,
+    TESTS_DIR,
+    glyph_cfg,
+    make_trainer_classes,
+    register_datasets,
+    run_swap,
+    swap_glyphs,
+)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
-from glyph_coco import write_glyph_semseg
 from PIL import Image
 
 from detectron2_swap import (
@@ -40,49 +47,7 @@ from kswap import PRESETS, CheckpointMismatchError, SwapConfigError, lora_state_
 
 from conftest import labelme_example
 
-TESTS = Path(__file__).resolve().parent
-DIGITS = ["background", "0", "1", "2", "3"]
-CLOTHES = ["background", "trouser", "bag"]
 Trainer, SwapTrainer = make_trainer_classes()
-
-
-@pytest.fixture(scope="session")
-def glyph_spec(tmp_path_factory) -> Path:
-    """The four composited datasets, registered here and described in a JSON file for spawned processes."""
-    root = tmp_path_factory.mktemp("glyph_seg")
-    parts = {"glyph_digits_train": ("mnist", DIGITS, 600, "train", 1),
-             "glyph_digits_val": ("mnist", DIGITS, 100, "test", 2),
-             "glyph_clothes_train": ("fashion", CLOTHES, 300, "train", 3),
-             "glyph_clothes_val": ("fashion", CLOTHES, 100, "test", 4)}
-    spec = {name: {"records": write_glyph_semseg(root, source, stuff[1:], stuff, n, split, seed),
-                   "stuff_classes": stuff}
-            for name, (source, stuff, n, split, seed) in parts.items()}
-    register_datasets(spec)
-    path = root / "datasets.json"
-    path.write_text(json.dumps(spec))
-    return path
-
-
-@pytest.fixture(scope="session")
-def pretrained(glyph_spec, tmp_path_factory) -> Path:
-    """A GlyphViT SemanticSegmentor trained on the digits with plain detectron2 (the user's model before a swap)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    cfg = glyph_cfg(str(out))
-    cfg.SOLVER.MAX_ITER = 1500
-    seed_all_rng(0)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    return out / "model_final.pth"
-
-
-def run_swap(cfg, resume: bool = False, extra_hooks=()) -> SwapTrainer:
-    seed_all_rng(0)
-    trainer = SwapTrainer(cfg)
-    trainer.register_hooks(list(extra_hooks))
-    trainer.resume_or_load(resume=resume)
-    trainer.train()
-    return trainer
 
 
 # -- config -----------------------------------------------------------------------------------------------------
@@ -160,8 +125,8 @@ def test_mask2former_preset_on_a_model_with_its_names(glyph_spec, tmp_path):
 
 # -- end to end -------------------------------------------------------------------------------------------------
 
-def test_swap_semantic_segmentor_end_to_end(glyph_spec, pretrained, tmp_path):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained)
+def test_swap_semantic_segmentor_end_to_end(glyph_spec, d2_pretrained, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained)
     trainer = run_swap(cfg)
 
     report = json.loads((tmp_path / "swap_report.json").read_text())
@@ -187,7 +152,7 @@ def test_swap_semantic_segmentor_end_to_end(glyph_spec, pretrained, tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(TESTS)!r})
+        sys.path.insert(0, {str(TESTS_DIR)!r})
         import d2_models
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg
@@ -214,8 +179,8 @@ def test_swap_semantic_segmentor_end_to_end(glyph_spec, pretrained, tmp_path):
     ("forget_learn_forget", ["forget", "learn", "forget"]),
     ("joint", ["joint"]),
 ])
-def test_every_order_runs_its_phases(glyph_spec, pretrained, tmp_path, order, kinds):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=3, forget=3, ORDER=order)
+def test_every_order_runs_its_phases(glyph_spec, d2_pretrained, tmp_path, order, kinds):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=3, forget=3, ORDER=order)
     trainer = run_swap(cfg)
     assert [p["kind"] for p in trainer.swap_hook.report.phases] == kinds
     assert trainer.iter == 3 * len(kinds)  # detectron2 leaves iter at max_iter after training
@@ -226,7 +191,7 @@ def test_every_order_runs_its_phases(glyph_spec, pretrained, tmp_path, order, ki
         assert ("retain", "learn") in roles
 
 
-def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec, pretrained, tmp_path):
+def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec, d2_pretrained, tmp_path):
     seen = {}
 
     class Probe(HookBase):
@@ -238,14 +203,14 @@ def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec,
             if self.trainer.iter == 2:
                 seen["iteration_3"] = lora_state_dict(self.trainer.model)
 
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=6, forget=2, CHAIN_FROM_ITER=3)
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=6, forget=2, CHAIN_FROM_ITER=3)
     trainer = run_swap(cfg, extra_hooks=[Probe()])
     assert trainer.iter == 8
     for key, value in seen["iteration_3"].items():
         torch.testing.assert_close(seen["start_of_forget"][key], value, rtol=0, atol=0)
 
 
-def test_lazyconfig_composes_the_same_pieces(glyph_spec, pretrained, tmp_path):
+def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path):
     from d2_models import GlyphViT
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
@@ -276,7 +241,7 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, pretrained, tmp_path):
         mapper=L(DatasetMapper)(is_train=True, augmentations=[resize], image_format="BGR"), total_batch_size=8))
 
     plan, model, loader = instantiate(plan), instantiate(model), instantiate(loader)
-    SwapCheckpointer(model, grown=model.swap_state.grown).load(str(pretrained))
+    SwapCheckpointer(model, grown=model.swap_state.grown).load(str(d2_pretrained))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     trainer = SimpleTrainer(model, loader, optimizer)
     test_mapper = DatasetMapper(is_train=False, augmentations=[instantiate(resize)], image_format="BGR")
@@ -302,8 +267,8 @@ class StopAt(HookBase):
             raise KeyboardInterrupt(f"stopped at {self.iteration}")
 
 
-def test_resume_continues_the_phase(glyph_spec, pretrained, tmp_path):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=8, forget=8)
+def test_resume_continues_the_phase(glyph_spec, d2_pretrained, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=8, forget=8)
     cfg.SOLVER.CHECKPOINT_PERIOD = 4
     with pytest.raises(KeyboardInterrupt):
         run_swap(cfg, extra_hooks=[StopAt(13)])  # mid forget phase; the last checkpoint is after iteration 11
@@ -338,13 +303,13 @@ def test_resume_continues_the_phase(glyph_spec, pretrained, tmp_path):
 
 # -- DDP --------------------------------------------------------------------------------------------------------
 
-def test_ddp_two_gloo_processes_through_detectron2_launch(glyph_spec, pretrained, tmp_path):
+def test_ddp_two_gloo_processes_through_detectron2_launch(glyph_spec, d2_pretrained, tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(TESTS)!r})
+        sys.path.insert(0, {str(TESTS_DIR)!r})
         from detectron2.engine import launch
         import d2_models
-        args = ({str(glyph_spec)!r}, {str(pretrained)!r}, {str(tmp_path)!r})
+        args = ({str(glyph_spec)!r}, {str(d2_pretrained)!r}, {str(tmp_path)!r})
         launch(d2_models.ddp_main, 2, dist_url="auto", args=args)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
@@ -407,8 +372,8 @@ def test_real_voc_masks_map_by_class_name(glyph_spec, labelme_voc, tmp_path):
     assert per_class_iou(confusion, plan.space.names) == {"mIoU": 75.0, "IoU-person": 75.0}
 
 
-def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, pretrained, labelme_voc, tmp_path):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, learn=60, forget=4)
+def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, d2_pretrained, labelme_voc, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=60, forget=4)
     cfg.SWAP.LEARN_CLASSES = ["person"]
     cfg.SWAP.DATASETS.LEARN = cfg.SWAP.DATASETS.LEARN_TEST = (labelme_voc,)
     cfg.SWAP.IMS_PER_BATCH = 2
@@ -429,8 +394,8 @@ def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, pretrained, labelm
     (dict(LORA__TARGETS=r"backbone\.nothing"), "matches no linear layer"),
     (dict(ORDER="learn_only"), "Unknown order 'learn_only'"),
 ])
-def test_bad_config_fails_before_training(glyph_spec, pretrained, tmp_path, change, message):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), pretrained, **change)
+def test_bad_config_fails_before_training(glyph_spec, d2_pretrained, tmp_path, change, message):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, **change)
     with pytest.raises(SwapConfigError) as err:
         SwapTrainer(cfg)
     assert message in str(err.value)
@@ -456,20 +421,20 @@ def test_a_batch_without_target_pixels_is_named(glyph_spec, tmp_path):
         model([sample])
 
 
-def test_wrong_head_size_is_refused(glyph_spec, pretrained, tmp_path):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path), num_classes=6), pretrained)
+def test_wrong_head_size_is_refused(glyph_spec, d2_pretrained, tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path), num_classes=6), d2_pretrained)
     with pytest.raises(SwapConfigError, match="has 6 outputs, but 5 pretrained classes need"):
         SwapTrainer(cfg)
 
 
-def test_checkpoint_that_does_not_fit_is_refused(glyph_spec, pretrained, tmp_path):
+def test_checkpoint_that_does_not_fit_is_refused(glyph_spec, d2_pretrained, tmp_path):
     m2f = glyph_cfg(str(tmp_path), meta="MiniMask2Former")
     DetectionCheckpointer(build_model(m2f), str(tmp_path)).save("other_arch")
     trainer = SwapTrainer(swap_glyphs(glyph_cfg(str(tmp_path)), tmp_path / "other_arch.pth"))
     with pytest.raises(CheckpointMismatchError, match="does not fit the model: missing"):
         trainer.resume_or_load(resume=False)
 
-    state = torch.load(pretrained, weights_only=True)["model"]
+    state = torch.load(d2_pretrained, weights_only=True)["model"]
     torch.save({"model": state, "meta": Path("not/a/tensor")}, tmp_path / "pickled.pth")
     trainer = SwapTrainer(swap_glyphs(glyph_cfg(str(tmp_path)), tmp_path / "pickled.pth"))
     with pytest.raises(CheckpointMismatchError, match="refuses"):
