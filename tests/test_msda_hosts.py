@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_ops import make_inputs
+from msda_inputs import make_inputs
 
 from kswap.ops import ms_deform_attn_reference
 
