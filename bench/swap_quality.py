@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demo"))
@@ -56,12 +57,12 @@ def run_swap(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, ou
             "before": report["metrics"]["before"]}
 
 
-def oracle(roots: dict[str, Path], out: Path) -> dict:
-    """Train from scratch on R ∪ L (a symlinked ImageFolder) with the pretraining recipe; score each set."""
-    import torch
+def train_oracle(roots: dict[str, Path], out: Path) -> tuple[Any, list[str], float]:
+    """Train from scratch on R ∪ L (a symlinked ImageFolder) with the pretraining recipe.
 
-    from timm_swap.data import image_folder
-    from timm_swap.evaluation import evaluate_top1
+    Returns:
+        The training context (``ctx.model``), the class names in label order and the wall time.
+    """
     from timm_swap.train import main as train_main
 
     data = out / "oracle_data"
@@ -73,8 +74,17 @@ def oracle(roots: dict[str, Path], out: Path) -> dict:
     start = time.perf_counter()
     ctx = train_main(["-c", str(ROOT / "demo" / "pretrain.yaml"), "--data-dir", str(data), "--num-classes", "12",
                       "--output", str(out), "--experiment", "oracle", "--no-progress", "--log-interval", "0"])
-    wall = time.perf_counter() - start
-    names = sorted(p.name for p in (data / "train").iterdir())
+    return ctx, sorted(p.name for p in (data / "train").iterdir()), time.perf_counter() - start
+
+
+def oracle(roots: dict[str, Path], out: Path) -> dict:
+    """The oracle's score on each set (it has no output for the forgotten digits: forget 0)."""
+    import torch
+
+    from timm_swap.data import image_folder
+    from timm_swap.evaluation import evaluate_top1
+
+    ctx, names, wall = train_oracle(roots, out)
     retain_map = {str(i): names.index(str(i)) for i in range(2, 10)}
     learn_map = {c: names.index(c) for c in LEARN}
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -193,7 +194,7 @@ class SwapSession:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
-        for roles, saved in zip(self.loaders, state["loaders"]):
+        for roles, saved in zip(self.loaders, state["loaders"], strict=True):
             for role, it in roles.items():
                 it.load_state_dict(saved[role])
         self.report = SwapReport.from_dict(state["report"])

@@ -43,7 +43,7 @@ def write_image_folder(root, images, labels, names, split_at: int) -> None:
     import numpy as np
     from PIL import Image
 
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         if int(label) not in names:
             continue
         split = "train" if i < split_at else "val"

@@ -93,7 +93,7 @@ class SetCriterion(nn.Module):
     def forward(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: list[torch.Tensor],
                 ignore: int) -> dict[str, torch.Tensor]:
         ce, bce, dice = [], [], []
-        for logits, masks, sem_seg in zip(class_logits, mask_logits, targets):
+        for logits, masks, sem_seg in zip(class_logits, mask_logits, targets, strict=True):
             present = [c for c in sem_seg.unique().tolist() if c != ignore][: len(logits)]
             labels = torch.full((len(logits),), self.num_classes, dtype=torch.long)
             labels[: len(present)] = torch.tensor(present, dtype=torch.long)
@@ -282,7 +282,7 @@ def ddp_main(spec_path: str, weights: str, out_dir: str) -> None:
 
     from kswap import lora_state_dict
 
-    register_datasets(json.loads(open(spec_path).read()))
+    register_datasets(json.loads(Path(spec_path).read_text()))
     cfg = swap_glyphs(glyph_cfg(out_dir), weights, learn=6, forget=6)
     seed_all_rng(comm.get_rank())
     _, SwapTrainer = make_trainer_classes()

@@ -107,7 +107,7 @@ def test_mask2former_interface(fallback_module, compiled, monkeypatch):
 
     ours = grads(lambda *a: Mask2FormerStyleFunction.apply(*a, 64))
     ref = grads(ms_deform_attn_reference)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -41,7 +41,7 @@ def test_forward_backward_match_reference_float64(case):
     inputs = make_inputs(**case)
     ours = _grads(ms_deform_attn, inputs)
     ref = _grads(ms_deform_attn_reference, inputs)
-    for a, b, name in zip(ours, ref, ("output", "grad_value", "grad_locations", "grad_attention")):
+    for a, b, name in zip(ours, ref, ("output", "grad_value", "grad_locations", "grad_attention"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
@@ -49,7 +49,7 @@ def test_forward_backward_match_reference_float64(case):
 def test_float32_tolerance():
     inputs = make_inputs(dtype=torch.float32, n=2, heads=8, channels=32, shapes=((16, 16), (8, 8), (4, 4), (2, 2)),
                          queries=50, points=4)
-    for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs)):
+    for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -113,5 +113,5 @@ def test_kernel_checks_its_own_inputs():
 def test_reference_fallback_without_extension(monkeypatch):
     monkeypatch.setattr("kswap.ops.deform_attn.compiled_available", lambda device: False)
     inputs = make_inputs()
-    for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs)):
+    for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs), strict=True):
         torch.testing.assert_close(a, b)

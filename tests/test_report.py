@@ -52,8 +52,8 @@ def test_hmean_and_accuracy():
     meter.update(logits[:2], labels[:2])
     meter.update(logits[2:], labels[2:])
     assert meter.value == pytest.approx(200 / 3)
-    with pytest.raises(ValueError):
-        AccuracyMeter().value
+    with pytest.raises(ValueError, match="saw no samples"):
+        _ = AccuracyMeter().value
 
 
 def test_atomic_save_loads_weights_only(tmp_path):

@@ -124,7 +124,8 @@ def test_plain_pytorch_host_swaps_knowledge(digits, pretrained, tmp_path):
     merged.load_state_dict(load_checkpoint(paths["model"])["state_dict"])  # plain keys, no LoRA
     torch.testing.assert_close(merged.eval()(x[:16]), session.prepared.model.eval()(x[:16]), atol=1e-4, rtol=1e-4)
     with safe_open(str(paths["adapter"]), "pt") as adapter:
-        assert len(adapter.keys()) == 8 and all(".lora_" in k for k in adapter.keys())
+        keys = list(adapter.keys())
+        assert len(keys) == 8 and all(".lora_" in k for k in keys)
         assert '"forget": [0]' in adapter.metadata()["swap_config"]
 
 

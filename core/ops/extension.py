@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 
@@ -91,7 +91,7 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join(dirs + [os.environ.get("PATH", "")])
 
 
-@lru_cache(maxsize=None)
+@cache
 def kernel_info() -> KernelInfo:
     """Load the compiled ops once per process (building them on first use when needed) and say which serve."""
     try:
@@ -112,7 +112,7 @@ def kernel_info() -> KernelInfo:
     return KernelInfo(module, "built on first use", f"(cached in {build_dir})")
 
 
-@lru_cache(maxsize=None)
+@cache
 def extension() -> ModuleType | None:
     """The compiled ops module, or ``None`` (with one warning) when only the reference is available."""
     info = kernel_info()

@@ -8,7 +8,8 @@ target classes (``SwapPlan.target_sets``), so any mapper that returns ``sem_seg`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

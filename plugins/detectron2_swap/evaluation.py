@@ -9,7 +9,7 @@ same images in the joint label space (``export.export_test_sets`` writes them fo
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog
@@ -45,7 +45,7 @@ class SetSemSegEvaluator(DatasetEvaluator):
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         n = len(self.confusion)
-        for sample, output in zip(inputs, outputs):
+        for sample, output in zip(inputs, outputs, strict=True):
             pred = output["sem_seg"].argmax(dim=0).cpu().numpy().astype(np.int64)
             gt = read_label_ids(self.gt_files[sample["file_name"]], self.table)
             self.confusion += np.bincount(n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n).reshape(n, n)
@@ -76,7 +76,7 @@ def per_class_iou(confusion: np.ndarray, class_names: Sequence[str],
     present = ids[gt[ids] > 0]
     iou = tp[present] / (gt + pred - tp)[present]
     res = {"mIoU": float(100 * iou.mean()) if len(present) else float("nan")}
-    res.update({f"IoU-{class_names[i]}": float(100 * v) for i, v in zip(present, iou)})
+    res.update({f"IoU-{class_names[i]}": float(100 * v) for i, v in zip(present, iou, strict=True)})
     return res
 
 

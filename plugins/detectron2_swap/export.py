@@ -62,7 +62,7 @@ def export_test_sets(plan: SwapPlan, out_dir: Path) -> Path:
         "datasets": {
             dataset_name: {"set": name, "classes": [plan.space.names[i] for i in plan.sets[name]],
                            "records": [r for d in plan.test[name] for r in records[d]]}
-            for name, dataset_name in zip(SETS, swapped_test_datasets())
+            for name, dataset_name in zip(SETS, swapped_test_datasets(), strict=True)
         },
     }
     return atomic_write_text(out_dir / SWAPPED_DATASETS_FILE, json.dumps(spec, indent=1))

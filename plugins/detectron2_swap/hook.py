@@ -12,8 +12,9 @@ report, the merged plain model and the sets' joint-label test data for detectron
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from detectron2.engine import HookBase, hooks

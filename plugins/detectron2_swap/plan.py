@@ -8,9 +8,9 @@ counts every labelled pixel (``SwapPlan.score_table``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Mapping
 
 import numpy as np
 from detectron2.config import CfgNode

@@ -10,7 +10,8 @@ Runs on the main process only, after training, on copies: the exported model is 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -45,7 +46,7 @@ def _draw(dataset: Dataset, limit: int, seed: int) -> Dataset:
 
 
 def _stack(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    images, labels = zip(*DataLoader(dataset, batch_size=batch_size, shuffle=False), strict=True)
     return torch.cat(images), torch.cat(labels)
 
 

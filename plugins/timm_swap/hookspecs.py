@@ -10,7 +10,8 @@ first result that is not ``None``.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -307,7 +308,7 @@ class SwapPlugin:
     @hookimpl
     def train_steps(self, ctx: TrainContext) -> Iterator[Step]:
         sched, cfg = self.scheduler, self.config
-        epochs = [(n // self._steps_per_epoch(p)) for p, n in zip(sched.phases, sched.phase_steps)]
+        epochs = [(n // self._steps_per_epoch(p)) for p, n in zip(sched.phases, sched.phase_steps, strict=True)]
         # One schedule over all phases (no restart) spans every step: sum(epochs) epochs of the mean epoch length.
         whole_run = (sum(epochs), round(sched.total_steps / sum(epochs)))
         while not sched.done:
@@ -341,7 +342,7 @@ class SwapPlugin:
         roles = list(step.batch)
         images = torch.cat([step.batch[r][0] for r in roles]).to(ctx.device)
         logits = ctx.train_model(images).split([len(step.batch[r][1]) for r in roles])
-        task = {r: F.cross_entropy(out, step.batch[r][1].to(ctx.device)) for r, out in zip(roles, logits)}
+        task = {r: F.cross_entropy(out, step.batch[r][1].to(ctx.device)) for r, out in zip(roles, logits, strict=True)}
         phase = self.scheduler.phases[step.period_index]
         out = PhaseLoss(self.report.phase_weights(phase.name, phase.loss))(task, gs=group_sparse_loss(self.groups))
         return {"loss": out.total, **{k: v for k, v in out.terms.items() if k != "total"}}
@@ -400,7 +401,7 @@ class SwapPlugin:
         if saved is None:
             raise SwapConfigError(f"--resume {ctx.args.resume} is not a swap run (no swap state in it).")
         self.scheduler.load_state_dict(saved["scheduler"])
-        for roles, states in zip(self.phase_loaders, saved["loaders"]):
+        for roles, states in zip(self.phase_loaders, saved["loaders"], strict=True):
             for role, it in roles.items():
                 it.load_state_dict(states[role])
         self.report = SwapReport.from_dict(saved["report"])

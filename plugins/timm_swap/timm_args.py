@@ -14,9 +14,10 @@ the declared keys the swap does not use, each with a rule for plain training and
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
