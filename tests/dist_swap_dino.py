@@ -11,7 +11,7 @@ import torch.distributed as dist
 from mmengine.runner import Runner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_mmdet_swap import swap_cfg  # noqa: E402
+from tiny_dino import swap_cfg  # noqa: E402
 
 glyphs, checkpoint, work = (Path(a) for a in sys.argv[1:4])
 cfg = swap_cfg(glyphs, checkpoint, work)

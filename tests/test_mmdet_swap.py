@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -16,16 +19,19 @@ from pathlib import Path
 import pytest
 import torch
 from glyph_coco import write_glyph_coco
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
 from mmengine.runner import Runner
-from tiny_dino import tiny_dino_config
+from tiny_dino import DIGITS, DINO_CONFIG, LEARN, swap_cfg, tiny_dino_config
 
 from kswap import SwapConfigError
 from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
 
 from conftest import labelme_example
 
-DIGITS = ["0", "1", "2"]
-LEARN = ["trouser", "bag"]
+SETS = ["forget", "retain", "learn"]
+MMDET_TOOLS = DINO_CONFIG.parents[2] / "tools"  # tools/train.py and tools/test.py, shipped in mmdet's wheel
 
 
 @pytest.fixture(scope="session")
@@ -50,32 +56,24 @@ def pretrained_dino(glyphs, tmp_path_factory):
     return work / "iter_400.pth"
 
 
-def swap_cfg(glyphs, checkpoint, work_dir, **hook):
-    """The user's config plus only the three swap lines."""
-    cfg = tiny_dino_config(glyphs, DIGITS, work_dir)
-    cfg.custom_imports = dict(imports=["mmdet_swap"], allow_failed_imports=False)
-    learn = dict(classes=tuple(LEARN),
-                 train=dict(ann_file="fashion_train.json", data_prefix=dict(img="fashion_train/")),
-                 val=dict(ann_file="fashion_val.json", data_prefix=dict(img="fashion_val/")))
-    cfg.custom_hooks = [dict(type="SwapHook", forget=dict(classes=("0",)), learn=learn, learn_length="80steps",
-                             forget_length="80steps", **hook)]
-    cfg.load_from = str(checkpoint)
-    # A short swap needs a larger step than the reference's 1e-4 over 20 epochs.
-    cfg.optim_wrapper.optimizer.lr = 2e-3
-    cfg.optim_wrapper.clip_grad = dict(max_norm=1.0, norm_type=2)
-    return cfg
-
-
-def test_swap_dino_from_config(glyphs, pretrained_dino, tmp_path):
-    runner = Runner.from_cfg(swap_cfg(glyphs, pretrained_dino, tmp_path / "swap"))
+@pytest.fixture(scope="session")
+def swap_run(glyphs, pretrained_dino, tmp_path_factory):
+    """The swap of the digits' DINO with the three config lines; returns the runner and its work_dir."""
+    work = tmp_path_factory.mktemp("swap")
+    runner = Runner.from_cfg(swap_cfg(glyphs, pretrained_dino, work))
     runner.train()
-    report = json.loads((tmp_path / "swap" / "swap_report.json").read_text())
+    return runner, work
+
+
+def test_swap_dino_from_config(glyphs, pretrained_dino, swap_run, tmp_path):
+    runner, work = swap_run
+    report = json.loads((work / "swap_report.json").read_text())
     before, after = report["metrics"]["before"], report["metrics"]["after"]
-    table = (tmp_path / "swap" / "swap_report.md").read_text()
+    table = (work / "swap_report.md").read_text()
     assert report["metric"] == "bbox_mAP" and [p["name"] for p in report["metrics"]["phases"]] == ["0_learn",
                                                                                                     "1_forget"]
-    # The new rows are random (frozen, as the reference), so "before" already finds some glyph boxes.
-    assert before["forget"] > 30 and before["retain"] > 30, table
+    # "before" is the pretrained model: it knows the digits and none of the new classes.
+    assert before["forget"] > 30 and before["retain"] > 30 and before["learn"] == 0, table
     assert after["learn"] > before["learn"] + 5, table
     assert after["forget"] < before["forget"] / 4, table
     assert after["retain"] > before["retain"] * 0.8, table
@@ -86,7 +84,7 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, tmp_path):
                        ckpt["encoder.layers.0.ffn.layers.1.weight"])
     assert torch.equal(model.bbox_head.cls_branches[0].weight[:3], ckpt["bbox_head.cls_branches.0.weight"])
     # the merged export loads into a plain 5-class DINO without kswap
-    export = tmp_path / "swap" / "swapped.pth"
+    export = work / "swapped.pth"
     state = torch.load(export, weights_only=True)
     assert state["meta"]["dataset_meta"]["classes"] == DIGITS + LEARN
     assert not any("lora" in k or "base_layer" in k for k in state["state_dict"])
@@ -105,6 +103,158 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "loaded 5" in out.stdout, out.stderr[-2000:]
+
+
+def test_before_is_the_untouched_pretrained_model(swap_run, pretrained_dino, tmp_path):
+    """The report's "before" per set is what mmdet's CocoMetric gives the pretrained 3-class checkpoint."""
+    _, work = swap_run
+    before = json.loads((work / "swap_report.json").read_text())["metrics"]["before"]
+    for name in ("forget", "retain"):
+        cfg = Config.fromfile(str(work / f"swapped_test_{name}.py"))
+        cfg.model.bbox_head.num_classes = len(DIGITS)
+        cfg.test_dataloader.dataset.metainfo = dict(classes=tuple(DIGITS))
+        cfg.load_from, cfg.work_dir = str(pretrained_dino), str(tmp_path / name)
+        metrics = Runner.from_cfg(cfg).test()
+        assert abs(100 * metrics["coco/bbox_mAP"] - before[name]) <= 0.1, (name, metrics, before)
+    assert before["learn"] == 0  # the pretrained model knows none of the new classes
+
+
+def test_stock_test_tool_scores_the_swapped_model(swap_run, tmp_path):
+    """mmdet's own tools/test.py, without kswap or mmdet_swap, reproduces the report's "after" per set from the
+    files the swap writes next to the merged model."""
+    _, work = swap_run
+    after = json.loads((work / "swap_report.json").read_text())["metrics"]["after"]
+    for name in SETS:
+        coco = json.loads((work / f"swapped_{name}.json").read_text())
+        assert coco["categories"] == [{"id": i + 1, "name": c} for i, c in enumerate(DIGITS + LEARN)]
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        sys.modules["kswap"] = None; sys.modules["mmdet_swap"] = None  # the stock tools alone
+        for name in {SETS!r}:
+            print("SET", name, flush=True)
+            sys.argv = ["test.py", f"{work}/swapped_test_{{name}}.py", "{work}/swapped.pth", "--work-dir",
+                        f"{tmp_path}/{{name}}"]
+            runpy.run_path("{MMDET_TOOLS / 'test.py'}", run_name="__main__")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    stock = {name: 100 * float(re.search(r"coco/bbox_mAP: (-?[\d.]+)", chunk).group(1))
+             for name, chunk in re.findall(r"^SET (\w+)$(.*?)(?=^SET |\Z)", out.stdout, re.M | re.S)}
+    assert stock.keys() == set(SETS), out.stdout[-3000:]
+    for name in SETS:
+        assert abs(stock[name] - after[name]) <= 0.5, (stock, after)
+
+
+@pytest.fixture(scope="session")
+def train_tool_run(glyphs, pretrained_dino, tmp_path_factory):
+    """A short swap as a user runs it: mmdet's tools/train.py on a config file, every step logged, a forget
+    bound below the forget loss and an LR schedule in the config. Returns the work_dir and the log text."""
+    root = tmp_path_factory.mktemp("train_tool")
+    cfg = swap_cfg(glyphs, pretrained_dino, root / "work")
+    cfg.custom_hooks[0].update(learn_length="6steps", forget_length="6steps", forget_loss=dict(bnd=0.5))
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.log_processor = dict(by_epoch=False, window_size=1)  # each step's own time, not a running mean
+    # A schedule that would move the LR at every step: the swap keeps the optimizer's LR.
+    cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=1000)]
+    cfg.dump(str(root / "swap_dino.py"))
+    out = subprocess.run([sys.executable, str(MMDET_TOOLS / "train.py"), str(root / "swap_dino.py")],
+                         capture_output=True, text=True, cwd=root, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (log,) = (root / "work").glob("*/*.log")
+    return root / "work", log.read_text()
+
+
+def iteration_lines(log: str) -> dict[int, str]:
+    """The logged training iterations: iteration number -> its log line."""
+    return {int(m.group(1)): m.group(0) for m in re.finditer(r"Iter\(train\) \[\s*(\d+)/\d+\].*", log)}
+
+
+def test_log_holds_only_the_current_phase_terms(train_tool_run):
+    _, log = train_tool_run
+    lines = iteration_lines(log)
+    assert sorted(lines) == list(range(1, 13))
+    for it, line in lines.items():  # 1-6: learn phase (retain, learn); 7-12: forget phase (retain, forget)
+        assert ("learn_task" in line) == (it <= 6) and ("forget_task" in line) == (it > 6), line
+
+
+def test_log_times_steps_not_evaluations(train_tool_run):
+    _, log = train_tool_run
+    times = {it: float(re.search(r" time: ([\d.]+)", line).group(1)) for it, line in iteration_lines(log).items()}
+    # Steps 1 and 7 come right after evaluating the three sets (about 200 images, many steps' worth of work).
+    typical = statistics.median(times.values())
+    assert max(times[1], times[7]) < 3 * typical, times
+
+
+def test_log_names_the_checkpoint_folder_once(train_tool_run):
+    _, log = train_tool_run
+    assert log.count("Checkpoints will be saved to") == 1
+
+
+def test_swap_keeps_the_optimizer_lr(train_tool_run):
+    _, log = train_tool_run
+    lrs = {float(re.search(r" lr: (\S+)", line).group(1)) for line in iteration_lines(log).values()}
+    assert lrs == {2e-3}
+
+
+def test_inactive_forget_bound_is_reported(train_tool_run):
+    work, log = train_tool_run
+    bound = json.loads((work / "swap_report.json").read_text())["forget_bounds"]["1_forget"]
+    assert bound["active"] is False and bound["bnd"] == 0.5 and bound["measured_forget_loss"] > 0.5, bound
+    assert "WARNING - SwapHook: phase 1_forget: the forget-set task loss at the phase start" in log
+
+
+def test_relative_forget_bound_is_measured_once(glyphs, pretrained_dino, tmp_path):
+    """bnd_relative: the bound is the factor times the forget loss of the phase's first step, then fixed."""
+    cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "rel")
+    cfg.custom_hooks[0].update(order="joint", forget_length="2steps", forget_loss=dict(bnd=3.0, bnd_relative=True))
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    bound = json.loads((tmp_path / "rel" / "swap_report.json").read_text())["forget_bounds"]["0_joint"]
+    assert bound["relative"] and bound["active"], bound
+    assert bound["bnd"] == pytest.approx(3 * bound["measured_forget_loss"], rel=1e-6)
+    (log,) = Path(runner.log_dir).glob("*.log")
+    steps = iteration_lines(log.read_text())
+
+    def term(it: int, name: str) -> float:
+        return float(re.search(rf" {name}: ([-\d.]+)", steps[it]).group(1))
+
+    assert term(1, "forget_task") == pytest.approx(bound["measured_forget_loss"], abs=1e-3)
+    # step 2 works against the bound measured at step 1, not against 3x its own loss
+    assert term(2, "forget_bounded") == pytest.approx(0.2 * (bound["bnd"] - term(2, "forget_task")), abs=2e-3)
+
+
+class StopSwap(Exception):
+    """Raised by ``LoraProbe`` to end a run once it has looked."""
+
+
+@HOOKS.register_module(force=True)
+class LoraProbe(Hook):
+    """Records, as the swap starts (after mmengine's weight init and the checkpoint load), each LoRA A's largest
+    value relative to ``1/sqrt(fan_in)`` and whether every B is zero; then stops the run."""
+
+    seen: dict[str, float] = {}
+
+    def before_train(self, runner) -> None:
+        state = runner.model.state_dict()
+        LoraProbe.seen = {k: float(v.abs().max()) * math.sqrt(v.shape[1]) for k, v in state.items() if "lora_A" in k}
+        LoraProbe.seen["B"] = max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k)
+        raise StopSwap
+
+
+@pytest.mark.parametrize("reference_init", [True, False])
+def test_lora_init_follows_reference_init(glyphs, pretrained_dino, tmp_path, reference_init):
+    """reference_init=True: A ~ kaiming_uniform(a=sqrt(50)), bound sqrt(6/51)/sqrt(fan_in); False: peft's
+    kaiming_uniform(a=sqrt(5)), bound 1/sqrt(fan_in). B = 0 either way."""
+    cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "probe", lora=dict(reference_init=reference_init))
+    cfg.custom_hooks.append(dict(type="LoraProbe"))
+    with pytest.raises(StopSwap):
+        Runner.from_cfg(cfg).train()
+    seen = dict(LoraProbe.seen)
+    assert seen.pop("B") == 0 and seen
+    largest = max(seen.values())
+    # thousands of uniform draws per matrix: the largest sits at the bound
+    assert (largest <= math.sqrt(6 / 51) + 1e-6) if reference_init else (0.6 < min(seen.values()) <= largest <= 1)
 
 
 def test_swap_coco_dataset_keeps_global_labels(glyphs):
@@ -134,7 +284,7 @@ def test_hook_arguments_checked_at_construction(hook, message):
 @pytest.mark.parametrize("change, message", [
     (lambda cfg: cfg.custom_hooks[0].update(forget=dict(classes=("7",))), r"forget set names \['7'\]"),
     (lambda cfg: cfg.custom_hooks[0].update(retain=dict(classes=("0", "1"))), "both the forget and the retain"),
-    (lambda cfg: cfg.model.bbox_head.update(num_classes=4), "bbox_head has 4 outputs but the pretrained label"),
+    (lambda cfg: cfg.model.bbox_head.update(num_classes=4), "bbox_head has 4 outputs, but 3 pretrained classes"),
     (lambda cfg: cfg.custom_hooks[0]["learn"]["train"].update(ann_file="missing.json"), "missing.json"),
 ])
 def test_bad_input_fails_before_training(glyphs, pretrained_dino, tmp_path, change, message):
@@ -179,9 +329,6 @@ class StopAt:
 
 
 def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
-    from mmengine.hooks import Hook
-    from mmengine.registry import HOOKS
-
     stop = HOOKS.register_module(name="StopAtForTest", force=True, module=type("StopAtForTest", (StopAt, Hook), {}))
     work = tmp_path / "run"
     cfg = swap_cfg(glyphs, pretrained_dino, work, checkpoint_interval=10)
@@ -258,4 +405,7 @@ def test_swap_coco_dataset_on_real_photos(labelme_coco):
     from mmdet_swap.evaluation import coco_from_dataset
 
     coco = coco_from_dataset(people)
-    assert coco.getCatIds() == [joint.index("person")] and len(coco.getAnnIds()) == 6
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == joint  # the joint list, id = label + 1
+    assert coco.getCatIds(catNms=["person"]) == [joint.index("person") + 1] and len(coco.getAnnIds()) == 6
+    assert {a["category_id"] for a in coco.dataset["annotations"]} == {joint.index("person") + 1}
+    assert {im["file_name"] for im in coco.dataset["images"]} <= {im["file_name"] for im in raw["images"]}

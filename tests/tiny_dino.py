@@ -59,3 +59,23 @@ def tiny_dino_config(data_root: Path, classes: list[str], work_dir: Path, max_it
     cfg.work_dir = str(work_dir)
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=16)
     return cfg
+
+
+DIGITS = ["0", "1", "2"]
+LEARN = ["trouser", "bag"]
+
+
+def swap_cfg(glyphs, checkpoint, work_dir, **hook):
+    """The user's config plus only the three swap lines."""
+    cfg = tiny_dino_config(glyphs, DIGITS, work_dir)
+    cfg.custom_imports = dict(imports=["mmdet_swap"], allow_failed_imports=False)
+    learn = dict(classes=tuple(LEARN),
+                 train=dict(ann_file="fashion_train.json", data_prefix=dict(img="fashion_train/")),
+                 val=dict(ann_file="fashion_val.json", data_prefix=dict(img="fashion_val/")))
+    cfg.custom_hooks = [dict(type="SwapHook", forget=dict(classes=("0",)), learn=learn, learn_length="80steps",
+                             forget_length="80steps", **hook)]
+    cfg.load_from = str(checkpoint)
+    # A short swap needs a larger step than the reference's 1e-4 over 20 epochs.
+    cfg.optim_wrapper.optimizer.lr = 2e-3
+    cfg.optim_wrapper.clip_grad = dict(max_norm=1.0, norm_type=2)
+    return cfg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
@@ -33,6 +33,8 @@ class SwapCocoDataset(CocoDataset):
             self.cat2label = {cat: classes.index(self.coco.cats[cat]["name"]) for cat in self.cat_ids}
             self._labels_by_name = True
         info = super().parse_data_info(raw_data_info)
+        # The image's own file name, for writing the set back as a COCO file that resolves like this one.
+        info["file_name"] = raw_data_info["raw_img_info"]["file_name"]
         if self.keep_classes is not None:
             keep = {list(self.metainfo["classes"]).index(name) for name in self.keep_classes}
             info["instances"] = [i for i in info["instances"] if i["bbox_label"] in keep]

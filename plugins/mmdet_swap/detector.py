@@ -1,35 +1,44 @@
 """Turn a built mmdet DETR-style detector into a swapping one, in place.
 
 The detector keeps its class, module tree and state-dict keys (only LoRA keys are added): it becomes an
-instance of a subclass that computes the phase loss from per-role task losses and re-zeroes LoRA after
+instance of a subclass that computes the phase loss from per-role task losses and keeps LoRA as injected when
 mmengine re-runs ``init_weights``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from kswap import (
     GrownRows,
+    LossWeights,
     PhaseLoss,
     extend_embedding,
     extend_head,
     group_sparse_loss,
-    reinit_lora_,
+    lora_state_dict,
     sigmoid_prior_bias,
 )
 
 ROLE_KEY = "swap_role"
+# The phase-loss terms the detector logs (``retain_task``, ``forget_bounded``, ``group_sparse``, ...): mmengine
+# optimises keys containing "loss" and logs the rest.
+LOGGED_TERM_SUFFIXES = ("task", "bounded", "sparse")
+
+
+def logged_terms(terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The phase-loss terms to log, under mmengine-friendly names (``forget/task`` -> ``forget_task``)."""
+    return {k.replace("/", "_"): v for k, v in terms.items() if k.endswith(LOGGED_TERM_SUFFIXES)}
 
 
 class SwapDetectorMixin:
-    """Mixed into the detector's own class. ``_swap_phase`` returns the current phase (its loss weights) and
+    """Mixed into the detector's own class. ``_swap_weights`` returns the current phase's loss weights and
     ``_swap_groups`` the LoRA groups; batches carry each sample's role in ``metainfo['swap_role']``."""
 
-    _swap_phase: Callable[[], Any]
+    _swap_weights: Callable[[], LossWeights]
     _swap_groups: dict[str, list[nn.Parameter]]
 
     def loss(self, batch_inputs: torch.Tensor, batch_data_samples: list) -> dict[str, torch.Tensor]:
@@ -40,23 +49,29 @@ class SwapDetectorMixin:
         for role in dict.fromkeys(roles):
             idx = [i for i, r in enumerate(roles) if r == role]
             task[role] = super().loss(batch_inputs[idx], [batch_data_samples[i] for i in idx])
-        out = PhaseLoss(self._swap_phase().loss)(task, gs=group_sparse_loss(self._swap_groups))
-        # mmengine optimises keys containing "loss" and logs the rest.
-        logged = {k.replace("/", "_"): v for k, v in out.terms.items() if k.endswith(("task", "bounded", "sparse"))}
-        return {"loss": out.total, **logged}
+        out = PhaseLoss(self._swap_weights())(task, gs=group_sparse_loss(self._swap_groups))
+        return {"loss": out.total, **logged_terms(out.terms)}
 
     def init_weights(self) -> None:
+        # DETR init re-initialises every >1-D encoder/decoder tensor, LoRA included: put LoRA back as
+        # ``inject_lora`` left it (B = 0; A as ``LoraSettings.reference_init`` asked).
+        lora = {k: v.clone() for k, v in lora_state_dict(self).items()}
         super().init_weights()
-        # DETR init re-initialises every >1-D encoder/decoder tensor, LoRA included: restore B = 0.
-        reinit_lora_(self)
+        self.load_state_dict(lora, strict=False)
 
 
-def make_swap_detector(detector: nn.Module, phase: Callable[[], Any], groups: dict[str, list[nn.Parameter]]) -> None:
-    """Give ``detector`` the swap loss, in place (its class becomes a subclass of its own class)."""
+def make_swap_detector(detector: nn.Module, weights: Callable[[], LossWeights],
+                       groups: dict[str, list[nn.Parameter]]) -> None:
+    """Give ``detector`` the swap loss, in place (its class becomes a subclass of its own class).
+
+    Args:
+        weights: returns the loss weights of the current step (the phase's, with its forget bound resolved).
+        groups: the LoRA groups of the group-sparse penalty.
+    """
     base = type(detector)
     if not isinstance(detector, SwapDetectorMixin):
         detector.__class__ = type(f"Swap{base.__name__}", (SwapDetectorMixin, base), {})
-    detector._swap_phase = phase
+    detector._swap_weights = weights
     detector._swap_groups = groups
 
 

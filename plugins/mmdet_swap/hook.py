@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from mmdet.registry import DATASETS
+from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
+from mmengine.dist import all_reduce
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPERS, OPTIMIZERS
@@ -32,6 +35,7 @@ from kswap import (
     PRESETS,
     InfiniteLoader,
     LabelSpace,
+    LossWeights,
     Phase,
     PhaseScheduler,
     SwapConfig,
@@ -42,6 +46,7 @@ from kswap import (
     check_head_size,
     freeze_all_but_lora_,
     grow_checkpoint_rows,
+    hidden_new_classes,
     inject_lora,
     lora_groups,
     merge_and_export,
@@ -49,7 +54,7 @@ from kswap import (
     validate_lora_state,
 )
 
-from .detector import extend_dino_classes, make_swap_detector
+from .detector import LOGGED_TERM_SUFFIXES, extend_dino_classes, make_swap_detector
 from .evaluation import bbox_map, coco_from_dataset
 from .loop import SwapTrainLoop
 
@@ -68,11 +73,12 @@ class SwapHook(Hook):
         order: phase order (``learn_then_forget`` is the recommended one).
         learn_length, forget_length: ``'500steps'`` or ``'20epochs'`` (epochs of the retain-side loader).
         learn_loss, forget_loss: loss-weight overrides over the detection preset (bnd 15, beta 0.2, alpha 0.01,
-            learn weight 0.9).
+            learn weight 0.9); ``forget_loss=dict(bnd=3, bnd_relative=True)`` bounds the forget loss at 3x its
+            value measured at the forget phase start.
         lora: LoRA overrides (rank 8, scaling 1/8, targets ``mmdet_dino``).
         batch_size: images per role per step (default: the config's train batch size).
         checkpoint_interval: also save a resumable checkpoint every N steps (0: at phase ends only).
-        out_dir: where the report and the merged export go (default: the run's work_dir).
+        out_dir: where the report, the merged export and its stock test configs go (default: the run's work_dir).
     """
 
     priority = "VERY_HIGH"
@@ -130,7 +136,8 @@ class SwapHook(Hook):
         inject_lora(model, self.config.lora)
         freeze_all_but_lora_(model)
         self.groups = lora_groups(model, self.config.lora.group_by)
-        make_swap_detector(model, lambda: self.scheduler.phase, self.groups)
+        # A function, not a bound method: merge_and_export deep-copies the model, which would copy the hook too.
+        make_swap_detector(model, lambda: self._step_weights(), self.groups)
         model.dataset_meta = {**(getattr(model, "dataset_meta", None) or {}), "classes": self.space.names}
         self.model = model
         runner.model = runner.wrap_model(runner.cfg.get("model_wrapper_cfg"), model) if runner.distributed else model
@@ -148,6 +155,11 @@ class SwapHook(Hook):
         runner.logger.info(f"SwapHook: LoRA in {len(self.groups)} groups; classes {self.space.num_pretrained} -> "
                            f"{self.space.num_classes}; phases {[p.name for p in phases]} of "
                            f"{self.scheduler.phase_steps} steps")
+
+    def _step_weights(self) -> LossWeights:
+        """The current phase's loss weights, its relative forget bound resolved once measured."""
+        phase = self.scheduler.phase
+        return self.report.phase_weights(phase.name, phase.loss)
 
     def _lora_optim_wrapper(self, runner: Any) -> Any:
         """The config's optimizer and wrapper type over the trainable (LoRA) parameters only."""
@@ -169,7 +181,7 @@ class SwapHook(Hook):
         if saved is not None:
             torch.set_rng_state(saved["rng"])  # DINO's denoising queries draw from it
             self.scheduler.load_state_dict(saved["scheduler"])
-            for roles, states in zip(self.phase_loaders, saved["loaders"]):
+            for roles, states in zip(self.phase_loaders, saved["loaders"], strict=True):
                 for role, it in roles.items():
                     it.load_state_dict(states[role])
             self.report = SwapReport.from_dict(saved["report"])
@@ -206,10 +218,11 @@ class SwapHook(Hook):
 
     def _build_data(self, runner: Any) -> None:
         self.train_sets = {name: self._dataset_cfg(runner, name, "train") for name in SETS}
-        self.eval = {}
+        self.eval, self.eval_cfgs = {}, {}
         batch_size = runner.cfg.val_dataloader.get("batch_size", 1)
         for name in SETS:
-            dataset = DATASETS.build(self._dataset_cfg(runner, name, "val"))
+            self.eval_cfgs[name] = self._dataset_cfg(runner, name, "val")
+            dataset = DATASETS.build(self.eval_cfgs[name])
             if len(dataset) == 0:
                 raise SwapConfigError(f"SwapHook: the {name} set has no validation images with its classes.")
             # Every rank scores the whole set (a sharded sampler would give each rank a different mAP).
@@ -244,13 +257,31 @@ class SwapHook(Hook):
 
     def before_swap(self, runner: Any) -> None:
         if self.report.before is None:
-            self.report.set_before(self.scores())
+            # The pretrained model's scores: the grown classes' outputs hidden, LoRA still zero.
+            with hidden_new_classes(self.model, self.grown):
+                self.report.set_before(self.scores())
             runner.logger.info(f"SwapHook: before {self.report.before}")
 
     def start_phase(self, runner: Any, phase: Phase) -> None:
         if phase.index > 0 and self.config.reset_optimizer_between_phases:
             runner.optim_wrapper = self._lora_optim_wrapper(runner)
+        # The logger averages every scalar of the message hub: drop the last phase's terms (e.g. learn_task in a
+        # forget phase) so that only this phase's are logged.
+        hub = runner.message_hub.log_scalars
+        for key in [k for k in hub if k.startswith("train/") and k.endswith(LOGGED_TERM_SUFFIXES)]:
+            del hub[key]
         runner.logger.info(f"SwapHook: phase {phase.name} ({self.scheduler.phase_steps[phase.index]} steps)")
+
+    def check_forget_bound(self, runner: Any, phase: Phase, outputs: Mapping[str, torch.Tensor]) -> None:
+        """After the first step of a phase with a forget role: record the forget loss it starts from (which
+        resolves a relative bound, the same on every rank) and warn when the bound is inactive."""
+        if "forget" not in phase.sources or phase.name in self.report.forget_bounds:
+            return
+        measured = outputs["forget_task"].detach().clone().float()
+        all_reduce(measured, op="mean")
+        warning = self.report.start_forget_phase(phase.name, phase.loss, float(measured))
+        if warning:
+            runner.logger.warning(f"SwapHook: {warning}")
 
     def end_phase(self, runner: Any, phase: Phase) -> None:
         scores = self.scores()
@@ -267,4 +298,41 @@ class SwapHook(Hook):
         plain = merge_and_export(self.model)
         meta = {"dataset_meta": {"classes": list(self.space.names)}, "kswap": {"report": str(paths["json"])}}
         atomic_save({"state_dict": plain.state_dict(), "meta": json.loads(json.dumps(meta))}, out / "swapped.pth")
+        self._write_stock_test_configs(runner, out)
         runner.logger.info("\n" + self.report.to_markdown())
+        runner.logger.info(f"SwapHook: score {out / 'swapped.pth'} with mmdet's tools/test.py "
+                           f"{out / 'swapped_test_<set>.py'} {out / 'swapped.pth'} (set: {', '.join(SETS)})")
+
+    def _write_stock_test_configs(self, runner: Any, out: Path) -> None:
+        """What mmdet's ``tools/test.py`` needs to score ``swapped.pth`` per set in the joint label space.
+
+        ``swapped_config.py``: the run's config without the swap, with ``num_classes`` = old + new and
+        ``load_from`` the merged model. Per set, ``swapped_<set>.json`` (the set's validation images and
+        annotations; categories: the joint class list, ``id`` = label + 1) and ``swapped_test_<set>.py``,
+        which inherits ``swapped_config.py`` and tests on that file with ``CocoMetric``.
+        """
+        cfg = copy.deepcopy(runner.cfg)
+        cfg.custom_hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") not in ("SwapHook", SwapHook)]
+        imports = (cfg.get("custom_imports") or {}).get("imports", [])
+        imports = [m for m in ([imports] if isinstance(imports, str) else imports) if m.split(".")[0] != "mmdet_swap"]
+        if imports:
+            cfg.custom_imports.imports = imports
+        else:
+            cfg.pop("custom_imports", None)
+        cfg.model.bbox_head.num_classes = self.space.num_classes
+        cfg.load_from, cfg.resume = str(out / "swapped.pth"), False
+        atomic_write_text(out / "swapped_config.py", cfg.pretty_text)
+        for name, (loader, gt) in self.eval.items():
+            ann_file = out / f"swapped_{name}.json"
+            atomic_write_text(ann_file, json.dumps(gt.dataset))
+            dataset = {k: v for k, v in self.eval_cfgs[name].items() if k != "keep_classes"}
+            dataset.update(_delete_=True, type="CocoDataset", ann_file=str(ann_file), test_mode=True,
+                           metainfo=dict(classes=tuple(self.space.names)))
+            test = Config(dict(
+                test_dataloader=dict(batch_size=loader.batch_size, dataset=dataset),
+                test_evaluator=dict(_delete_=True, type="CocoMetric", ann_file=str(ann_file), metric="bbox",
+                                    format_only=False)))
+            atomic_write_text(out / f"swapped_test_{name}.py",
+                              f"# swapped.pth on the {name} set, joint label space: mmdet's tools/test.py "
+                              f"swapped_test_{name}.py swapped.pth\n_base_ = ['./swapped_config.py']\n\n"
+                              f"{test.pretty_text}")

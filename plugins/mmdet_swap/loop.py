@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mmengine.hooks import IterTimerHook
 from mmengine.runner import BaseLoop
 
 from .detector import ROLE_KEY
@@ -21,6 +22,14 @@ def merge_batches(batches: dict[str, dict[str, list]]) -> dict[str, list]:
         merged["inputs"].extend(batch["inputs"])
         merged["data_samples"].extend(batch["data_samples"])
     return merged
+
+
+def restart_iter_timers(runner: Any) -> None:
+    """Restart mmengine's iteration timers after work between two steps (an evaluation), which they would
+    otherwise count as the next step's time and in the ETA (mmengine's own loops restart them before validating)."""
+    for hook in runner.hooks:
+        if isinstance(hook, IterTimerHook):
+            hook.before_train_epoch(runner)
 
 
 class SwapTrainLoop(BaseLoop):
@@ -60,6 +69,7 @@ class SwapTrainLoop(BaseLoop):
         # The whole swap is one "epoch" for the hooks that keep per-epoch state (timers, loggers).
         runner.call_hook("before_train_epoch")
         swap.before_swap(runner)
+        restart_iter_timers(runner)
         self.dataloader = swap.retain_side_loader()
         while not swap.scheduler.done:
             phase = swap.scheduler.phase
@@ -70,10 +80,12 @@ class SwapTrainLoop(BaseLoop):
             runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
             runner.model.train()
             outputs = runner.model.train_step(data_batch, optim_wrapper=runner.optim_wrapper)
+            swap.check_forget_bound(runner, phase, outputs)
             runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
             self._iter += 1
             if swap.scheduler.step():
                 swap.end_phase(runner, phase)
+                restart_iter_timers(runner)
             elif not swap.scheduler.done:
                 swap.after_step(runner)
         runner.call_hook("after_train_epoch")

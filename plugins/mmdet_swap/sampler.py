@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sized
+from collections.abc import Sized
 
 from mmengine.dist import get_dist_info, sync_random_seed
 from mmengine.registry import DATA_SAMPLERS
