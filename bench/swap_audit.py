@@ -5,8 +5,8 @@ fine-tuning on R∪L (no forgetting term) and unbounded gradient ascent, and aud
 scratch on R∪L) the same way. Per model: forget accuracy, a linear probe separating forgotten from retained
 digits on the pre-logits (balanced accuracy, 50 = chance), and the forget accuracy after the relearn attack
 (5 images per forgotten digit, every weight fine-tuned). The oracle has no output for the forgotten digits: its
-attack first adds two zero rows to its head, so its relearn score is what 5 shots teach a model that never
-learned them.
+audit first adds two new rows to its head (xavier, bias 0, as the swap adds a class), so its relearn score is what
+5 shots teach a model that never learned them.
 
 Usage: ``python bench/swap_audit.py [--out bench/results/swap_audit.json] [--relearn-steps 50 --relearn-lr 1e-4]``
 """
@@ -56,8 +56,9 @@ def audited_oracle(roots: dict[str, Path], out: Path, steps: int, lr: float) -> 
 
     ctx, names, _ = train_oracle(roots, out)
     model = ctx.model.eval()
-    # rows for the forgotten digits, after the oracle's 12 classes, predicting nothing until the attack trains them
-    model.head = extend_head(model.head, len(FORGET), init="zeros", bias=-20.0, trainable=True)
+    # rows for the forgotten digits after the oracle's 12 classes, initialised as the swap initialises a new class
+    # (xavier, bias 0): the attack then teaches them from the same 5 shots the other models get
+    model.head = extend_head(model.head, len(FORGET), trainable=True)
     digit_ids = {d: len(names) + i for i, d in enumerate(FORGET)}
 
     def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:

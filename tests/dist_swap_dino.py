@@ -13,6 +13,8 @@ from mmengine.runner import Runner
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_dino import swap_cfg  # noqa: E402
 
+import mmdet_swap  # noqa: E402,F401  (custom_imports is applied by Config.fromfile, not by a Config built in code)
+
 glyphs, checkpoint, work = (Path(a) for a in sys.argv[1:4])
 cfg = swap_cfg(glyphs, checkpoint, work)
 cfg.custom_hooks[0].update(learn_length="10steps", forget_length="10steps")
