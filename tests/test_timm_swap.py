@@ -396,3 +396,22 @@ def test_audit_reports_probe_relearn_and_neighbour_mass(digit_folders, pretraine
     exported = load_checkpoint(out / "model_swapped.pth")["state_dict"]
     merged = merge_and_export(ctx.model).state_dict()
     assert exported.keys() == merged.keys() and all(torch.equal(exported[k], v) for k, v in merged.items())
+
+
+def test_imprinted_head_rows_point_at_the_new_classes(digit_folders, pretrained, tmp_path):
+    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "imprint", "--swap-head-init", "imprint",
+                         "--swap-learn-length", "1steps", "--swap-forget-length", "1steps"))
+    model = ctx.model.eval()
+    new_rows, old_rows = model.head.weight[8:].detach(), model.head.weight[:8].detach()
+    torch.testing.assert_close(new_rows.norm(dim=1), old_rows.norm(dim=1).mean().expand(2))
+    torch.testing.assert_close(model.head.bias[8:], model.head.bias[:8].mean().expand(2))
+    # each imprinted row points at its own class's mean feature (validation images), more than at the other's
+    from timm_swap.data import image_folder
+
+    learn = image_folder(digit_folders / "new", "val", ctx.data_config, class_map={"eight": 0, "nine": 1})
+    x, y = zip(*[learn[i] for i in range(len(learn))], strict=True)
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(torch.stack(x)), pre_logits=True)
+    means = torch.stack([feats[torch.tensor(y) == c].mean(0) for c in (0, 1)])
+    cosine = torch.nn.functional.normalize(new_rows, dim=1) @ torch.nn.functional.normalize(means, dim=1).T
+    assert cosine[0, 0] > cosine[0, 1] and cosine[1, 1] > cosine[1, 0] and cosine.diagonal().min() > 0.5, cosine

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from kswap import (
@@ -44,6 +45,7 @@ from kswap import (
     freeze_all_but_lora_,
     group_sparse_loss,
     hidden_new_classes,
+    imprinted_rows,
     inject_lora,
     lora_groups,
     merge_and_export,
@@ -63,11 +65,16 @@ from .data import (
     resolve_split,
     resumable_loader,
     subset_by_labels,
+    targets,
 )
 from .evaluation import evaluate_top1
 from .hookspecs import hookimpl
 
 _logger = logging.getLogger(__name__)
+
+# Images per new class whose mean feature imprints its head row (--swap-head-init imprint): the mean of a few
+# dozen is stable, and the pass stays cheap before training on ImageNet-sized learn sets.
+IMPRINT_IMAGES = 64
 
 # CLI flag -> (loss-weights field, phases it sets).
 _LOSS_FLAGS = {
@@ -162,6 +169,9 @@ class SwapPlugin:
         g.add_argument("--swap-lora-scaling", type=float, default=None, help="LoRA scaling (0.125)")
         g.add_argument("--swap-lora-targets", default=None, help="regex or preset of the LoRA targets (timm_vit)")
         g.add_argument("--swap-lora-dropout", type=float, default=0.0)
+        g.add_argument("--swap-head-init", default="xavier_uniform", choices=("xavier_uniform", "zeros", "imprint"),
+                       help="new class rows: xavier (reference), zeros, or imprinted from the learn images' mean "
+                            "pre-logit features, scaled to the old rows' norm (bias: the old rows' mean)")
         g.add_argument("--swap-train-fraction", type=float, default=1.0,
                        help="random fraction of the forget/retain train images used (reference: 0.1)")
         g.add_argument("--swap-eval-interval", type=int, default=0, metavar="N",
@@ -239,7 +249,13 @@ class SwapPlugin:
         if not isinstance(head, nn.Linear):
             raise SwapConfigError(f"{ctx.args.model}'s classifier {head_name} is not a Linear layer.")
         check_head_size(head.out_features, self.space.num_pretrained, where=f"classifier {head_name}")
-        replace_module(model, head_name, extend_head(head, len(self.space.new)))
+        init = ctx.args.swap_head_init
+        if init == "imprint":
+            rows = dict(new_weight=imprinted_rows(head.weight, self._learn_features(model, ctx)),
+                        bias=float(head.bias.mean()) if head.bias is not None else 0.0)
+        else:
+            rows = dict(init=init)
+        replace_module(model, head_name, extend_head(head, len(self.space.new), **rows))
         rows = GrownRows(old=head.out_features, new=head.out_features + len(self.space.new))
         self.grown = {f"{head_name}.weight": rows, f"{head_name}.bias": rows}
         inject_lora(model, self.config.lora)
@@ -249,6 +265,26 @@ class SwapPlugin:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
             tqdm.write(f"swap: LoRA in {len(self.groups)} groups, {n} trainable parameters; head "
                        f"{head.out_features} -> {head.out_features + len(self.space.new)} classes (frozen)")
+
+    @torch.no_grad()
+    def _learn_features(self, model: nn.Module, ctx: TrainContext) -> torch.Tensor:
+        """Per new class, the mean pre-logit feature of (up to ``IMPRINT_IMAGES`` of) its train images."""
+        args = ctx.args
+        dataset = image_folder(args.swap_learn_dir, resolve_split(args.swap_learn_dir, args.train_split),
+                               ctx.data_config, class_map={name: i for i, name in enumerate(self.space.new)})
+        labels = torch.tensor(targets(dataset))
+        gen = torch.Generator().manual_seed(args.seed)
+        keep: list[int] = []
+        for c in range(len(self.space.new)):
+            idx = torch.nonzero(labels == c).flatten()
+            keep += idx[torch.randperm(len(idx), generator=gen)[:IMPRINT_IMAGES]].tolist()
+        was_training = model.training
+        model.eval()
+        feats, ys = zip(*((model.forward_head(model.forward_features(x), pre_logits=True).float(), y)
+                          for x, y in DataLoader(Subset(dataset, keep), batch_size=args.batch_size)), strict=True)
+        model.train(was_training)
+        feats, ys = torch.cat(feats), torch.cat(ys)
+        return torch.stack([feats[ys == c].mean(0) for c in range(len(self.space.new))])
 
     @hookimpl
     def build_loaders(self, ctx: TrainContext) -> dict[str, Any]:
