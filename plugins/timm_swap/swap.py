@@ -252,7 +252,7 @@ class SwapPlugin:
         init = ctx.args.swap_head_init
         if init == "imprint":
             rows = dict(new_weight=imprinted_rows(head.weight, self._learn_features(model, ctx)),
-                        bias=float(head.bias.mean()) if head.bias is not None else 0.0)
+                        bias=float(head.bias.detach().mean()) if head.bias is not None else 0.0)
         else:
             rows = dict(init=init)
         replace_module(model, head_name, extend_head(head, len(self.space.new), **rows))
