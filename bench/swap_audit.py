@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +24,7 @@ sys.path.insert(0, str(ROOT / "demo"))
 sys.path.insert(0, str(ROOT / "bench"))
 from prepare_data import prepare  # noqa: E402
 from swap_mnist import pretrained_checkpoint  # noqa: E402
-from swap_quality import METHODS, TRAIN, train_oracle  # noqa: E402
+from swap_quality import METHODS, swap_report, train_oracle  # noqa: E402
 
 AUDITED = ["learn_then_forget", "forget_then_learn", "finetune R∪L", "unbounded GA"]
 FORGET = ["0", "1"]
@@ -34,14 +32,9 @@ COLUMNS = ("forget_score", "probe_forget_vs_retain", "relearn_forget_score")
 
 
 def audited_swap(name: str, roots: dict[str, Path], ckpt: Path, out: Path, attack: list[str]) -> dict:
-    exp = name.replace(" ", "_").replace("∪", "u")
-    cmd = [sys.executable, str(TRAIN), "-c", str(ROOT / "demo" / "swap.yaml"), "--data-dir", str(roots["mnist"]),
-           "--swap-learn-dir", str(roots["fashion"]), "--initial-checkpoint", str(ckpt), "--output", str(out),
-           "--experiment", exp, "--no-progress", "--log-interval", "0", "--swap-audit", *attack, *METHODS[name]]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    audit = json.loads((out / exp / "swap_report.json").read_text())["audit"]
-    return {"pretrained": audit["pretrained"], "swapped": audit["swapped"], "wall_s": time.perf_counter() - start}
+    report, wall = swap_report(name, ["--swap-audit", *attack, *METHODS[name]], roots, ckpt, out)
+    audit = report["audit"]
+    return {"pretrained": audit["pretrained"], "swapped": audit["swapped"], "wall_s": wall}
 
 
 def audited_oracle(roots: dict[str, Path], out: Path, steps: int, lr: float) -> dict:

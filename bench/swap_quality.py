@@ -44,7 +44,8 @@ METHODS = {
 }
 
 
-def run_swap(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, out: Path) -> dict:
+def swap_report(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, out: Path) -> tuple[dict, float]:
+    """Run the demo's swap with ``extra`` flags as experiment ``name``; its swap_report.json and the wall time."""
     exp = name.replace(" ", "_").replace("∪", "u")
     cmd = [sys.executable, str(TRAIN), "-c", str(ROOT / "demo" / "swap.yaml"), "--data-dir", str(roots["mnist"]),
            "--swap-learn-dir", str(roots["fashion"]), "--initial-checkpoint", str(ckpt), "--output", str(out),
@@ -52,7 +53,11 @@ def run_swap(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, ou
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    report = json.loads((out / exp / "swap_report.json").read_text())
+    return json.loads((out / exp / "swap_report.json").read_text()), wall
+
+
+def run_swap(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, out: Path) -> dict:
+    report, wall = swap_report(name, extra, roots, ckpt, out)
     return {**report["metrics"]["after"], "hmean": report.get("hmean", 0.0), "wall_s": wall,
             "before": report["metrics"]["before"]}
 
