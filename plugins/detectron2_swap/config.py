@@ -10,9 +10,11 @@ default) nothing changes.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from detectron2.config import CfgNode as CN
 
-from kswap import PRESETS, LoraSettings, LossWeights, PhaseLength, SwapConfig, SwapConfigError
+from kswap import PRESETS, AuditSettings, LoraSettings, LossWeights, PhaseLength, SwapConfig, SwapConfigError
 
 # cfg.SWAP.SOLVER.LR_SCHEDULER_NAME of the reference's constant LR (detectron2 has no scheduler of that name).
 CONSTANT_LR = "Constant"
@@ -92,6 +94,19 @@ def add_swap_config(cfg: CN) -> None:
     # Mask2Former's SOLVER.BACKBONE_MULTIPLIER (pretraining: 0.1); set only where the config has that key.
     cfg.SWAP.SOLVER.BACKBONE_MULTIPLIER = 1.0
 
+    # The unlearning audit after the swap (``audit.py``): linear probes on mask-pooled features, a relearn attack
+    # and the neighbour mass, for the pretrained and the swapped model. The other keys are kswap.AuditSettings'
+    # fields, upper-cased, with its defaults (RELEARN_SHOTS 5, RELEARN_STEPS 50, RELEARN_LR 1e-4, ...).
+    cfg.SWAP.AUDIT = CN()
+    cfg.SWAP.AUDIT.ENABLED = False
+    for field in fields(AuditSettings):
+        cfg.SWAP.AUDIT[field.name.upper()] = field.default
+    # The module whose first 4-D input is the per-pixel feature map the probes pool ("": sem_seg_head.predictor,
+    # i.e. Mask2Former's pixel-decoder mask features or a SemanticSegmentor head's last features).
+    cfg.SWAP.AUDIT.FEATURES = ""
+    # The probes see at most this many images of each forget / retain dataset (a seeded draw).
+    cfg.SWAP.AUDIT.PROBE_IMAGES = 500
+
 
 def solver_overrides(cfg: CN) -> dict[str, object]:
     """The ``SOLVER`` values a swap trains with, from ``cfg.SWAP.SOLVER``, as ``{"SOLVER.BASE_LR": 1e-4, ...}``."""
@@ -104,6 +119,19 @@ def solver_overrides(cfg: CN) -> dict[str, object]:
     if "BACKBONE_MULTIPLIER" in cfg.SOLVER:
         values["SOLVER.BACKBONE_MULTIPLIER"] = s.BACKBONE_MULTIPLIER
     return values
+
+
+def audit_settings_from_cfg(cfg: CN) -> AuditSettings:
+    """The ``AuditSettings`` of ``cfg.SWAP.AUDIT``; raises ``SwapConfigError`` naming a key out of range."""
+    a = cfg.SWAP.AUDIT
+    settings = AuditSettings(**{f.name: a[f.name.upper()] for f in fields(AuditSettings)})
+    for key in ("PROBE_STEPS", "RELEARN_SHOTS", "PROBE_IMAGES", "NEIGHBOURS"):
+        if not a[key] >= 1:
+            raise SwapConfigError(f"cfg.SWAP.AUDIT.{key} must be >= 1, got {a[key]!r}.")
+    if not (a.RELEARN_STEPS >= 0 and a.RELEARN_LR > 0):
+        raise SwapConfigError(f"cfg.SWAP.AUDIT.RELEARN_STEPS must be >= 0 and RELEARN_LR > 0, got "
+                              f"{a.RELEARN_STEPS!r} and {a.RELEARN_LR!r}.")
+    return settings
 
 
 def swap_config_from_cfg(cfg: CN) -> SwapConfig:

@@ -81,18 +81,18 @@ def per_class_iou(confusion: np.ndarray, class_names: Sequence[str],
 
 
 def score_sets(model: nn.Module, plan: SwapPlan, build_test_loader: Callable[[str], Iterable],
-               distributed: bool = True) -> dict[str, float] | None:
-    """Per set, the mean IoU of its classes over its test datasets (their confusion counts summed); ``None`` on
-    non-main processes. A dataset that several sets are scored on is run once.
+               distributed: bool = True, sets: Sequence[str] = SETS) -> dict[str, float] | None:
+    """Per set of ``sets``, the mean IoU of its classes over its test datasets (their confusion counts summed);
+    ``None`` on non-main processes. A dataset that several sets are scored on is run once.
 
     Every process must call it: each runs its shard of the test loaders.
     """
     confusion = {}
-    for dataset in dict.fromkeys(d for name in SETS for d in plan.test[name]):
+    for dataset in dict.fromkeys(d for name in sets for d in plan.test[name]):
         evaluator = SetSemSegEvaluator(dataset, plan.space.names, plan.score_table(dataset), distributed)
         inference_on_dataset(model, build_test_loader(dataset), evaluator)
         confusion[dataset] = evaluator.confusion  # the gathered counts, on the main process
     if not comm.is_main_process():
         return None
     return {name: per_class_iou(sum(confusion[d] for d in plan.test[name]), plan.space.names,
-                                plan.sets[name])["mIoU"] for name in SETS}
+                                plan.sets[name])["mIoU"] for name in sets}

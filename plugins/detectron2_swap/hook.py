@@ -6,7 +6,8 @@ phase end it scores forget / retain / learn, records them in the swap report and
 (phase position, report, the phase's LR schedule) is part of the trainer's checkpoints, so ``--resume``
 continues the phase. "Before" is the pretrained model's score (the grown rows hidden); each forget phase records
 its forget loss at the start against the bound (resolving a relative one). After the last phase it writes the
-report, the merged plain model and the sets' joint-label test data for detectron2's stock evaluation.
+report, the merged plain model and the sets' joint-label test data for detectron2's stock evaluation, then runs
+the unlearning audit when given one (on copies, after the outputs are written) and adds it to the report.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class SwapHook(HookBase):
             (the reference's restart at 3000); 0 chains from the final weights.
         write_config: writes the host's config for the merged model (``config_swapped.yaml``) with the other
             outputs, before any later hook (such as an evaluation) can fail.
+        audit: the unlearning audit of the prepared model (``SwapReport.audit``), called by every process after
+            the outputs are written (e.g. ``audit.SegmentationAudit``).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class SwapHook(HookBase):
         eval_period: int = 0,
         chain_from_iter: int = 0,
         write_config: Callable[[], Path] | None = None,
+        audit: Callable[[nn.Module], dict[str, Any]] | None = None,
     ) -> None:
         self.plan = plan
         self.model = model
@@ -82,6 +86,7 @@ class SwapHook(HookBase):
         self.eval_period = eval_period
         self.chain_from_iter = chain_from_iter
         self.write_config = write_config
+        self.audit = audit
         self.scheduler = PhaseScheduler(plan.phases, fingerprint=plan.config.fingerprint())
         chained = self.scheduler.phase_steps[:-1]
         if chain_from_iter and chained and chain_from_iter >= min(chained):
@@ -128,8 +133,16 @@ class SwapHook(HookBase):
                 self.trainer.storage.put_scalars(**{f"swap/mIoU_{k}": v for k, v in scores.items()})
 
     def after_train(self) -> None:
-        if self.scheduler.done and comm.is_main_process():
+        if not self.scheduler.done:
+            return
+        if comm.is_main_process():
             self.export()
+        if self.audit is not None:
+            logger.info("Swap: unlearning audit of the pretrained and the swapped model")
+            self.report.audit = self.audit(self.model)
+            if comm.is_main_process():
+                self.report.write(self.out_dir)
+                logger.info("Swap report with the audit:\n" + self.report.to_markdown())
 
     # -- phases -------------------------------------------------------------------------------------------------
     def start_phase(self, phase: Phase) -> None:

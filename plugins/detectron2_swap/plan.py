@@ -8,7 +8,7 @@ counts every labelled pixel (``SwapPlan.score_table``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -151,12 +151,20 @@ class SwapPlan:
         for name in dict.fromkeys(d for s in sources for d in self.train[s]):
             tables[name] = table = self.label_table(name, self.target_sets(sources), self.ignore_value)
             alias = swap_dataset_name(name, sources)
-            if alias in DatasetCatalog.list():
-                continue
-            DatasetCatalog.register(alias, lambda name=name, table=table: _role_records(name, table, self.ignore_value))
-            meta = {k: v for k, v in MetadataCatalog.get(name).as_dict().items() if k != "name"}
-            MetadataCatalog.get(alias).set(**meta)
+            if alias not in DatasetCatalog.list():
+                register_alias(name, alias,
+                               lambda name=name, table=table: _role_records(name, table, self.ignore_value))
         return tables
+
+
+def register_alias(name: str, alias: str, records: Callable[[], list[dict]]) -> None:
+    """Register ``records`` as dataset ``alias`` with ``name``'s metadata (the user's mapper reads it), replacing
+    an earlier ``alias``."""
+    if alias in DatasetCatalog.list():
+        DatasetCatalog.remove(alias)
+        MetadataCatalog.remove(alias)
+    DatasetCatalog.register(alias, records)
+    MetadataCatalog.get(alias).set(**{k: v for k, v in MetadataCatalog.get(name).as_dict().items() if k != "name"})
 
 
 def read_label_ids(path: str, table: np.ndarray) -> np.ndarray:

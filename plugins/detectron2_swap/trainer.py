@@ -8,9 +8,9 @@ acts at each of these points: the model is grown, LoRA-injected and frozen insid
 optimizer sees only LoRA and DDP wraps the final module), the train loader follows the phases, the checkpointer
 maps the pretrained weights, and a ``SwapHook`` runs the phases. ``SOLVER.MAX_ITER`` becomes the swap's length and
 ``SWAP.SOLVER`` gives the LR, LR schedule, AMP and backbone multiplier the user's optimizer and schedule are built
-with. detectron2's ``EvalHook`` is left out: the grown model predicts classes that the evaluators of
-``DATASETS.TEST`` do not know, and the swap scores its own sets. With ``SWAP.ENABLED: False`` the trainer is the
-user's, unchanged.
+with; ``SWAP.AUDIT.ENABLED`` adds the unlearning audit to the report. detectron2's ``EvalHook`` is left out: the
+grown model predicts classes that the evaluators of ``DATASETS.TEST`` do not know, and the swap scores its own
+sets. With ``SWAP.ENABLED: False`` the trainer is the user's, unchanged.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kswap import SwapConfigError, atomic_write_text
 
+from .audit import SegmentationAudit, probed_modules
 from .checkpoint import SwapCheckpointer
-from .config import CONSTANT_LR, solver_overrides
+from .config import CONSTANT_LR, audit_settings_from_cfg, solver_overrides
 from .data import SwapDataLoader
 from .evaluation import score_sets
 from .export import swapped_test_datasets
@@ -70,6 +71,7 @@ class SwapTrainerMixin:
             return
         # Everything the swap needs from the config and the catalogs is checked before a model is built.
         self.swap_plan = SwapPlan.from_cfg(cfg)
+        self.swap_audit = audit_settings_from_cfg(cfg) if cfg.SWAP.AUDIT.ENABLED else None
         self.swap_user_cfg = cfg  # what config_swapped.yaml is written from: the user's SOLVER, not the swap's
         total = sum(p.length.steps for p in self.swap_plan.phases)
         super().__init__(_with(cfg, {"SOLVER.MAX_ITER": total, **solver_overrides(cfg)}))
@@ -94,12 +96,12 @@ class SwapTrainerMixin:
         if not swap_enabled(cfg):
             return super().build_train_loader(cfg)
         batch = cfg.SWAP.IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH
-        parent = super()
+        return SwapDataLoader(SwapPlan.from_cfg(cfg), lambda datasets: cls.users_train_loader(cfg, datasets, batch))
 
-        def build(datasets: tuple[str, ...]) -> Any:
-            return parent.build_train_loader(_with(cfg, {"DATASETS.TRAIN": datasets, "SOLVER.IMS_PER_BATCH": batch}))
-
-        return SwapDataLoader(SwapPlan.from_cfg(cfg), build)
+    @classmethod
+    def users_train_loader(cls, cfg: CfgNode, datasets: tuple[str, ...], batch: int) -> Any:
+        """The user's ``build_train_loader`` over ``datasets`` with ``batch`` images per step."""
+        return super().build_train_loader(_with(cfg, {"DATASETS.TRAIN": datasets, "SOLVER.IMS_PER_BATCH": batch}))
 
     def build_hooks(self) -> list:
         if not swap_enabled(self.cfg):
@@ -123,6 +125,7 @@ class SwapTrainerMixin:
             chain_from_iter=cfg.SWAP.CHAIN_FROM_ITER,
             write_config=lambda: write_swapped_config(self.swap_user_cfg, Path(cfg.OUTPUT_DIR),
                                                       len(self.swap_plan.space.names)),
+            audit=self._build_audit(),
         )
         ret = [h for h in super().build_hooks() if h is not None and not isinstance(h, hooks.EvalHook)]
         if cfg.DATASETS.TEST:
@@ -134,6 +137,17 @@ class SwapTrainerMixin:
         # checkpointer and the writers (they see the phase position after the step).
         at = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
         return ret[:at] + [self.swap_hook] + ret[at:]
+
+    def _build_audit(self) -> SegmentationAudit | None:
+        if self.swap_audit is None:
+            return None
+        cfg = self.cfg
+        probed_modules(self.model.module if isinstance(self.model, DistributedDataParallel) else self.model,
+                       cfg.SWAP.AUDIT.FEATURES)  # a missing module fails now, not after the swap
+        return SegmentationAudit(self.swap_plan, self.swap_audit, lambda name: self.build_test_loader(cfg, name),
+                                 lambda datasets, batch: self.users_train_loader(cfg, datasets, batch),
+                                 batch_size=cfg.SWAP.IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH,
+                                 features=cfg.SWAP.AUDIT.FEATURES, probe_images=cfg.SWAP.AUDIT.PROBE_IMAGES)
 
     def _log_solver(self) -> None:
         """Say once what the swap optimises with, as built by the user's optimizer and schedule."""
