@@ -33,6 +33,7 @@ from .heads import (
 from .labels import ClassSets, LabelSpace
 from .lora import (
     TARGET_PRESETS,
+    LoraSnapshot,
     freeze_all_but_lora_,
     inject_lora,
     load_lora_model_state,
@@ -45,7 +46,15 @@ from .lora import (
     to_plain_keys,
     validate_lora_state,
 )
-from .losses import PhaseLoss, PhaseLossOutput, bounded_forget_loss, group_sparse_loss, sum_task_loss
+from .losses import (
+    PhaseLoss,
+    PhaseLossOutput,
+    bounded_forget_loss,
+    distillation_loss,
+    feature_scrub_loss,
+    group_sparse_loss,
+    sum_task_loss,
+)
 from .metrics import AccuracyMeter, swap_hmean, top1_accuracy
 from .phases import Phase, PhaseKind, PhaseScheduler, plan_phases
 from .report import SwapReport
@@ -55,13 +64,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccuracyMeter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "GrownRows",
-    "InfiniteLoader", "LabelSpace", "LoraSettings", "LossWeights", "Order", "PRESETS", "Phase", "PhaseKind",
-    "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler", "SwapConfig",
-    "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "atomic_save", "atomic_write_text",
-    "bounded_forget_loss", "check_head_size", "discover_groups", "extend_embedding", "extend_head",
-    "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows",
-    "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears",
-    "merge_and_export", "plan_phases", "prepare_model", "reinit_lora_", "replace_module", "run_audit",
-    "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy",
-    "validate_lora_state",
+    "InfiniteLoader", "LabelSpace", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "PRESETS", "Phase",
+    "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
+    "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "atomic_save",
+    "atomic_write_text", "bounded_forget_loss", "check_head_size", "distillation_loss", "discover_groups",
+    "extend_embedding", "extend_head", "feature_scrub_loss", "freeze_all_but_lora_", "group_sparse_loss",
+    "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
+    "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export", "plan_phases",
+    "prepare_model", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias", "sum_task_loss",
+    "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
 ]

@@ -72,6 +72,12 @@ class LossWeights:
         alpha: weight of the group-sparse penalty on the LoRA groups.
         bnd_relative: read ``bnd`` as a multiple of the forget-set task loss measured at the start of the forget
             phase (``bnd=3`` ascends until that loss has tripled) instead of an absolute value (the reference).
+        distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
+            start (``distillation_loss``): in a forget phase it protects what the learn phase just taught.
+            0 is the reference.
+        scrub: weight of a feature term pulling the forget images' features onto the retain batch's mean feature
+            (``feature_scrub_loss``), so the representation stops separating the forgotten classes, not only the
+            head. 0 is the reference.
     """
 
     retain_weight: float = 1.0
@@ -80,9 +86,11 @@ class LossWeights:
     bnd: float = 105.0
     alpha: float = 0.01
     bnd_relative: bool = False
+    distill: float = 0.0
+    scrub: float = 0.0
 
     def validate(self, where: str) -> None:
-        for name in ("retain_weight", "learn_weight", "beta", "alpha"):
+        for name in ("retain_weight", "learn_weight", "beta", "alpha", "distill", "scrub"):
             value = getattr(self, name)
             if not value >= 0:
                 raise SwapConfigError(f"{where}.{name} must be >= 0, got {value}.")

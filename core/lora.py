@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -137,6 +138,46 @@ def lora_groups(model: nn.Module, group_by: str | None = None) -> dict[str, list
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors of the model's state dict."""
     return {k: v for k, v in model.state_dict().items() if LORA_KEY in f".{k}"}
+
+
+class LoraSnapshot:
+    """A copy of the model's LoRA weights that can stand in for the current ones, e.g. a teacher for distillation
+    (the model at a phase start) without a second copy of the frozen base weights.
+
+    Args:
+        model: the model with LoRA layers; its current LoRA weights are copied.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors = {k: v.detach().clone() for k, v in lora_state_dict(model).items()}
+
+    @contextmanager
+    def active(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Within the block, ``model`` computes with the snapshot's LoRA weights (no gradient); restored after."""
+        params = dict(model.named_parameters())
+        current = {k: params[k].detach().clone() for k in self.tensors}
+        try:
+            with torch.no_grad():
+                for k, v in self.tensors.items():
+                    params[k].copy_(v)
+                yield model
+        finally:
+            with torch.no_grad():
+                for k, v in current.items():
+                    params[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state: Mapping[str, torch.Tensor]) -> LoraSnapshot:
+        snapshot = cls(model)
+        missing = set(snapshot.tensors) - set(state)
+        if missing:
+            raise CheckpointMismatchError(f"The saved LoRA snapshot lacks {_some(sorted(missing))}: it was written "
+                                          "for another LoRA placement.")
+        snapshot.tensors = {k: state[k].to(v) for k, v in snapshot.tensors.items()}
+        return snapshot
 
 
 def _base_prefixes(model: nn.Module) -> list[str]:

@@ -34,6 +34,36 @@ def group_sparse_loss(groups: Mapping[str, Iterable[torch.Tensor]] | Iterable[It
     return torch.stack(norms).sum()
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T²·KL(softmax(teacher/T) || softmax(student/T))`` averaged over the batch (Hinton et al.).
+
+    Args:
+        student: logits being trained, ``(N, C)``.
+        teacher: logits to keep, ``(N, C)``; no gradient flows into them.
+        temperature: softening temperature ``T``.
+    """
+    t = temperature
+    target = torch.log_softmax(teacher.detach().float() / t, dim=-1)
+    log_p = torch.log_softmax(student.float() / t, dim=-1)
+    return t * t * torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean")
+
+
+def feature_scrub_loss(forget_features: torch.Tensor, retain_features: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the forget images' features to the retain batch's mean feature, in units of the
+    retain batch's own spread (its mean squared distance to that mean).
+
+    Pulling every forget feature onto one point inside the retained classes' cloud removes what a linear probe
+    reads from them (which forgotten class; forgotten or retained), where the bounded forget loss alone only
+    moves them away from their head rows. 1 means "as far from the centre as a typical retained image"; the target
+    and the unit are detached: the retain side is kept by its own task loss.
+    """
+    forget = forget_features.float().flatten(1)
+    retain = retain_features.detach().float().flatten(1)
+    centre = retain.mean(0)
+    spread = (retain - centre).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (forget - centre).pow(2).sum(-1).mean() / spread
+
+
 def default_loss_key(key: str) -> bool:
     """mmengine's rule: a term is optimised when its key contains ``'loss'``."""
     return "loss" in key
@@ -71,8 +101,9 @@ class PhaseLossOutput:
 class PhaseLoss:
     """Combines the host's task losses of one step into the phase loss.
 
-    ``total = w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS``; a role missing from ``task_losses``
-    contributes nothing, so the same object serves learn, forget and joint phases.
+    ``total = w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS`` (+ ``distill·D + scrub·S`` when the host
+    passes those terms); a role missing from ``task_losses`` contributes nothing, so the same object serves learn,
+    forget and joint phases.
 
     Args:
         weights: the phase's loss weights.
@@ -84,10 +115,13 @@ class PhaseLoss:
         self.weights = weights
         self.is_loss = is_loss
 
-    def __call__(self, task_losses: Mapping[str, TaskLoss], gs: torch.Tensor | None = None) -> PhaseLossOutput:
+    def __call__(self, task_losses: Mapping[str, TaskLoss], gs: torch.Tensor | None = None,
+                 distill: torch.Tensor | None = None, scrub: torch.Tensor | None = None) -> PhaseLossOutput:
         """Args:
             task_losses: per role (``retain``, ``learn``, ``forget``) the host's loss tensor or loss dict.
             gs: the group-sparse value of the LoRA groups, or ``None`` to leave it out.
+            distill: ``distillation_loss`` of the retain-side batch against the phase-start model, or ``None``.
+            scrub: ``feature_scrub_loss`` of the forget batch, or ``None``.
         """
         unknown = set(task_losses) - {"retain", "learn", "forget"}
         if unknown:
@@ -116,6 +150,10 @@ class PhaseLoss:
         if gs is not None:
             terms["group_sparse"] = gs.detach()
             parts.append(w.alpha * gs)
+        for name, value, weight in (("retain/distill", distill, w.distill), ("forget/scrub", scrub, w.scrub)):
+            if value is not None:
+                terms[name] = value.detach()
+                parts.append(weight * value)
         if not parts:
             raise ValueError("PhaseLoss got no task loss: pass at least one of retain, learn, forget.")
         total = torch.stack([p.reshape(()) for p in parts]).sum()

@@ -7,6 +7,7 @@ from torch import nn
 from kswap import (
     CheckpointMismatchError,
     LoraSettings,
+    LoraSnapshot,
     SwapConfigError,
     freeze_all_but_lora_,
     inject_lora,
@@ -199,3 +200,24 @@ def test_matching_linears_only_linear_modules():
             self.blocks = nn.ModuleList([Block(), Block()])
 
     assert matching_linears(Net(), r"blocks\.\d+\.fc\d") == ["blocks.0.fc1", "blocks.1.fc1"]
+
+
+def test_lora_snapshot_computes_with_the_saved_weights_and_restores_the_current_ones():
+    model = tiny_vit().eval()
+    inject_lora(model, LoraSettings())
+    x = torch.randn(4, 1, 8, 8)
+    _perturb_lora(model)
+    snapshot = LoraSnapshot(model)
+    at_snapshot = model(x)
+    _perturb_lora(model)
+    current = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    now = model(x)
+    with snapshot.active(model):
+        assert torch.allclose(model(x), at_snapshot)
+    assert all(torch.equal(lora_state_dict(model)[k], v) for k, v in current.items())
+    assert torch.equal(model(x), now)
+    restored = LoraSnapshot.from_state_dict(model, snapshot.state_dict())
+    with restored.active(model):
+        assert torch.allclose(model(x), at_snapshot)
+    with pytest.raises(CheckpointMismatchError, match="lacks"):
+        LoraSnapshot.from_state_dict(model, {})

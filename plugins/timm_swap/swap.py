@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from kswap import (
     InfiniteLoader,
     LabelSpace,
     LoraSettings,
+    LoraSnapshot,
     Order,
     Phase,
     PhaseLoss,
@@ -41,7 +43,9 @@ from kswap import (
     SwapReport,
     atomic_save,
     check_head_size,
+    distillation_loss,
     extend_head,
+    feature_scrub_loss,
     freeze_all_but_lora_,
     group_sparse_loss,
     hidden_new_classes,
@@ -85,6 +89,9 @@ _LOSS_FLAGS = {
     "swap_bnd": ("bnd", ("forget_loss",)),
     "swap_alpha": ("alpha", ("learn_loss", "forget_loss")),
     "swap_forget_bnd_relative": ("bnd_relative", ("forget_loss",)),
+    "swap_learn_distill": ("distill", ("learn_loss",)),
+    "swap_forget_distill": ("distill", ("forget_loss",)),
+    "swap_forget_scrub": ("scrub", ("forget_loss",)),
 }
 
 # The swap's optimizer and LR schedule: --swap-* flag -> the timm flag it sets. The defaults are the reference
@@ -139,6 +146,8 @@ class SwapPlugin:
         self.scheduler: PhaseScheduler | None = None
         self.phase_loaders: list[dict[str, InfiniteLoader]] = []
         self.report: SwapReport | None = None
+        # The model at the current phase's start (its LoRA weights), when the phase distills towards it.
+        self.teacher: tuple[int, LoraSnapshot] | None = None
 
     # -- arguments and validation ------------------------------------------------------------------------------
     @hookimpl
@@ -165,6 +174,14 @@ class SwapPlugin:
                        help="read --swap-bnd as a multiple of the forget-set loss measured at the forget phase start "
                             "(e.g. --swap-bnd 3: ascend until that loss has tripled)")
         g.add_argument("--swap-alpha", type=float, default=None, help="group-sparse weight (0.005)")
+        g.add_argument("--swap-learn-distill", type=float, default=None,
+                       help="learn phases: weight of distilling the retain-side logits of the phase-start model (0)")
+        g.add_argument("--swap-forget-distill", type=float, default=None,
+                       help="forget phases: weight of distilling the retain-side (R ∪ L) logits of the phase-start "
+                            "model, protecting what the learn phase taught (0, the reference)")
+        g.add_argument("--swap-forget-scrub", type=float, default=None,
+                       help="forget phases: weight of pulling the forget images' pre-logit features onto the retain "
+                            "batch's mean, so features stop separating the forgotten classes (0, the reference)")
         g.add_argument("--swap-lora-rank", type=int, default=None, help="LoRA rank (8)")
         g.add_argument("--swap-lora-scaling", type=float, default=None, help="LoRA scaling (0.125)")
         g.add_argument("--swap-lora-targets", default=None, help="regex or preset of the LoRA targets (timm_vit)")
@@ -374,14 +391,32 @@ class SwapPlugin:
 
     @hookimpl
     def compute_loss(self, ctx: TrainContext, step: Step) -> dict[str, Any]:
-        # One forward over all roles' images: DDP sees each parameter used once before the backward.
-        roles = list(step.batch)
-        images = torch.cat([step.batch[r][0] for r in roles]).to(ctx.device)
-        logits = ctx.train_model(images).split([len(step.batch[r][1]) for r in roles])
-        task = {r: F.cross_entropy(out, step.batch[r][1].to(ctx.device)) for r, out in zip(roles, logits, strict=True)}
         phase = self.scheduler.phases[step.period_index]
-        out = PhaseLoss(self.report.phase_weights(phase.name, phase.loss))(task, gs=group_sparse_loss(self.groups))
+        weights = self.report.phase_weights(phase.name, phase.loss)
+        roles = list(step.batch)
+        sizes = [len(step.batch[r][1]) for r in roles]
+        images = torch.cat([step.batch[r][0] for r in roles]).to(ctx.device)
+        teacher = self._teacher_logits(ctx, phase, step.batch["retain"][0]) if weights.distill else None
+        # One forward over all roles' images: DDP sees each parameter used once before the backward.
+        with _head_inputs(ctx.model.get_classifier(), enabled=bool(weights.scrub)) as features:
+            logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
+        task = {r: F.cross_entropy(logits[r], step.batch[r][1].to(ctx.device)) for r in roles}
+        extra: dict[str, torch.Tensor] = {}
+        if teacher is not None:
+            extra["distill"] = distillation_loss(logits["retain"], teacher)
+        if weights.scrub and "forget" in roles:
+            by_role = dict(zip(roles, features[0].split(sizes), strict=True))
+            extra["scrub"] = feature_scrub_loss(by_role["forget"], by_role["retain"])
+        out = PhaseLoss(weights)(task, gs=group_sparse_loss(self.groups), **extra)
         return {"loss": out.total, **{k: v for k, v in out.terms.items() if k != "total"}}
+
+    def _teacher_logits(self, ctx: TrainContext, phase: Phase, images: torch.Tensor) -> torch.Tensor:
+        """The phase-start model's logits for the retain-side images (the snapshot is taken at the phase's first
+        step and rides in the resume state)."""
+        if self.teacher is None or self.teacher[0] != phase.index:
+            self.teacher = (phase.index, LoraSnapshot(ctx.model))
+        with self.teacher[1].active(ctx.model) as model:
+            return model(images.to(ctx.device))
 
     # -- evaluation and report -----------------------------------------------------------------------------------
     def _scores(self, ctx: TrainContext) -> dict[str, float]:
@@ -428,8 +463,11 @@ class SwapPlugin:
     @hookimpl
     def state_dict(self, ctx: TrainContext) -> dict[str, Any]:
         loaders = [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders]
-        return {"swap": {"scheduler": self.scheduler.state_dict(), "loaders": loaders,
-                         "report": self.report.to_dict(), "config": self.config.to_dict()}}
+        state = {"scheduler": self.scheduler.state_dict(), "loaders": loaders, "report": self.report.to_dict(),
+                 "config": self.config.to_dict()}
+        if self.teacher is not None:
+            state["teacher"] = {"phase": self.teacher[0], "lora": self.teacher[1].state_dict()}
+        return {"swap": state}
 
     @hookimpl
     def load_state_dict(self, ctx: TrainContext, state: dict[str, Any]) -> None:
@@ -441,6 +479,9 @@ class SwapPlugin:
             for role, it in roles.items():
                 it.load_state_dict(states[role])
         self.report = SwapReport.from_dict(saved["report"])
+        if "teacher" in saved:
+            teacher = saved["teacher"]
+            self.teacher = (teacher["phase"], LoraSnapshot.from_state_dict(ctx.model, teacher["lora"]))
 
     @hookimpl
     def on_train_end(self, ctx: TrainContext) -> None:
@@ -468,6 +509,18 @@ class SwapPlugin:
         sets = {"train": self.train_sets, "test": {name: loader.dataset for name, loader in self.eval_loaders.items()}}
         return audit_classifier(ctx.model, self.grown, sets, self.sets["forget"], settings, ctx.device,
                                 args.validation_batch_size or args.batch_size)
+
+
+@contextmanager
+def _head_inputs(head: nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the list holds the classifier's input (the pre-logit features) of each forward."""
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _, args: captured.append(args[0])) if enabled else None
+    try:
+        yield captured
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _fmt(scores: dict[str, float]) -> str:
