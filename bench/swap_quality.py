@@ -8,7 +8,8 @@ prints one table of forget / retain / learn accuracy, H-mean and wall time, save
 - unbounded GA: learn-then-forget with the bound removed (BND = 1e9: plain gradient ascent on F);
 - oracle: a model trained from scratch on R ∪ L only (it cannot output the forget classes).
 
-Then it times one swap step against one plain LoRA fine-tuning step on the same images (overhead ratio).
+Then it times one swap step against one plain LoRA fine-tuning step on the same images (overhead ratio,
+``bench/step_overhead.py``'s timm measure).
 
 Usage: ``python bench/swap_quality.py [--out bench/results/swap_quality.json]``
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demo"))
+from step_overhead import time_interleaved, timm_steps  # noqa: E402
+
 from kswap import swap_hmean  # noqa: E402
 
 from prepare_data import prepare  # noqa: E402
@@ -108,64 +110,6 @@ def _link(src: Path, dst: Path) -> None:
         os.symlink(src, dst)
 
 
-def step_overhead(ckpt: Path, roots: dict[str, Path], repeats: int = 60) -> dict:
-    """Median time of one swap step (forget phase: R' and F batches, bounded loss, GS) against one plain LoRA
-    fine-tuning step on the same 160 images (cross-entropy only), interleaved in one process."""
-    import timm
-    import torch
-    from torch.nn import functional as F
-
-    from kswap import (
-        LoraSettings,
-        LossWeights,
-        PhaseLoss,
-        extend_head,
-        freeze_all_but_lora_,
-        group_sparse_loss,
-        inject_lora,
-        lora_groups,
-    )
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2,
-                              img_size=28, in_chans=1, num_classes=10, checkpoint_path=str(ckpt))
-    model.head = extend_head(model.head, 4)
-    inject_lora(model, LoraSettings(targets="timm_vit"))
-    freeze_all_but_lora_(model)
-    groups = lora_groups(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randn(160, 1, 28, 28)
-    y = torch.randint(0, 14, (160,))
-    loss_fn = PhaseLoss(LossWeights(beta=0.2, bnd=105.0, alpha=0.005))
-
-    def swap_step():
-        logits = model(x).split([80, 80])
-        out = loss_fn({"retain": F.cross_entropy(logits[0], y[:80]), "forget": F.cross_entropy(logits[1], y[80:])},
-                      gs=group_sparse_loss(groups))
-        opt.zero_grad()
-        out.total.backward()
-        opt.step()
-
-    def plain_step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    times = {"swap": [], "plain": []}
-    for fn in (swap_step, plain_step):
-        for _ in range(5):
-            fn()
-    for _ in range(repeats):
-        for name, fn in (("swap", swap_step), ("plain", plain_step)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    swap, plain = statistics.median(times["swap"]), statistics.median(times["plain"])
-    return {"swap_step_ms": 1000 * swap, "plain_lora_step_ms": 1000 * plain, "ratio": swap / plain,
-            "repeats": repeats}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "swap_quality.json"))
@@ -183,7 +127,7 @@ def main() -> None:
     before = next(iter(results.values()))["before"] if results else None
     oracle_result["hmean"] = swap_hmean(before, oracle_result) if before else None
     results["oracle (R∪L from scratch)"] = oracle_result
-    overhead = step_overhead(ckpt, roots)
+    overhead = time_interleaved(timm_steps(ckpt, roots), repeats=60)
 
     header = f"{'method':<28}{'forget ↓':>10}{'retain ↑':>10}{'learn ↑':>10}{'H-mean':>9}{'wall s':>9}"
     lines = [header, "-" * len(header)]
@@ -194,7 +138,7 @@ def main() -> None:
                      f"{(r['hmean'] or 0):>9.2f}{r['wall_s']:>9.1f}")
     lines.append("")
     lines.append(f"step overhead: swap {overhead['swap_step_ms']:.1f} ms vs plain LoRA fine-tuning "
-                 f"{overhead['plain_lora_step_ms']:.1f} ms per step (160 images, median of {overhead['repeats']}): "
+                 f"{overhead['plain_step_ms']:.1f} ms per step (160 images, median of {overhead['repeats']}): "
                  f"ratio {overhead['ratio']:.3f}")
     print("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
