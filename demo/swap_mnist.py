@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,18 +27,31 @@ TRAIN = HERE.parent / "train.py"
 TARGETS = {"forget_max": 2.0, "retain_drop_max": 2.0, "learn_min": 90.0}
 
 
+# Seeded CPU training still depends on the thread count (the order of float reductions): the demo pins it, so that
+# two machines differ only by their CPU kernels. KSWAP_DEMO_THREADS overrides it.
+THREADS = os.environ.get("KSWAP_DEMO_THREADS", "2")
+
+
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS})
 
 
-def pretrained_checkpoint(mnist: Path) -> Path:
-    """Pretrain once per (config, data) and keep the checkpoint in the cache."""
+def pretrained_checkpoint(mnist: Path, seed: int | None = None) -> Path:
+    """Pretrain once per (config, data, seed) and keep the checkpoint in the cache.
+
+    Args:
+        mnist: the MNIST ImageFolder root.
+        seed: the pretraining seed; ``None`` keeps pretrain.yaml's (the demo's model).
+    """
     key = hashlib.sha256((HERE / "pretrain.yaml").read_bytes() + str(mnist).encode()).hexdigest()[:12]
+    if seed is not None:
+        key += f"-seed{seed}"
     out = CACHE / "demo" / "pretrained" / key
     if not (out / "last.pth").exists():
         run([sys.executable, str(TRAIN), "-c", str(HERE / "pretrain.yaml"), "--data-dir", str(mnist),
-             "--output", str(out.parent), "--experiment", f".{key}.partial"])
+             "--output", str(out.parent), "--experiment", f".{key}.partial",
+             *([] if seed is None else ["--seed", str(seed)])])
         (out.parent / f".{key}.partial").rename(out)
     else:
         print(f"pretrained model (cached): {out / 'last.pth'}")
