@@ -14,6 +14,7 @@ plain) go to ``bench/results/step_overhead_<host>.json``, with the quartiles, th
   ``make_swap_detector``). Swap step: ``model.train_step`` of the merged role-tagged forget-phase batch (the
   config's batch size per role) as ``SwapTrainLoop`` runs it; plain step: ``model.train_step`` of the same
   images untagged (the detector's own loss over one batch). Both through the swap config's optimizer wrapper.
+  ``--models stock_dino``: mmdet's DINO-4scale R50 model as shipped (900 queries), the images resized to 256x256.
 * ``detectron2``: the tests' small Mask2Former-shaped model (``--d2-model MiniMask2Former``, the default) or
   GlyphViT ``SemanticSegmentor`` (``tests/d2_models.py``), built by the swap trainer's ``build_model``. Swap
   step: detectron2's ``SimpleTrainer.run_step`` over a forget-phase batch from ``SwapDataLoader`` (role-tagged
@@ -23,14 +24,19 @@ plain) go to ``bench/results/step_overhead_<host>.json``, with the quartiles, th
 Weights are random for mmdet and detectron2 (timing only); timm loads the demo's pretrained checkpoint. Set
 ``OMP_NUM_THREADS`` (recorded) and say in ``--note`` whether the machine was otherwise idle.
 
-Usage: ``python bench/step_overhead.py --host {timm,mmdet,detectron2} [--repeats 30] [--warmup 3] [--note "..."]
-[--out PATH]``
+Results go under the model's name in the host's file, next to those of models not run this time.
+
+Usage: ``python bench/step_overhead.py --host {timm,mmdet,detectron2} [--models NAME ...] [--repeats 30]
+[--warmup 3] [--note "..."] [--out PATH]`` (models: timm ``demo_vit``; mmdet ``tiny_dino`` (default),
+``stock_dino``; detectron2 ``MiniMask2Former`` (default), ``SemanticSegmentor``)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import itertools
 import json
 import os
 import platform
@@ -149,7 +155,7 @@ def timm_steps(ckpt: Path, roots: dict[str, Path]) -> StepPair:
         "plain": "LoRA fine-tuning step: cross-entropy over the same 160 images, same optimizer"})
 
 
-def build_timm(work: Path) -> StepPair:
+def build_timm(work: Path, model: str) -> StepPair:
     from prepare_data import prepare
     from swap_mnist import pretrained_checkpoint
 
@@ -157,44 +163,187 @@ def build_timm(work: Path) -> StepPair:
     return timm_steps(pretrained_checkpoint(roots["mnist"]), roots)
 
 
+# -- mmdet ----------------------------------------------------------------------------------------------------------
+
+DINO_MODELS = {"tiny_dino": "tests/tiny_dino.py: mmdet's dino-4scale_r50_8xb2-12e_coco.py with a ResNet-18 trunk, 1 "
+                             "encoder and 2 decoder layers, 30 queries, batch 4 per role, 96x96 inputs",
+               "stock_dino": "mmdet's dino-4scale_r50_8xb2-12e_coco.py model as shipped (ResNet-50, 6+6 layers, 900 "
+                             "queries), batch 2 per role, inputs resized to 256x256"}
+STOCK_DINO_SIZE = 256
+
+
+def build_mmdet(work: Path, model: str) -> StepPair:
+    """The tiny (or stock) DINO made a swap detector as ``SwapHook.before_run`` does; train_step of a merged
+    role-tagged forget-phase batch against train_step of the same images untagged."""
+    from glyph_coco import write_glyph_coco
+    from mmdet.registry import DATASETS, MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
+    from tiny_dino import DIGITS, DINO_CONFIG, swap_cfg
+
+    from kswap import LabelSpace, PhaseKind, freeze_all_but_lora_, inject_lora, lora_groups, plan_phases
+    from mmdet_swap import SwapHook
+    from mmdet_swap.detector import extend_dino_classes, make_swap_detector
+    from mmdet_swap.loop import merge_batches
+
+    register_all_modules()
+    torch.manual_seed(0)
+    cfg = swap_cfg(work, work / "no_checkpoint.pth", work / "run")
+    if model == "stock_dino":  # mmdet's own DINO-4scale R50 model and batch size, on the tests' small images
+        cfg.model = Config.fromfile(str(DINO_CONFIG)).model
+        cfg.model.backbone.init_cfg = None  # no download: timing only
+        cfg.model.bbox_head.num_classes = len(DIGITS)
+        cfg.train_dataloader.batch_size = 2
+        for transform in cfg.train_dataloader.dataset.pipeline:  # 900 queries need that many encoder tokens
+            if transform["type"] == "Resize":
+                transform["scale"] = (STOCK_DINO_SIZE, STOCK_DINO_SIZE)
+    hook = SwapHook(**{k: v for k, v in cfg.custom_hooks[0].items() if k != "type"})
+    space = LabelSpace.for_config(DIGITS, hook.config)
+    sets = space.resolve(hook.config).as_dict()
+    detector = MODELS.build(cfg.model)
+    extend_dino_classes(detector, len(space.new))
+    inject_lora(detector, hook.config.lora)
+    freeze_all_but_lora_(detector)
+    forget_phase = next(p for p in plan_phases(hook.config) if p.kind is PhaseKind.FORGET)
+    make_swap_detector(detector, lambda: forget_phase.loss, lora_groups(detector, hook.config.lora.group_by))
+    wrapper = copy.deepcopy(cfg.optim_wrapper)
+    wrapper.pop("paramwise_cfg", None)
+    wrapper["optimizer"] = OPTIMIZERS.build({**wrapper.pop("optimizer"),
+                                             "params": [p for p in detector.parameters() if p.requires_grad]})
+    optim_wrapper = OPTIM_WRAPPERS.build(wrapper)
+
+    batch = cfg.train_dataloader.batch_size
+    write_glyph_coco(work, "mnist", DIGITS, 8 * batch, "train", 0)
+    samples = {}
+    for role in ("retain", "forget"):  # each role's images hold objects of its set (SwapCocoDataset keep_classes)
+        dataset = DATASETS.build({**copy.deepcopy(dict(cfg.train_dataloader.dataset)), "type": "SwapCocoDataset",
+                                  "metainfo": dict(classes=space.names),
+                                  "keep_classes": [space.names[i] for i in sets[role]]})
+        samples[role] = [dataset[i] for i in range(batch)]
+    plain_batch = pseudo_collate(copy.deepcopy(samples["retain"] + samples["forget"]))
+    swap_batch = merge_batches({role: pseudo_collate(s) for role, s in samples.items()})
+
+    def step(data: dict) -> Step:
+        def run() -> None:
+            detector.train()
+            detector.train_step(data, optim_wrapper=optim_wrapper)
+        return run
+
+    return StepPair(step(swap_batch), step(plain_batch), {
+        "model": (DINO_MODELS[model] + "; 96x96 glyph images; 3 digit classes grown by 2; LoRA (detection preset) "
+                  "on the FFNs; random weights"),
+        "images": f"{2 * batch} real glyph images (tests/glyph_coco.py): {batch} holding retain digits, {batch} "
+                  "holding the forget digit",
+        "swap": "model.train_step of merge_batches({retain, forget}) (SwapTrainLoop's step): the swap detector runs "
+                "the detector's loss once per role and combines them with PhaseLoss (forget phase)",
+        "plain": "model.train_step of the same images untagged: the detector's own loss over one batch",
+        "optimizer": "the swap config's AdamW over LoRA, clip_grad max_norm 1"})
+
+
+# -- detectron2 -----------------------------------------------------------------------------------------------------
+
+def build_detectron2(work: Path, model: str) -> StepPair:
+    """The swap trainer's model and optimizer; detectron2's SimpleTrainer step over a role-tagged forget-phase
+    batch from SwapDataLoader against the same step over the same samples untagged."""
+    from d2_models import glyph_cfg, make_trainer_classes, swap_glyphs, write_glyph_spec
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    from detectron2_swap import SwapDataLoader, SwapPlan
+    from detectron2_swap.model import ROLE_KEY
+    from kswap import PhaseKind, PhaseScheduler
+
+    write_glyph_spec(work)
+    torch.manual_seed(0)
+    cfg = swap_glyphs(glyph_cfg(str(work), meta=model), work / "no_checkpoint.pth")
+    _, swap_trainer = make_trainer_classes()
+    net = swap_trainer.build_model(cfg)
+    optimizer = swap_trainer.build_optimizer(cfg, net)
+    plan = SwapPlan.from_cfg(cfg)
+    batch = cfg.SWAP.IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH
+    loader = SwapDataLoader(plan, lambda datasets: swap_trainer.users_train_loader(cfg, datasets, batch))
+    loader.bind(PhaseScheduler([p for p in plan.phases if p.kind is PhaseKind.FORGET]))
+    swap_batch = next(iter(loader))
+    plain_batch = [{k: v for k, v in sample.items() if k != ROLE_KEY} for sample in swap_batch]
+    net.train()
+    swap, plain = (SimpleTrainer(net, itertools.repeat(b), optimizer) for b in (swap_batch, plain_batch))
+    roles = [sample[ROLE_KEY] for sample in swap_batch]
+    return StepPair(swap.run_step, plain.run_step, {
+        "model": f"tests/d2_models.py {model} (glyph_cfg, 64-pixel inputs), built by the swap trainer's build_model "
+                 "(class head grown, LoRA by the swap config, base frozen); random weights",
+        "images": f"{len(swap_batch)} real glyph images (tests/glyph_coco.py) from SwapDataLoader's forget phase: "
+                  f"{roles.count('retain')} retain-side, {roles.count('forget')} forget (the user's mapper; "
+                  "targets in the joint label space, restricted to each role's classes)",
+        "swap": "SimpleTrainer.run_step over the role-tagged batch: the swap model's forward splits it by role and "
+                "returns {'loss_swap': PhaseLoss total}, logging each term",
+        "plain": "SimpleTrainer.run_step over the same samples untagged: the model's own forward and loss dict",
+        "optimizer": "the tests' user Trainer.build_optimizer: AdamW over the trainable (LoRA) parameters"},
+        context=EventStorage(0))
+
+
 # -- entry point ----------------------------------------------------------------------------------------------------
 
-HOSTS: dict[str, Callable[..., StepPair]] = {"timm": build_timm}
+# Per host, its builder and the models it can time (the first is the default).
+HOSTS: dict[str, tuple[Callable[[Path, str], StepPair], tuple[str, ...]]] = {
+    "timm": (build_timm, ("demo_vit",)),
+    "mmdet": (build_mmdet, tuple(DINO_MODELS)),
+    "detectron2": (build_detectron2, ("MiniMask2Former", "SemanticSegmentor")),
+}
+GOAL = 1.10
 
 
 def machine(note: str) -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average_at_start": list(os.getloadavg()), "note": note}
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average_at_start": list(os.getloadavg()), "note": note}
+
+
+def table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    rows = [f"{'model':<20}{'swap ms':>10}{'plain ms':>10}{'ratio':>8}{'repeats':>9}"]
+    rows += [f"{name:<20}{r['swap_step_ms']:>10.1f}{r['plain_step_ms']:>10.1f}{r['ratio']:>8.3f}{r['repeats']:>9}"
+             for name, r in runs.items()]
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", required=True, choices=list(HOSTS))
+    parser.add_argument("--models", nargs="*", default=None,
+                        help=f"default: the host's first; {', '.join(f'{h}: {m}' for h, (_, m) in HOSTS.items())}")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--note", default="", help="e.g. whether other work ran on the machine")
     parser.add_argument("--out", default=None, help="default: bench/results/step_overhead_<host>.json")
     args = parser.parse_args()
+    build, known = HOSTS[args.host]
+    models = args.models or list(known[:1])
+    if unknown := sorted(set(models) - set(known)):
+        parser.error(f"--host {args.host} has no model {unknown}; it has {list(known)}")
     out = Path(args.out or ROOT / "bench" / "results" / f"step_overhead_{args.host}.json")
-    info = machine(args.note)
-    with tempfile.TemporaryDirectory() as tmp:
-        pair = HOSTS[args.host](Path(tmp))
-        result = time_interleaved(pair, args.repeats, args.warmup)
-    info["load_average_at_end"] = list(os.getloadavg())
-    rows = [f"{'host':<12}{'swap ms':>10}{'plain ms':>10}{'ratio':>8}",
-            f"{args.host:<12}{result['swap_step_ms']:>10.1f}{result['plain_step_ms']:>10.1f}{result['ratio']:>8.3f}"]
-    print("\n".join(rows))
-    print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up steps each; quartiles swap "
-          f"{result['swap_step_ms_quartiles']}, plain {result['plain_step_ms_quartiles']}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Each model's entry replaces its previous one; the others' stay.
+    runs = json.loads(out.read_text())["models"] if out.exists() else {}
     command = f"python bench/step_overhead.py {shlex.join(sys.argv[1:])}"
-    out.write_text(json.dumps({"host": args.host, "command": command, "machine": info, "setup": pair.setup, **result,
-                               "table": rows}, indent=2))
+    for name in models:
+        info = machine(args.note)
+        with tempfile.TemporaryDirectory() as tmp:
+            pair = build(Path(tmp), name)
+            result = time_interleaved(pair, args.repeats, args.warmup)
+        info["load_average_at_end"] = list(os.getloadavg())
+        runs[name] = {"command": command, "machine": info, "setup": pair.setup, **result}
+        print(f"{name}: swap {result['swap_step_ms']:.1f} ms (quartiles {result['swap_step_ms_quartiles']}), plain "
+              f"{result['plain_step_ms']:.1f} ms ({result['plain_step_ms_quartiles']}), ratio {result['ratio']:.3f}",
+              flush=True)
+    rows = table(runs)
+    print("\n".join(rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"host": args.host, "goal_ratio": GOAL, "models": runs, "table": rows}, indent=2))
     print(f"saved {out}")
 
 
