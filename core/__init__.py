@@ -51,7 +51,6 @@ from .losses import (
     PhaseLossOutput,
     bounded_forget_loss,
     distillation_loss,
-    feature_scrub_loss,
     group_sparse_loss,
     sum_task_loss,
 )
@@ -68,7 +67,7 @@ __all__ = [
     "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
     "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "atomic_save",
     "atomic_write_text", "bounded_forget_loss", "check_head_size", "distillation_loss", "discover_groups",
-    "extend_embedding", "extend_head", "feature_scrub_loss", "freeze_all_but_lora_", "group_sparse_loss",
+    "extend_embedding", "extend_head", "freeze_all_but_lora_", "group_sparse_loss",
     "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
     "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export", "plan_phases",
     "prepare_model", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias", "sum_task_loss",

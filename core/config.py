@@ -75,9 +75,6 @@ class LossWeights:
         distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
             start (``distillation_loss``): in a forget phase it protects what the learn phase just taught.
             0 is the reference.
-        scrub: weight of a feature term pulling the forget images' features onto the retain batch's mean feature
-            (``feature_scrub_loss``), so the representation stops separating the forgotten classes, not only the
-            head. 0 is the reference.
     """
 
     retain_weight: float = 1.0
@@ -87,10 +84,9 @@ class LossWeights:
     alpha: float = 0.01
     bnd_relative: bool = False
     distill: float = 0.0
-    scrub: float = 0.0
 
     def validate(self, where: str) -> None:
-        for name in ("retain_weight", "learn_weight", "beta", "alpha", "distill", "scrub"):
+        for name in ("retain_weight", "learn_weight", "beta", "alpha", "distill"):
             value = getattr(self, name)
             if not value >= 0:
                 raise SwapConfigError(f"{where}.{name} must be >= 0, got {value}.")

@@ -48,22 +48,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return t * t * torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean")
 
 
-def feature_scrub_loss(forget_features: torch.Tensor, retain_features: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance of the forget images' features to the retain batch's mean feature, in units of the
-    retain batch's own spread (its mean squared distance to that mean).
-
-    Pulling every forget feature onto one point inside the retained classes' cloud removes what a linear probe
-    reads from them (which forgotten class; forgotten or retained), where the bounded forget loss alone only
-    moves them away from their head rows. 1 means "as far from the centre as a typical retained image"; the target
-    and the unit are detached: the retain side is kept by its own task loss.
-    """
-    forget = forget_features.float().flatten(1)
-    retain = retain_features.detach().float().flatten(1)
-    centre = retain.mean(0)
-    spread = (retain - centre).pow(2).sum(-1).mean().clamp_min(1e-12)
-    return (forget - centre).pow(2).sum(-1).mean() / spread
-
-
 def default_loss_key(key: str) -> bool:
     """mmengine's rule: a term is optimised when its key contains ``'loss'``."""
     return "loss" in key
@@ -101,8 +85,8 @@ class PhaseLossOutput:
 class PhaseLoss:
     """Combines the host's task losses of one step into the phase loss.
 
-    ``total = w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS`` (+ ``distill·D + scrub·S`` when the host
-    passes those terms); a role missing from ``task_losses`` contributes nothing, so the same object serves learn,
+    ``total = w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS`` (+ ``distill·D`` when the host passes
+    that term); a role missing from ``task_losses`` contributes nothing, so the same object serves learn,
     forget and joint phases.
 
     Args:
@@ -116,12 +100,11 @@ class PhaseLoss:
         self.is_loss = is_loss
 
     def __call__(self, task_losses: Mapping[str, TaskLoss], gs: torch.Tensor | None = None,
-                 distill: torch.Tensor | None = None, scrub: torch.Tensor | None = None) -> PhaseLossOutput:
+                 distill: torch.Tensor | None = None) -> PhaseLossOutput:
         """Args:
             task_losses: per role (``retain``, ``learn``, ``forget``) the host's loss tensor or loss dict.
             gs: the group-sparse value of the LoRA groups, or ``None`` to leave it out.
             distill: ``distillation_loss`` of the retain-side batch against the phase-start model, or ``None``.
-            scrub: ``feature_scrub_loss`` of the forget batch, or ``None``.
         """
         unknown = set(task_losses) - {"retain", "learn", "forget"}
         if unknown:
@@ -150,10 +133,9 @@ class PhaseLoss:
         if gs is not None:
             terms["group_sparse"] = gs.detach()
             parts.append(w.alpha * gs)
-        for name, value, weight in (("retain/distill", distill, w.distill), ("forget/scrub", scrub, w.scrub)):
-            if value is not None:
-                terms[name] = value.detach()
-                parts.append(weight * value)
+        if distill is not None:
+            terms["retain/distill"] = distill.detach()
+            parts.append(w.distill * distill)
         if not parts:
             raise ValueError("PhaseLoss got no task loss: pass at least one of retain, learn, forget.")
         total = torch.stack([p.reshape(()) for p in parts]).sum()

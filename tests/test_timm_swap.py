@@ -237,8 +237,7 @@ def third_party_plugin(tmp_path, monkeypatch):
     return "stopat"
 
 
-@pytest.mark.parametrize("levers", [[], ["--swap-forget-distill", "1", "--swap-forget-scrub", "0.5"]],
-                         ids=["reference", "distill_scrub"])
+@pytest.mark.parametrize("levers", [[], ["--swap-forget-distill", "1"]], ids=["reference", "distill"])
 def test_resume_mid_phase_continues_exactly(digit_folders, pretrained, tmp_path, third_party_plugin, levers):
     """A run killed mid-phase resumes at the same step; with distillation, towards the same phase-start model."""
     full = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "full", "--plugin", "stopat", *levers))
@@ -254,7 +253,7 @@ def test_resume_mid_phase_continues_exactly(digit_folders, pretrained, tmp_path,
     assert resumed.output_dir == full.output_dir.parent / "cut"
     assert resumed.seen == full.seen[120:]  # same phases, steps and losses after the cut
     forget_terms = set(full.losses[-1])
-    assert {"retain/distill", "forget/scrub"} <= forget_terms if levers else not forget_terms & {"retain/distill"}
+    assert ("retain/distill" in forget_terms) == bool(levers)
     assert resumed.lrs == pytest.approx(full.lrs[120:], rel=1e-12)  # the schedule resumes at its position
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-6)

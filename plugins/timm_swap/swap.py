@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,6 @@ from kswap import (
     check_head_size,
     distillation_loss,
     extend_head,
-    feature_scrub_loss,
     freeze_all_but_lora_,
     group_sparse_loss,
     hidden_new_classes,
@@ -91,7 +89,6 @@ _LOSS_FLAGS = {
     "swap_forget_bnd_relative": ("bnd_relative", ("forget_loss",)),
     "swap_learn_distill": ("distill", ("learn_loss",)),
     "swap_forget_distill": ("distill", ("forget_loss",)),
-    "swap_forget_scrub": ("scrub", ("forget_loss",)),
 }
 
 # The swap's optimizer and LR schedule: --swap-* flag -> the timm flag it sets. The defaults are the reference
@@ -179,9 +176,6 @@ class SwapPlugin:
         g.add_argument("--swap-forget-distill", type=float, default=None,
                        help="forget phases: weight of distilling the retain-side (R ∪ L) logits of the phase-start "
                             "model, protecting what the learn phase taught (0, the reference)")
-        g.add_argument("--swap-forget-scrub", type=float, default=None,
-                       help="forget phases: weight of pulling the forget images' pre-logit features onto the retain "
-                            "batch's mean, so features stop separating the forgotten classes (0, the reference)")
         g.add_argument("--swap-lora-rank", type=int, default=None, help="LoRA rank (8)")
         g.add_argument("--swap-lora-scaling", type=float, default=None, help="LoRA scaling (0.125)")
         g.add_argument("--swap-lora-targets", default=None, help="regex or preset of the LoRA targets (timm_vit)")
@@ -398,16 +392,10 @@ class SwapPlugin:
         images = torch.cat([step.batch[r][0] for r in roles]).to(ctx.device)
         teacher = self._teacher_logits(ctx, phase, step.batch["retain"][0]) if weights.distill else None
         # One forward over all roles' images: DDP sees each parameter used once before the backward.
-        with _head_inputs(ctx.model.get_classifier(), enabled=bool(weights.scrub)) as features:
-            logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
+        logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
         task = {r: F.cross_entropy(logits[r], step.batch[r][1].to(ctx.device)) for r in roles}
-        extra: dict[str, torch.Tensor] = {}
-        if teacher is not None:
-            extra["distill"] = distillation_loss(logits["retain"], teacher)
-        if weights.scrub and "forget" in roles:
-            by_role = dict(zip(roles, features[0].split(sizes), strict=True))
-            extra["scrub"] = feature_scrub_loss(by_role["forget"], by_role["retain"])
-        out = PhaseLoss(weights)(task, gs=group_sparse_loss(self.groups), **extra)
+        distill = distillation_loss(logits["retain"], teacher) if teacher is not None else None
+        out = PhaseLoss(weights)(task, gs=group_sparse_loss(self.groups), distill=distill)
         return {"loss": out.total, **{k: v for k, v in out.terms.items() if k != "total"}}
 
     def _teacher_logits(self, ctx: TrainContext, phase: Phase, images: torch.Tensor) -> torch.Tensor:
@@ -509,18 +497,6 @@ class SwapPlugin:
         sets = {"train": self.train_sets, "test": {name: loader.dataset for name, loader in self.eval_loaders.items()}}
         return audit_classifier(ctx.model, self.grown, sets, self.sets["forget"], settings, ctx.device,
                                 args.validation_batch_size or args.batch_size)
-
-
-@contextmanager
-def _head_inputs(head: nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
-    """Within the block, the list holds the classifier's input (the pre-logit features) of each forward."""
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _, args: captured.append(args[0])) if enabled else None
-    try:
-        yield captured
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def _fmt(scores: dict[str, float]) -> str:
