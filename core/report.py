@@ -117,8 +117,8 @@ class SwapReport:
             "| " + " | ".join(heads) + " |",
             "|" + "---|" * len(heads),
         ]
-        for s in SETS:
-            row = [s, "lower" if GOALS[s] == "down" else "higher", _fmt(self.before, s)]
+        for s in [*SETS, *[k for k in self.before or {} if k not in SETS]]:
+            row = [s, _goal(s), _fmt(self.before, s)]
             row += [_fmt(p["after"], s) for p in self.phases]
             lines.append("| " + " | ".join(row) + " |")
         summary = self.to_dict().get("hmean")
@@ -173,14 +173,21 @@ class SwapReport:
 
 
 def _scores(scores: Mapping[str, float]) -> Scores:
+    """The three sets' scores, then any extra score a host adds (e.g. detection's ``forget_any``)."""
     missing = [s for s in SETS if s not in scores]
     if missing:
         raise ValueError(f"Scores need forget, retain and learn; missing {missing}.")
-    return {s: float(scores[s]) for s in SETS}
+    return {**{s: float(scores[s]) for s in SETS}, **{k: float(v) for k, v in scores.items() if k not in SETS}}
+
+
+def _goal(score: str) -> str:
+    """Which way a score should move: an extra score ``<set>_<variant>`` moves like its set's."""
+    goal = GOALS.get(score.partition("_")[0])
+    return "-" if goal is None else "lower" if goal == "down" else "higher"
 
 
 def _fmt(scores: Mapping[str, float] | None, s: str) -> str:
-    return "-" if scores is None else f"{scores[s]:.2f}"
+    return "-" if scores is None or s not in scores else f"{scores[s]:.2f}"
 
 
 def _audit_markdown(audit: Mapping[str, Any]) -> list[str]:

@@ -25,8 +25,9 @@ from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 from tiny_dino import DIGITS, DINO_CONFIG, LEARN, swap_cfg, tiny_dino_config
 
-from kswap import SwapConfigError
+from kswap import SwapConfigError, merge_and_export
 from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
+from mmdet_swap.evaluation import as_coco, coco_ap
 
 from conftest import labelme_example
 
@@ -56,11 +57,26 @@ def pretrained_dino(glyphs, tmp_path_factory):
     return work / "iter_400.pth"
 
 
+class ExportBeforeAudit(Hook):
+    """Keeps what the swapped model exports as training ends, before the swap hook audits and exports it."""
+
+    state: dict[str, torch.Tensor] = {}
+
+    def after_train(self, runner) -> None:
+        ExportBeforeAudit.state = {k: v.clone() for k, v in merge_and_export(runner.model).state_dict().items()}
+
+
+# A small audit: the test checks its wiring and rows, the bench measures it at the default settings.
+AUDIT = dict(relearn_shots=3, relearn_steps=8, probe_steps=50, probe_images=150)
+
+
 @pytest.fixture(scope="session")
 def swap_run(glyphs, pretrained_dino, tmp_path_factory):
-    """The swap of the digits' DINO with the three config lines; returns the runner and its work_dir."""
+    """The swap of the digits' DINO with the three config lines and the audit; returns the runner and its
+    work_dir."""
     work = tmp_path_factory.mktemp("swap")
-    runner = Runner.from_cfg(swap_cfg(glyphs, pretrained_dino, work))
+    runner = Runner.from_cfg(swap_cfg(glyphs, pretrained_dino, work, audit=AUDIT))
+    runner.register_hook(ExportBeforeAudit())  # not in the config: the swapped config is for mmdet alone
     runner.train()
     return runner, work
 
@@ -143,6 +159,92 @@ def test_stock_test_tool_scores_the_swapped_model(swap_run, tmp_path):
     assert stock.keys() == set(SETS), out.stdout[-3000:]
     for name in SETS:
         assert abs(stock[name] - after[name]) <= 0.5, (stock, after)
+
+
+def test_audit_rows_for_the_pretrained_and_the_swapped_detector(swap_run):
+    runner, work = swap_run
+    report = json.loads((work / "swap_report.json").read_text())
+    audit, before, after = report["audit"], report["metrics"]["before"], report["metrics"]["after"]
+    settings = {k: v for k, v in AUDIT.items() if k != "probe_images"}
+    assert audit["settings"] == {**audit["settings"], **settings} and audit["settings"]["seed"] == runner.seed
+    for row in ("pretrained", "swapped"):
+        assert set(audit[row]) == {"forget_score", "probe_forget_vs_retain", "probe_forget_classes",
+                                   "relearn_forget_score", "neighbour_mass"}, audit
+        assert audit[row]["probe_forget_classes"] is None  # one forget class
+        assert 0 <= audit[row]["neighbour_mass"] <= 100 * len(audit["neighbours"])
+    # The audit's forget score is the report's: the pretrained row is the pretrained model, the swapped row the
+    # merged export.
+    assert audit["pretrained"]["forget_score"] == pytest.approx(before["forget"], abs=0.05), (audit, before)
+    assert audit["swapped"]["forget_score"] == pytest.approx(after["forget"], abs=0.5), (audit, after)
+    # A detector trained on the digits tells its queries on 0s from those on 1s and 2s.
+    assert audit["pretrained"]["probe_forget_vs_retain"] > 75, audit
+    assert set(audit["neighbours"]).isdisjoint({0}) and len(audit["neighbours"]) == 3, audit
+    table = (work / "swap_report.md").read_text()
+    assert "## Unlearning audit" in table and "| swapped |" in table and "| pretrained |" in table, table
+
+
+def test_audit_leaves_the_export_unchanged(swap_run):
+    """swapped.pth is what the model exported as training ended, before the audit ran on its copies."""
+    _, work = swap_run
+    exported = torch.load(work / "swapped.pth", weights_only=True)["state_dict"]
+    before_audit = ExportBeforeAudit.state
+    assert before_audit and exported.keys() == before_audit.keys()
+    for key, value in before_audit.items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_audit_option_checked_at_construction():
+    learn = dict(classes=("bag",), train=dict(ann_file="train.json"), val=dict(ann_file="val.json"))
+    with pytest.raises(SwapConfigError, match=r"audit has no \['relearn_shot'\]; it takes .*relearn_shots"):
+        SwapHook(forget=dict(classes=("0",)), learn=learn, audit=dict(relearn_shot=3))
+    assert SwapHook(forget=dict(classes=("0",)), learn=learn, audit=True).audit == {}
+    assert SwapHook(forget=dict(classes=("0",)), learn=learn).audit is None
+
+
+class Relabel(torch.nn.Module):
+    """A detector whose detections of class ``source`` come out as class ``target``."""
+
+    def __init__(self, detector, source: int, target: int) -> None:
+        super().__init__()
+        self.detector, self.source, self.target = detector, source, target
+
+    def val_step(self, batch):
+        samples = self.detector.val_step(batch)
+        for sample in samples:
+            labels = sample.pred_instances.labels
+            labels[labels == self.source] = self.target
+        return samples
+
+
+def own_images_ap(scorer, detections, name):
+    """The former per-set rule: the set scored on its own images only."""
+    data = scorer.coco(name)
+    shown = {a["image_id"] for a in data["annotations"]}
+    data["images"] = [im for im in data["images"] if im["id"] in shown]
+    return coco_ap(as_coco(data), [d for d in detections if d["category_id"] - 1 in scorer.sets[name]])
+
+
+def test_relabelled_forget_objects_are_exposed(glyphs, pretrained_dino, swap_run, tmp_path):
+    """Forget objects relabelled as a learn class: the former per-set scores (each set on its own images) read
+    forget = 0 with nothing else worse; the class-agnostic forget AP still finds every one of them."""
+    from mmdet.registry import MODELS
+
+    runner, work = swap_run
+    scorer = next(h for h in runner.hooks if isinstance(h, SwapHook)).scorer
+    model = MODELS.build(tiny_dino_config(glyphs, DIGITS, tmp_path).model)
+    model.load_state_dict(load_local_checkpoint(str(pretrained_dino))["state_dict"])
+    relabelled = Relabel(model, DIGITS.index("0"), len(DIGITS) + LEARN.index("trouser"))
+    plain, gamed = scorer.detections(model), scorer.detections(relabelled)
+    old = {m: {s: own_images_ap(scorer, d, s) for s in SETS} for m, d in (("plain", plain), ("gamed", gamed))}
+    # Formerly: forget 0, retain the same, learn no lower (relabelled 0s that land on trousers even score).
+    assert old["plain"]["forget"] > 30 and old["gamed"]["forget"] == 0, old
+    assert old["gamed"]["retain"] == old["plain"]["retain"] and old["gamed"]["learn"] >= old["plain"]["learn"], old
+    new = {"plain": scorer(model), "gamed": scorer(relabelled)}
+    assert new["gamed"]["forget"] == 0 and new["gamed"]["forget_any"] == new["plain"]["forget_any"] > 30, new
+    # The report carries it: JSON, Markdown and log.
+    report = json.loads((work / "swap_report.json").read_text())
+    assert "forget_any" in report["metrics"]["before"] and "forget_any" in report["metrics"]["after"]
+    assert "| forget_any | lower |" in (work / "swap_report.md").read_text()
 
 
 @pytest.fixture(scope="session")

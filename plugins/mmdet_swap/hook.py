@@ -16,23 +16,23 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from mmdet.registry import DATASETS
 from mmengine.config import Config
-from mmengine.dataset import pseudo_collate
 from mmengine.dist import all_reduce
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPERS, OPTIMIZERS
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset
 
 from kswap import (
     PRESETS,
+    AuditSettings,
     InfiniteLoader,
     LabelSpace,
     LossWeights,
@@ -54,8 +54,9 @@ from kswap import (
     validate_lora_state,
 )
 
+from .audit import PROBE_IMAGES, audit_detector
 from .detector import LOGGED_TERM_SUFFIXES, extend_dino_classes, make_swap_detector
-from .evaluation import bbox_map, coco_from_dataset
+from .evaluation import SetScorer
 from .loop import SwapTrainLoop
 
 SETS = ("forget", "retain", "learn")
@@ -79,6 +80,13 @@ class SwapHook(Hook):
         batch_size: images per role per step (default: the config's train batch size).
         checkpoint_interval: also save a resumable checkpoint every N steps (0: at phase ends only).
         out_dir: where the report, the merged export and its stock test configs go (default: the run's work_dir).
+        audit: after the swap, audit the forgetting into the report (``audit`` in ``swap_report.json``): ``True``
+            for the defaults, or ``dict(relearn_shots=5, relearn_steps=50, relearn_lr=1e-4, probe_steps=100,
+            neighbours=3, seed=..., probe_images=500)`` (``kswap.AuditSettings``, the seed defaulting to the run's,
+            and at most ``probe_images`` images per split for the probes). Linear probes on
+            the decoder query matched to each forget / retain object, a relearn attack on a copy of the merged
+            model and the neighbour-class score mass, for the pretrained and the swapped model (see
+            ``mmdet_swap.audit``). Off by default; the exported model is the same either way.
     """
 
     priority = "VERY_HIGH"
@@ -97,6 +105,7 @@ class SwapHook(Hook):
         batch_size: int | None = None,
         checkpoint_interval: int = 0,
         out_dir: str | None = None,
+        audit: bool | Mapping[str, Any] = False,
     ) -> None:
         self.specs = {"forget": dict(forget), "retain": dict(retain or {}), "learn": dict(learn)}
         for name in ("forget", "learn"):
@@ -119,9 +128,16 @@ class SwapHook(Hook):
         self.batch_size = batch_size
         self.checkpoint_interval = checkpoint_interval
         self.out_dir = out_dir
+        self.audit = {} if audit is True else dict(audit) if audit else None
+        if self.audit is not None:
+            known = [f.name for f in fields(AuditSettings)] + ["probe_images"]
+            unknown = set(self.audit) - set(known)
+            if unknown:
+                raise SwapConfigError(f"SwapHook: audit has no {sorted(unknown)}; it takes {known}.")
         self.scheduler: PhaseScheduler | None = None
         self.phase_loaders: list[dict[str, InfiniteLoader]] = []
         self.report: SwapReport | None = None
+        self.pretrained_buffers: dict[str, torch.Tensor] | None = None
 
     # -- surgery -------------------------------------------------------------------------------------------------
     def before_run(self, runner: Any) -> None:
@@ -185,6 +201,7 @@ class SwapHook(Hook):
                 for role, it in roles.items():
                     it.load_state_dict(states[role])
             self.report = SwapReport.from_dict(saved["report"])
+            self.pretrained_buffers = saved.get("pretrained_buffers")
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         checkpoint["swap"] = {
@@ -193,6 +210,8 @@ class SwapHook(Hook):
             "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders],
             "report": self.report.to_dict(),
         }
+        if self.pretrained_buffers is not None:
+            checkpoint["swap"]["pretrained_buffers"] = self.pretrained_buffers
 
     def save(self, runner: Any) -> None:
         """A resumable checkpoint; ``last_checkpoint`` moves to it only once it is completely written."""
@@ -206,28 +225,28 @@ class SwapHook(Hook):
             self.save(runner)
 
     # -- data ----------------------------------------------------------------------------------------------------
-    def _dataset_cfg(self, runner: Any, name: str, split: str) -> dict:
+    def _dataset_cfg(self, runner: Any, name: str, split: str, keep_classes: Sequence[str] | None = ()) -> dict:
+        """Set ``name``'s dataset of ``split`` in the joint label space; ``keep_classes`` defaults to the set's
+        classes (``None``: every labelled object of the joint classes)."""
         base = runner.cfg.train_dataloader.dataset if split == "train" else runner.cfg.val_dataloader.dataset
-        spec = self.specs[name]
-        ids = self.sets[name]
         cfg = copy.deepcopy(dict(base))
-        cfg.update(copy.deepcopy(spec.get(split, {})))
-        cfg.update(type="SwapCocoDataset", keep_classes=[self.space.names[i] for i in ids],
-                   metainfo=dict(classes=self.space.names))
+        cfg.update(copy.deepcopy(self.specs[name].get(split, {})))
+        if keep_classes == ():
+            keep_classes = [self.space.names[i] for i in self.sets[name]]
+        cfg.update(type="SwapCocoDataset", keep_classes=keep_classes, metainfo=dict(classes=self.space.names))
         return cfg
 
     def _build_data(self, runner: Any) -> None:
         self.train_sets = {name: self._dataset_cfg(runner, name, "train") for name in SETS}
-        self.eval, self.eval_cfgs = {}, {}
-        batch_size = runner.cfg.val_dataloader.get("batch_size", 1)
-        for name in SETS:
-            self.eval_cfgs[name] = self._dataset_cfg(runner, name, "val")
-            dataset = DATASETS.build(self.eval_cfgs[name])
-            if len(dataset) == 0:
-                raise SwapConfigError(f"SwapHook: the {name} set has no validation images with its classes.")
-            # Every rank scores the whole set (a sharded sampler would give each rank a different mAP).
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=pseudo_collate)
-            self.eval[name] = (loader, coco_from_dataset(dataset))
+        # Scoring keeps every labelled object of the sets' test images (see evaluation.py); sets read from the
+        # same files share one dataset.
+        self.eval_cfgs = {name: self._dataset_cfg(runner, name, "val", keep_classes=None) for name in SETS}
+        built: dict[str, Any] = {}
+        datasets = {name: built.setdefault(json.dumps(cfg, sort_keys=True, default=str), DATASETS.build(cfg))
+                    for name, cfg in self.eval_cfgs.items()}
+        # Every rank scores the whole union (a sharded sampler would give each rank a different mAP).
+        self.scorer = SetScorer(datasets, self.sets, self.space.names,
+                                runner.cfg.val_dataloader.get("batch_size", 1))
 
     def _loaders_of(self, phase: Phase, runner: Any) -> dict[str, InfiniteLoader]:
         out = {}
@@ -253,7 +272,7 @@ class SwapHook(Hook):
 
     # -- phases, evaluation, outputs -----------------------------------------------------------------------------
     def scores(self) -> dict[str, float]:
-        return {name: bbox_map(self.model, loader, gt) for name, (loader, gt) in self.eval.items()}
+        return self.scorer(self.model)
 
     def before_swap(self, runner: Any) -> None:
         if self.report.before is None:
@@ -261,6 +280,10 @@ class SwapHook(Hook):
             with hidden_new_classes(self.model, self.grown):
                 self.report.set_before(self.scores())
             runner.logger.info(f"SwapHook: before {self.report.before}")
+            if self.audit is not None:
+                # Frozen weights stay as loaded, but a config without norm_eval moves BatchNorm statistics while
+                # the swap trains: the audit's pretrained row needs them as they were.
+                self.pretrained_buffers = {k: v.detach().clone() for k, v in self.model.named_buffers()}
 
     def start_phase(self, runner: Any, phase: Phase) -> None:
         if phase.index > 0 and self.config.reset_optimizer_between_phases:
@@ -294,6 +317,8 @@ class SwapHook(Hook):
         if runner.rank != 0:
             return
         out = Path(self.out_dir or runner.work_dir)
+        if self.audit is not None:
+            self.report.audit = self._audit(runner)
         paths = self.report.write(out)
         plain = merge_and_export(self.model)
         meta = {"dataset_meta": {"classes": list(self.space.names)}, "kswap": {"report": str(paths["json"])}}
@@ -303,12 +328,35 @@ class SwapHook(Hook):
         runner.logger.info(f"SwapHook: score {out / 'swapped.pth'} with mmdet's tools/test.py "
                            f"{out / 'swapped_test_<set>.py'} {out / 'swapped.pth'} (set: {', '.join(SETS)})")
 
+    def _audit(self, runner: Any) -> dict[str, Any]:
+        options = {"seed": runner.seed or 0, **self.audit}
+        probe_images = options.pop("probe_images", PROBE_IMAGES)
+        settings = AuditSettings(**options)
+        runner.logger.info(f"SwapHook: auditing the forgetting ({settings})")
+        if self.pretrained_buffers is None:
+            runner.logger.warning("SwapHook: the run resumed from a checkpoint written without audit, which lacks "
+                                  "the buffers (BatchNorm statistics) of the pretrained model: its audit row uses "
+                                  "the current ones.")
+        # The probes read objects through the test pipeline (no augmentation, boxes as annotated).
+        probe_sets = {split: ConcatDataset([DATASETS.build({**self._dataset_cfg(runner, name, cfg_split),
+                                                            "pipeline": self.eval_cfgs[name]["pipeline"],
+                                                            "test_mode": True})
+                                            for name in ("forget", "retain")])
+                      for split, cfg_split in (("train", "train"), ("test", "val"))}
+        batch_sizes = (self.batch_size or runner.cfg.train_dataloader.batch_size,
+                       runner.cfg.val_dataloader.get("batch_size", 1))
+        attack_set = DATASETS.build(self.train_sets["forget"])
+        audit = audit_detector(self.model, self.pretrained_buffers, self.grown, self.scorer, probe_sets, attack_set,
+                               self.sets, settings, batch_sizes, probe_images)
+        runner.logger.info(f"SwapHook: audit {audit}")
+        return audit
+
     def _write_stock_test_configs(self, runner: Any, out: Path) -> None:
         """What mmdet's ``tools/test.py`` needs to score ``swapped.pth`` per set in the joint label space.
 
         ``swapped_config.py``: the run's config without the swap, with ``num_classes`` = old + new and
-        ``load_from`` the merged model. Per set, ``swapped_<set>.json`` (the set's validation images and
-        annotations; categories: the joint class list, ``id`` = label + 1) and ``swapped_test_<set>.py``,
+        ``load_from`` the merged model. Per set, ``swapped_<set>.json`` (the test images of all sets, the set's
+        objects; categories: the joint class list, ``id`` = label + 1) and ``swapped_test_<set>.py``,
         which inherits ``swapped_config.py`` and tests on that file with ``CocoMetric``.
         """
         cfg = copy.deepcopy(runner.cfg)
@@ -322,14 +370,15 @@ class SwapHook(Hook):
         cfg.model.bbox_head.num_classes = self.space.num_classes
         cfg.load_from, cfg.resume = str(out / "swapped.pth"), False
         atomic_write_text(out / "swapped_config.py", cfg.pretty_text)
-        for name, (loader, gt) in self.eval.items():
+        for name in SETS:
             ann_file = out / f"swapped_{name}.json"
-            atomic_write_text(ann_file, json.dumps(gt.dataset))
+            atomic_write_text(ann_file, json.dumps(self.scorer.coco(name)))
             dataset = {k: v for k, v in self.eval_cfgs[name].items() if k != "keep_classes"}
-            dataset.update(_delete_=True, type="CocoDataset", ann_file=str(ann_file), test_mode=True,
-                           metainfo=dict(classes=tuple(self.space.names)))
+            # The file holds every scored image under its absolute path.
+            dataset.update(_delete_=True, type="CocoDataset", ann_file=str(ann_file), data_prefix=dict(img=""),
+                           test_mode=True, metainfo=dict(classes=tuple(self.space.names)))
             test = Config(dict(
-                test_dataloader=dict(batch_size=loader.batch_size, dataset=dataset),
+                test_dataloader=dict(batch_size=runner.cfg.val_dataloader.get("batch_size", 1), dataset=dataset),
                 test_evaluator=dict(_delete_=True, type="CocoMetric", ann_file=str(ann_file), metric="bbox",
                                     format_only=False)))
             atomic_write_text(out / f"swapped_test_{name}.py",
