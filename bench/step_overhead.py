@@ -330,16 +330,17 @@ def main() -> None:
     # Each model's entry replaces its previous one; the others' stay.
     runs = json.loads(out.read_text())["models"] if out.exists() else {}
     command = f"python bench/step_overhead.py {shlex.join(sys.argv[1:])}"
-    for name in models:
-        info = machine(args.note)
-        with tempfile.TemporaryDirectory() as tmp:
+    # One folder for all models: detectron2's catalog keeps the datasets registered by the first.
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            info = machine(args.note)
             pair = build(Path(tmp), name)
             result = time_interleaved(pair, args.repeats, args.warmup)
-        info["load_average_at_end"] = list(os.getloadavg())
-        runs[name] = {"command": command, "machine": info, "setup": pair.setup, **result}
-        print(f"{name}: swap {result['swap_step_ms']:.1f} ms (quartiles {result['swap_step_ms_quartiles']}), plain "
-              f"{result['plain_step_ms']:.1f} ms ({result['plain_step_ms_quartiles']}), ratio {result['ratio']:.3f}",
-              flush=True)
+            info["load_average_at_end"] = list(os.getloadavg())
+            runs[name] = {"command": command, "machine": info, "setup": pair.setup, **result}
+            print(f"{name}: swap {result['swap_step_ms']:.1f} ms (quartiles {result['swap_step_ms_quartiles']}), "
+                  f"plain {result['plain_step_ms']:.1f} ms ({result['plain_step_ms_quartiles']}), ratio "
+                  f"{result['ratio']:.3f}", flush=True)
     rows = table(runs)
     print("\n".join(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
