@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -225,25 +225,28 @@ class SwapHook(Hook):
             self.save(runner)
 
     # -- data ----------------------------------------------------------------------------------------------------
-    def _dataset_cfg(self, runner: Any, name: str, split: str, keep_classes: Sequence[str] | None = ()) -> dict:
-        """Set ``name``'s dataset of ``split`` in the joint label space; ``keep_classes`` defaults to the set's
-        classes (``None``: every labelled object of the joint classes)."""
+    def _dataset_cfg(self, runner: Any, name: str, split: str, every_object: bool = False) -> dict:
+        """Set ``name``'s dataset of ``split`` in the joint label space: the images showing its classes and their
+        objects of those classes, or with ``every_object`` every image and every object of the joint classes."""
         base = runner.cfg.train_dataloader.dataset if split == "train" else runner.cfg.val_dataloader.dataset
         cfg = copy.deepcopy(dict(base))
         cfg.update(copy.deepcopy(self.specs[name].get(split, {})))
-        if keep_classes == ():
-            keep_classes = [self.space.names[i] for i in self.sets[name]]
-        cfg.update(type="SwapCocoDataset", keep_classes=keep_classes, metainfo=dict(classes=self.space.names))
+        keep = None if every_object else [self.space.names[i] for i in self.sets[name]]
+        cfg.update(type="SwapCocoDataset", keep_classes=keep, metainfo=dict(classes=self.space.names))
         return cfg
 
     def _build_data(self, runner: Any) -> None:
         self.train_sets = {name: self._dataset_cfg(runner, name, "train") for name in SETS}
         # Scoring keeps every labelled object of the sets' test images (see evaluation.py); sets read from the
         # same files share one dataset.
-        self.eval_cfgs = {name: self._dataset_cfg(runner, name, "val", keep_classes=None) for name in SETS}
+        self.eval_cfgs = {name: self._dataset_cfg(runner, name, "val", every_object=True) for name in SETS}
         built: dict[str, Any] = {}
-        datasets = {name: built.setdefault(json.dumps(cfg, sort_keys=True, default=str), DATASETS.build(cfg))
-                    for name, cfg in self.eval_cfgs.items()}
+        datasets = {}
+        for name, cfg in self.eval_cfgs.items():
+            key = json.dumps(cfg, sort_keys=True, default=str)
+            if key not in built:
+                built[key] = DATASETS.build(cfg)
+            datasets[name] = built[key]
         # Every rank scores the whole union (a sharded sampler would give each rank a different mAP).
         self.scorer = SetScorer(datasets, self.sets, self.space.names,
                                 runner.cfg.val_dataloader.get("batch_size", 1))
