@@ -173,7 +173,9 @@ def time_model(name: str, model: torch.nn.Module, steps: Callable[[torch.nn.Modu
     for r in rows:
         lines.append(f"{r['size']:>5}px{r['train_step_s']:>25.2f}s{r['inference_per_image_s']:>19.2f}s")
     print("\n".join(lines))
-    return {"command": " ".join(["python bench/host_cost.py", *sys.argv[1:]]), "note": args.note, "rows": rows,
+    # The checkout is the user's own folder: the recorded command names it generically.
+    argv = ["<Mask2Former checkout>" if a == str(args.mask2former) else a for a in sys.argv[1:]]
+    return {"command": " ".join(["python bench/host_cost.py", *argv]), "note": args.note, "rows": rows,
             "table": lines}
 
 
