@@ -21,13 +21,15 @@ import torch
 from glyph_coco import write_glyph_coco
 from mmengine.config import Config
 from mmengine.hooks import Hook
+from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 from tiny_dino import DIGITS, DINO_CONFIG, LEARN, swap_cfg, tiny_dino_config
 
-from kswap import SwapConfigError, merge_and_export
+from kswap import LossWeights, SwapConfigError, merge_and_export, sum_task_loss
 from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
 from mmdet_swap.evaluation import as_coco, coco_ap
+from mmdet_swap.loop import merge_batches
 
 from conftest import labelme_example
 
@@ -407,6 +409,70 @@ def test_checkpoint_with_wrong_head_is_refused(glyphs, pretrained_dino, tmp_path
     runner = Runner.from_cfg(swap_cfg(glyphs, bad, tmp_path / "bad"))
     with pytest.raises(SwapConfigError, match="shape mismatch"):
         runner.train()
+
+
+def swap_step_inputs(tmp_path: Path) -> tuple[torch.nn.Module, dict[str, dict]]:
+    """The tiny DINO (random weights) made a swap detector as ``SwapHook.before_run`` does, and per role a
+    collated batch of 2 real glyph images, each role's largest object count 2 (the same denoising layout)."""
+    from mmdet.registry import DATASETS, MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.dataset import pseudo_collate
+
+    from kswap import freeze_all_but_lora_, inject_lora, lora_groups
+    from mmdet_swap.detector import extend_dino_classes, make_swap_detector
+
+    register_all_modules()
+    torch.manual_seed(0)
+    write_glyph_coco(tmp_path, "mnist", DIGITS, 12, "train", 0)
+    cfg = swap_cfg(tmp_path, tmp_path / "unused.pth", tmp_path / "work")
+    hook = SwapHook(**{k: v for k, v in cfg.custom_hooks[0].items() if k != "type"})
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    extend_dino_classes(model, len(LEARN))
+    inject_lora(model, hook.config.lora)
+    freeze_all_but_lora_(model)
+    make_swap_detector(model, LossWeights, lora_groups(model, hook.config.lora.group_by))
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    samples = [dataset[i] for i in range(len(dataset))]
+    two = [s for s in samples if len(s["data_samples"].gt_instances) == 2]
+    one = [s for s in samples if len(s["data_samples"].gt_instances) == 1]
+    batches = {"retain": pseudo_collate([two[0], one[0]]), "forget": pseudo_collate([one[1], two[1]])}
+    return model, batches
+
+
+def test_swap_step_runs_the_backbone_and_transformer_once(tmp_path):
+    """A swap step costs one detector pass over the merged batch, not one per role."""
+    model, batches = swap_step_inputs(tmp_path)
+    calls = {"backbone": 0, "encoder": 0, "decoder": 0}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    model.train()
+    outputs = model.train_step(merge_batches(batches), optim_wrapper=OptimWrapper(torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3)))
+    assert calls == {"backbone": 1, "encoder": 1, "decoder": 1}
+    assert {"retain_task", "forget_task", "forget_bounded"} <= set(outputs)
+
+
+def test_role_task_losses_equal_each_role_alone(tmp_path):
+    """The head's loss on a role's rows of the merged pass is that role's loss run alone, given the same
+    denoising layout (equal largest object count, no denoising noise) and BatchNorm on running statistics: the
+    only things the merged batch shares across rows (see mmdet_swap.detector)."""
+    model, batches = swap_step_inputs(tmp_path)
+    # Denoising noise far below float resolution (mmdet asserts it is > 0): the same dn queries either way.
+    model.dn_query_generator.label_noise_scale = model.dn_query_generator.box_noise_scale = 1e-9
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    alone = {}
+    for role, batch in batches.items():
+        # untagged: the detector's own loss
+        losses = model(**model.data_preprocessor(copy.deepcopy(batch), True), mode="loss")
+        alone[role] = sum_task_loss(losses)  # as mmengine's parse_losses sums it
+    merged = model(**model.data_preprocessor(merge_batches(batches), True), mode="loss")
+    for role, expected in alone.items():
+        torch.testing.assert_close(merged[f"{role}_task"], expected.detach(), rtol=1e-4, atol=1e-5)
+    assert (alone["retain"] - alone["forget"]).abs() > 0.05  # the roles' rows differ: a mix-up would show
 
 
 class StopAt:

@@ -3,11 +3,22 @@
 The detector keeps its class, module tree and state-dict keys (only LoRA keys are added): it becomes an
 instance of a subclass that computes the phase loss from per-role task losses and keeps LoRA as injected when
 mmengine re-runs ``init_weights``.
+
+A swap step runs the backbone, neck and transformer once over the merged role-tagged batch, as the detector's
+own step runs them over one batch, and the head's loss once per role on that role's rows. Images are independent
+rows there, except for what the detector's own step also shares across its batch:
+
+* DINO's denoising layout: the number of denoising groups and each group's padding follow the largest object
+  count of the merged batch (a role alone may get more groups), and the noise is one draw over the merged batch;
+  ``dn_meta`` describes that layout for every row, so each role's rows keep it.
+* BatchNorm with batch statistics (``norm_eval=False``; stock DINO freezes them): the merged batch's statistics
+  normalise every role's images and update the running statistics once per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,11 +38,32 @@ ROLE_KEY = "swap_role"
 # The phase-loss terms the detector logs (``retain_task``, ``forget_bounded``, ``group_sparse``, ...): mmengine
 # optimises keys containing "loss" and logs the rest.
 LOGGED_TERM_SUFFIXES = ("task", "bounded", "sparse")
+# Head inputs of DINO / Deformable DETR (``forward_transformer``'s output) with the decoder layers first;
+# every other tensor is batch-first, lists hold batch-first tensors (``references``).
+LAYERS_FIRST = frozenset({"hidden_states"})
 
 
 def logged_terms(terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The phase-loss terms to log, under mmengine-friendly names (``forget/task`` -> ``forget_task``)."""
     return {k.replace("/", "_"): v for k, v in terms.items() if k.endswith(LOGGED_TERM_SUFFIXES)}
+
+
+def head_input_rows(head_inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The head inputs of the images ``rows`` of the batch (``dn_meta`` and ``None`` kept as they are)."""
+    index = torch.tensor(rows)
+
+    def take(value: torch.Tensor, dim: int) -> torch.Tensor:
+        return value.index_select(dim, index.to(value.device))
+
+    out: dict[str, Any] = {}
+    for key, value in head_inputs.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = take(value, 1 if key in LAYERS_FIRST else 0)
+        elif isinstance(value, (list, tuple)):
+            out[key] = [take(v, 0) for v in value]
+        else:  # dn_meta: the denoising layout, the same for every row
+            out[key] = value
+    return out
 
 
 class SwapDetectorMixin:
@@ -45,10 +77,12 @@ class SwapDetectorMixin:
         roles = [s.metainfo.get(ROLE_KEY) for s in batch_data_samples]
         if None in roles:  # not a swap batch (e.g. a plain fine-tuning run of the same model)
             return super().loss(batch_inputs, batch_data_samples)
+        head_inputs = self.forward_transformer(self.extract_feat(batch_inputs), batch_data_samples)
         task = {}
         for role in dict.fromkeys(roles):
-            idx = [i for i, r in enumerate(roles) if r == role]
-            task[role] = super().loss(batch_inputs[idx], [batch_data_samples[i] for i in idx])
+            rows = [i for i, r in enumerate(roles) if r == role]
+            task[role] = self.bbox_head.loss(**head_input_rows(head_inputs, rows),
+                                             batch_data_samples=[batch_data_samples[i] for i in rows])
         out = PhaseLoss(self._swap_weights())(task, gs=group_sparse_loss(self._swap_groups))
         return {"loss": out.total, **logged_terms(out.terms)}
 
