@@ -3,15 +3,20 @@
 Runs ``train.py`` (the same script users run) once per method on the MNIST -> Fashion-MNIST demo task and
 prints one table of forget / retain / learn accuracy, H-mean and wall time, saved as JSON too:
 
-- learn_then_forget, forget_then_learn, joint (the library's one-phase ablation);
+- learn_then_forget (the demo's config), and the same without each of its two levers (LoRA on the attention
+  projections too; distillation towards the end-of-learn model in the forget phase) and without both (the
+  reference recipe);
+- forget_then_learn, joint (the library's one-phase ablation);
 - finetune R∪L: LoRA fine-tuning on R and L with no forgetting term (joint order, beta = 0);
 - unbounded GA: learn-then-forget with the bound removed (BND = 1e9: plain gradient ascent on F);
 - oracle: a model trained from scratch on R ∪ L only (it cannot output the forget classes).
 
-Then it times one swap step against one plain LoRA fine-tuning step on the same images (overhead ratio,
-``bench/step_overhead.py``'s timm measure).
+over the demo's own pretrained model and models pretrained with other seeds (``--seeds``), with min / mean over
+seeds and, per seed, whether the demo's targets and the stricter oracle goal (forget <= 1 %, retain within 1 point
+of the pretrained model, learn within 3 points of the oracle) were met. The step overhead is
+``bench/step_overhead.py``'s.
 
-Usage: ``python bench/swap_quality.py [--out bench/results/swap_quality.json]``
+Usage: ``python bench/swap_quality.py [--seeds 0 1] [--methods ...] [--out bench/results/swap_quality.json]``
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,22 +34,27 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demo"))
-from step_overhead import time_interleaved, timm_steps  # noqa: E402
 
 from kswap import swap_hmean  # noqa: E402
 
 from prepare_data import prepare  # noqa: E402
-from swap_mnist import pretrained_checkpoint  # noqa: E402
+from swap_mnist import TARGETS, pretrained_checkpoint  # noqa: E402
 
 TRAIN = ROOT / "train.py"
 LEARN = ["trouser", "sneaker", "bag", "ankle-boot"]
+# Extra flags over demo/swap.yaml (which turns on the two levers: LoRA on attention too, forget-phase distillation).
+REFERENCE = ["--swap-lora-targets", "timm_vit", "--swap-forget-distill", "0"]
 METHODS = {
     "learn_then_forget": ["--swap-order", "learn_then_forget"],
+    "reference (FFN LoRA, no distill)": REFERENCE,
+    "no distill (attn + FFN LoRA)": ["--swap-forget-distill", "0"],
+    "FFN LoRA + distill": ["--swap-lora-targets", "timm_vit"],
     "forget_then_learn": ["--swap-order", "forget_then_learn"],
     "joint": ["--swap-order", "joint", "--swap-forget-length", "800steps"],
     "finetune R∪L": ["--swap-order", "joint", "--swap-forget-length", "800steps", "--swap-beta", "0"],
     "unbounded GA": ["--swap-order", "learn_then_forget", "--swap-bnd", "1e9"],
 }
+ORACLE = "oracle (R∪L from scratch)"
 
 
 def swap_report(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, out: Path) -> tuple[dict, float]:
@@ -64,8 +75,8 @@ def run_swap(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, ou
             "before": report["metrics"]["before"]}
 
 
-def train_oracle(roots: dict[str, Path], out: Path) -> tuple[Any, list[str], float]:
-    """Train from scratch on R ∪ L (a symlinked ImageFolder) with the pretraining recipe.
+def train_oracle(roots: dict[str, Path], out: Path, seed: int | None = None) -> tuple[Any, list[str], float]:
+    """Train from scratch on R ∪ L (a symlinked ImageFolder) with the pretraining recipe (and ``seed``).
 
     Returns:
         The training context (``ctx.model``), the class names in label order and the wall time.
@@ -80,18 +91,19 @@ def train_oracle(roots: dict[str, Path], out: Path) -> tuple[Any, list[str], flo
             _link(roots["fashion"] / split / c, data / split / c)
     start = time.perf_counter()
     ctx = train_main(["-c", str(ROOT / "demo" / "pretrain.yaml"), "--data-dir", str(data), "--num-classes", "12",
-                      "--output", str(out), "--experiment", "oracle", "--no-progress", "--log-interval", "0"])
+                      "--output", str(out), "--experiment", f"oracle{seed or ''}", "--no-progress", "--log-interval",
+                      "0", *seed_flags(seed)])
     return ctx, sorted(p.name for p in (data / "train").iterdir()), time.perf_counter() - start
 
 
-def oracle(roots: dict[str, Path], out: Path) -> dict:
+def oracle(roots: dict[str, Path], out: Path, seed: int | None = None) -> dict:
     """The oracle's score on each set (it has no output for the forgotten digits: forget 0)."""
     import torch
 
     from timm_swap.data import image_folder
     from timm_swap.evaluation import evaluate_top1
 
-    ctx, names, wall = train_oracle(roots, out)
+    ctx, names, wall = train_oracle(roots, out, seed)
     retain_map = {str(i): names.index(str(i)) for i in range(2, 10)}
     learn_map = {c: names.index(c) for c in LEARN}
 
@@ -104,45 +116,95 @@ def oracle(roots: dict[str, Path], out: Path) -> dict:
     return {**scores, "wall_s": wall}
 
 
+def seed_flags(seed: int | None) -> list[str]:
+    """``--seed`` for a run of pretraining seed ``seed`` (``None``: the demo's own seed, from its YAML files)."""
+    return [] if seed is None else ["--seed", str(seed)]
+
+
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if not dst.exists():
         os.symlink(src, dst)
 
 
+def demo_targets(before: dict, after: dict, oracle_learn: float) -> dict[str, bool]:
+    """The demo's own targets (swap_mnist.TARGETS) and the stricter goals measured against the oracle."""
+    drop = before["retain"] - after["retain"]
+    return {"demo": (after["forget"] <= TARGETS["forget_max"] and drop <= TARGETS["retain_drop_max"]
+                     and after["learn"] >= TARGETS["learn_min"]),
+            "oracle_goal": after["forget"] <= 1.0 and drop <= 1.0 and after["learn"] >= oracle_learn - 3.0}
+
+
+def one_seed(seed: int | None, methods: list[str], roots: dict[str, Path], out: Path) -> dict[str, dict]:
+    """Every method and the oracle from the model pretrained with ``seed``."""
+    ckpt = pretrained_checkpoint(roots["mnist"], seed)
+    rows: dict[str, dict] = {}
+    for name in methods:
+        print(f"seed {seed or 'demo'}: running {name} ...", flush=True)
+        rows[name] = run_swap(name, [*METHODS[name], *seed_flags(seed)], roots, ckpt, out / f"seed{seed}")
+    print(f"seed {seed or 'demo'}: running the oracle ...", flush=True)
+    rows[ORACLE] = oracle(roots, out / f"seed{seed}", seed)
+    before = next(iter(rows.values()))["before"]
+    rows[ORACLE]["hmean"] = swap_hmean(before, rows[ORACLE])
+    for name in methods:
+        rows[name]["targets"] = demo_targets(before, rows[name], rows[ORACLE]["learn"])
+    return {"pretrained": before, "rows": rows}
+
+
+def summary(per_seed: dict[str, dict]) -> dict[str, dict]:
+    """Per method: min and mean over seeds of each score (and of the retain drop), and how many seeds met the
+    targets."""
+    out: dict[str, dict] = {}
+    for name in next(iter(per_seed.values()))["rows"]:
+        rows = [(r["pretrained"], r["rows"][name]) for r in per_seed.values()]
+        stats = {}
+        for key in ("forget", "retain", "learn"):
+            values = [row[key] for _, row in rows]
+            stats[key] = {"min": min(values), "mean": statistics.fmean(values), "max": max(values)}
+        drops = [pre["retain"] - row["retain"] for pre, row in rows]
+        stats["retain_drop"] = {"min": min(drops), "mean": statistics.fmean(drops), "max": max(drops)}
+        if "targets" in rows[0][1]:
+            stats["seeds_meeting"] = {t: sum(row["targets"][t] for _, row in rows) for t in rows[0][1]["targets"]}
+        out[name] = stats
+    return out
+
+
+def table(per_seed: dict[str, dict], stats: dict[str, dict]) -> list[str]:
+    header = (f"{'method':<32}{'forget ↓ max':>13}{'retain drop ↓ mean/max':>24}{'learn ↑ mean/min':>18}"
+              f"{'demo / oracle goal':>20}")
+    lines = [header, "-" * len(header)]
+    pre = [r["pretrained"] for r in per_seed.values()]
+    lines.append(f"{'pretrained (retain, forget)':<32}{min(p['forget'] for p in pre):>13.2f}"
+                 f"{statistics.fmean(p['retain'] for p in pre):>24.2f}")
+    n = len(per_seed)
+    for name, st in stats.items():
+        met = st.get("seeds_meeting")
+        goals = f"{met['demo']}/{n} , {met['oracle_goal']}/{n}" if met else ""
+        lines.append(f"{name:<32}{st['forget']['max']:>13.2f}"
+                     f"{st['retain_drop']['mean']:>15.2f} / {st['retain_drop']['max']:<6.2f}"
+                     f"{st['learn']['mean']:>10.2f} / {st['learn']['min']:<6.2f}{goals:>16}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "swap_quality.json"))
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1],
+                        help="pretraining (and swap) seeds besides the demo's own model")
     args = parser.parse_args()
     roots = prepare(per_class_train=1000, per_class_val=300)
-    ckpt = pretrained_checkpoint(roots["mnist"])
-    results: dict[str, dict] = {}
+    per_seed: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.methods:
-            print(f"running {name} ...", flush=True)
-            results[name] = run_swap(name, METHODS[name], roots, ckpt, Path(tmp))
-        print("running oracle ...", flush=True)
-        oracle_result = oracle(roots, Path(tmp))
-    before = next(iter(results.values()))["before"] if results else None
-    oracle_result["hmean"] = swap_hmean(before, oracle_result) if before else None
-    results["oracle (R∪L from scratch)"] = oracle_result
-    overhead = time_interleaved(timm_steps(ckpt, roots), repeats=60)
-
-    header = f"{'method':<28}{'forget ↓':>10}{'retain ↑':>10}{'learn ↑':>10}{'H-mean':>9}{'wall s':>9}"
-    lines = [header, "-" * len(header)]
-    if before:
-        lines.append(f"{'pretrained':<28}{before['forget']:>10.2f}{before['retain']:>10.2f}{before['learn']:>10.2f}")
-    for name, r in results.items():
-        lines.append(f"{name:<28}{r['forget']:>10.2f}{r['retain']:>10.2f}{r['learn']:>10.2f}"
-                     f"{(r['hmean'] or 0):>9.2f}{r['wall_s']:>9.1f}")
-    lines.append("")
-    lines.append(f"step overhead: swap {overhead['swap_step_ms']:.1f} ms vs plain LoRA fine-tuning "
-                 f"{overhead['plain_step_ms']:.1f} ms per step (160 images, median of {overhead['repeats']}): "
-                 f"ratio {overhead['ratio']:.3f}")
+        for seed in [None, *args.seeds]:
+            per_seed["demo" if seed is None else str(seed)] = one_seed(seed, args.methods, roots, Path(tmp))
+    stats = summary(per_seed)
+    lines = table(per_seed, stats)
     print("\n".join(lines))
+    command = "python bench/swap_quality.py " + " ".join(sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"pretrained": before, "methods": results, "step_overhead": overhead,
+    Path(args.out).write_text(json.dumps({"command": command.strip(), "threads": os.environ.get("OMP_NUM_THREADS"),
+                                          "seeds": list(per_seed), "per_seed": per_seed, "summary": stats,
                                           "table": lines}, indent=2, default=float))
     print(f"saved {args.out}")
 

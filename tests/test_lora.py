@@ -221,3 +221,13 @@ def test_lora_snapshot_computes_with_the_saved_weights_and_restores_the_current_
         assert torch.allclose(model(x), at_snapshot)
     with pytest.raises(CheckpointMismatchError, match="lacks"):
         LoraSnapshot.from_state_dict(model, {})
+
+
+def test_attention_preset_adds_the_projections_and_keeps_one_group_per_block():
+    ffn, attn = tiny_vit(), tiny_vit()
+    ffn_names = inject_lora(ffn, LoraSettings(targets="ffn"))
+    attn_names = inject_lora(attn, LoraSettings(targets="timm_vit_attn"))
+    assert not any(".attn." in n for n in ffn_names)   # the reference placement stays FFN-only
+    assert set(attn_names) - set(ffn_names) == {f"blocks.{b}.attn.{p}" for b in (0, 1) for p in ("qkv", "proj")}
+    freeze_all_but_lora_(attn)
+    assert sorted(lora_groups(attn)) == ["blocks.0", "blocks.1"]

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, merge_and_export, run_audit
-from kswap.audit import few_shot_indices
+from kswap.audit import drawn_indices, few_shot_indices
 
 from .data import targets
 
@@ -38,11 +38,8 @@ def _labels(dataset: Dataset) -> list[int]:
     return targets(dataset)
 
 
-def _draw(dataset: Dataset, limit: int, seed: int) -> Dataset:
-    if len(dataset) <= limit:
-        return dataset
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Subset(dataset, sorted(keep.tolist()))
+def _drawn(dataset: Dataset, seed: int) -> Dataset:
+    return Subset(dataset, drawn_indices(len(dataset), PROBE_IMAGES, seed))
 
 
 def _stack(dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +78,7 @@ def audit_classifier(model: nn.Module, grown: Mapping[str, GrownRows], sets: Map
         device: where the models run.
         batch_size: inference batch size.
     """
-    data = {split: _stack(_draw(ConcatDataset([s["forget"], s["retain"]]), PROBE_IMAGES, settings.seed), batch_size)
+    data = {split: _stack(_drawn(ConcatDataset([s["forget"], s["retain"]]), settings.seed), batch_size)
             for split, s in sets.items()}
     forget_test = _stack(sets["test"]["forget"], batch_size)
     shots = few_shot_indices(_labels(sets["train"]["forget"]), forget_ids, settings.relearn_shots, settings.seed)
