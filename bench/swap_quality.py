@@ -91,8 +91,8 @@ def train_oracle(roots: dict[str, Path], out: Path, seed: int | None = None) -> 
             _link(roots["fashion"] / split / c, data / split / c)
     start = time.perf_counter()
     ctx = train_main(["-c", str(ROOT / "demo" / "pretrain.yaml"), "--data-dir", str(data), "--num-classes", "12",
-                      "--output", str(out), "--experiment", f"oracle{seed or ''}", "--no-progress", "--log-interval",
-                      "0", *seed_flags(seed)])
+                      "--output", str(out), "--experiment", "oracle", "--no-progress", "--log-interval", "0",
+                      *seed_flags(seed)])
     return ctx, sorted(p.name for p in (data / "train").iterdir()), time.perf_counter() - start
 
 
@@ -138,11 +138,12 @@ def demo_targets(before: dict, after: dict, oracle_learn: float) -> dict[str, bo
 def one_seed(seed: int | None, methods: list[str], roots: dict[str, Path], out: Path) -> dict[str, dict]:
     """Every method and the oracle from the model pretrained with ``seed``."""
     ckpt = pretrained_checkpoint(roots["mnist"], seed)
+    label = "the demo's seed" if seed is None else f"seed {seed}"
     rows: dict[str, dict] = {}
     for name in methods:
-        print(f"seed {seed or 'demo'}: running {name} ...", flush=True)
+        print(f"{label}: running {name} ...", flush=True)
         rows[name] = run_swap(name, [*METHODS[name], *seed_flags(seed)], roots, ckpt, out / f"seed{seed}")
-    print(f"seed {seed or 'demo'}: running the oracle ...", flush=True)
+    print(f"{label}: running the oracle ...", flush=True)
     rows[ORACLE] = oracle(roots, out / f"seed{seed}", seed)
     before = next(iter(rows.values()))["before"]
     rows[ORACLE]["hmean"] = swap_hmean(before, rows[ORACLE])
