@@ -237,7 +237,8 @@ def build_mmdet(work: Path, model: str) -> StepPair:
         "images": f"{2 * batch} real glyph images (tests/glyph_coco.py): {batch} holding retain digits, {batch} "
                   "holding the forget digit",
         "swap": "model.train_step of merge_batches({retain, forget}) (SwapTrainLoop's step): the swap detector runs "
-                "the detector's loss once per role and combines them with PhaseLoss (forget phase)",
+                "backbone, neck and transformer once over the merged batch, the head's loss per role on its rows, "
+                "and combines them with PhaseLoss (forget phase)",
         "plain": "model.train_step of the same images untagged: the detector's own loss over one batch",
         "optimizer": "the swap config's AdamW over LoRA, clip_grad max_norm 1"})
 
