@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,48 +25,85 @@ def test_extension_is_built():
     assert compiled_available("cpu")
 
 
-def _grads(fn, inputs):
-    value, shapes, starts, loc, attn = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+# The CUDA kernels run where a GPU and a CUDA build are at hand (scripts/gpu_check.sh); CI has neither.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and compiled_available("cuda")), reason="needs a GPU and kswap._C built with CUDA"))]
+
+
+def _grads(fn, inputs, device="cpu"):
+    value, shapes, starts, loc, attn = [t.to(device).requires_grad_(t.is_floating_point()) for t in inputs]
     out = fn(value, shapes, starts, loc, attn)
-    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).reshape(out.shape)
     out.backward(grad_out)
-    return out.detach(), value.grad, loc.grad, attn.grad
+    return tuple(t.cpu() for t in (out.detach(), value.grad, loc.grad, attn.grad))
 
 
 @needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [
     dict(),
     dict(n=1, heads=1, channels=1, shapes=((1, 1),), queries=1, points=1),
     dict(n=3, heads=4, channels=5, shapes=((9, 11), (5, 6), (3, 3), (2, 1)), queries=13, points=4),
     dict(n=5, heads=3, channels=8, shapes=((4, 4),), queries=17, points=2, spread=0.6),  # many points outside
-    dict(n=2, heads=3, channels=4, shapes=((3, 3), (2, 2)), queries=200, points=4),  # kernel transposes value
+    dict(n=2, heads=3, channels=4, shapes=((3, 3), (2, 2)), queries=200, points=4),  # many queries per position
+    dict(n=2, heads=2, channels=32, shapes=((6, 5), (3, 3)), queries=9, points=4, spread=0.3),  # D in registers
+    dict(n=1, heads=2, channels=33, shapes=((4, 7),), queries=5, points=3, spread=0.3),  # D past a vector multiple
 ])
-def test_forward_backward_match_reference_float64(case):
+def test_forward_backward_match_reference_float64(case, device):
     inputs = make_inputs(**case)
-    ours = _grads(ms_deform_attn, inputs)
+    ours = _grads(ms_deform_attn, inputs, device)
     ref = _grads(ms_deform_attn_reference, inputs)
     for a, b, name in zip(ours, ref, ("output", "grad_value", "grad_locations", "grad_attention"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @needs_kernel
-def test_float32_tolerance():
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_tolerance(device):
     inputs = make_inputs(dtype=torch.float32, n=2, heads=8, channels=32, shapes=((16, 16), (8, 8), (4, 4), (2, 2)),
                          queries=50, points=4)
-    for a, b in zip(_grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs), strict=True):
+    for a, b in zip(_grads(ms_deform_attn, inputs, device), _grads(ms_deform_attn_reference, inputs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel
-def test_gradcheck():
-    value, shapes, starts, loc, attn = make_inputs(n=1, heads=2, channels=2, shapes=((3, 4), (2, 2)), queries=3,
-                                                   points=2, spread=0.1)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [2, 32])  # run-time D, and D in vector registers
+def test_gradcheck(channels, device):
+    inputs = make_inputs(n=1, heads=2, channels=channels, shapes=((3, 4), (2, 2)), queries=3, points=2, spread=0.1)
+    value, shapes, starts, loc, attn = [t.to(device) for t in inputs]
     # keep points off the pixel grid lines, where bilinear sampling is not differentiable
     loc = (loc * 0.9 + 0.03).requires_grad_()
     value.requires_grad_()
     attn.requires_grad_()
     assert torch.autograd.gradcheck(lambda v, lo, a: _MSDeformAttnFunction.apply(v, shapes, starts, lo, a),
                                     (value, loc, attn), eps=1e-6, atol=1e-5)
+
+
+@needs_kernel
+def test_baseline_instruction_set_matches_reference():
+    """The kernels built for the baseline x86-64 instruction set (CPUs without AVX2) also match, in a process
+    that forces them."""
+    code = textwrap.dedent("""
+        import torch
+        from msda_inputs import make_inputs
+        from kswap.ops import ms_deform_attn, ms_deform_attn_reference
+        for channels in (32, 5):
+            inputs = make_inputs(channels=channels, spread=0.3)
+            grads = []
+            for fn in (ms_deform_attn, ms_deform_attn_reference):
+                leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+                out = fn(*leaves)
+                out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+                grads.append([out.detach()] + [leaves[k].grad for k in (0, 3, 4)])
+            for a, b in zip(*grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        print("parity ok")
+    """)
+    env = {**os.environ, "KSWAP_CPU_ISA": "baseline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).parent)
+    assert result.returncode == 0 and "parity ok" in result.stdout, result.stderr[-3000:]
 
 
 @needs_kernel
@@ -76,8 +117,18 @@ def test_non_contiguous_inputs_are_made_contiguous():
 
 
 @needs_kernel
-def test_half_is_upcast():
-    value, shapes, starts, loc, attn = make_inputs(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_level_table_may_stay_on_the_cpu(device):
+    value, shapes, starts, loc, attn = make_inputs()
+    moved = [t.to(device) for t in (value, loc, attn)]
+    torch.testing.assert_close(ms_deform_attn(moved[0], shapes, starts, moved[1], moved[2]).cpu(),
+                               ms_deform_attn_reference(value, shapes, starts, loc, attn))
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_is_upcast(device):
+    value, shapes, starts, loc, attn = [t.to(device) for t in make_inputs(dtype=torch.float32)]
     out = ms_deform_attn(value.half(), shapes, starts, loc.half(), attn.half())
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ms_deform_attn_reference(value, shapes, starts, loc, attn),
