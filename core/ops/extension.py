@@ -72,9 +72,11 @@ def _build(src: Path) -> tuple[ModuleType, Path]:
     build_dir = _cache_root() / tag
     build_dir.mkdir(parents=True, exist_ok=True)
     _put_ninja_on_path()
+    # bindings.cpp dispatches to the CUDA kernels only when it too is compiled with KSWAP_WITH_CUDA
+    defines = ["-DKSWAP_WITH_CUDA"] if len(files) > len(_CPU_SOURCES) else []
     module = load(name="kswap_C", sources=[str(f) for f in files], build_directory=str(build_dir),
-                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                  extra_cuda_cflags=["-O3", "-DKSWAP_WITH_CUDA"] if len(files) > len(_CPU_SOURCES) else None,
+                  extra_cflags=["-O3", "-fopenmp", *defines], extra_ldflags=["-fopenmp"],
+                  extra_cuda_cflags=["-O3", *defines] if defines else None,
                   extra_include_paths=[str(src)], verbose=False)
     return module, build_dir
 

@@ -2,6 +2,7 @@
 // Forward: one thread per output element (b, q, m, d). Backward: one thread per sampling point (b, q, m, l, p),
 // reducing over the channels in registers and scattering the value gradient with atomicAdd.
 #include <ATen/Dispatch.h>
+#include <algorithm>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,10 +19,11 @@ struct Dims {
   int64_t batch, spatial, heads, channels, queries, levels, points;
 };
 
-inline int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+// The kernels stride over the grid, so a capped grid covers any n (an uncapped count overflows int).
+inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20)); }
 
 template <typename scalar_t>
-__global__ void forward_kernel(Dims g, const int64_t* shapes, const int64_t* starts, const scalar_t* value,
+__global__ void __launch_bounds__(kThreads) forward_kernel(Dims g, const int64_t* shapes, const int64_t* starts, const scalar_t* value,
                                const scalar_t* loc, const scalar_t* attn, scalar_t* out) {
   const int64_t total = g.batch * g.queries * g.heads * g.channels;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -50,7 +52,7 @@ __global__ void forward_kernel(Dims g, const int64_t* shapes, const int64_t* sta
 }
 
 template <typename scalar_t>
-__global__ void backward_kernel(Dims g, const int64_t* shapes, const int64_t* starts, const scalar_t* value,
+__global__ void __launch_bounds__(kThreads) backward_kernel(Dims g, const int64_t* shapes, const int64_t* starts, const scalar_t* value,
                                 const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,
                                 scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn) {
   const int64_t total = g.batch * g.queries * g.heads * g.levels * g.points;
@@ -85,6 +87,11 @@ __global__ void backward_kernel(Dims g, const int64_t* shapes, const int64_t* st
   }
 }
 
+// The kernels read the level table on the device; callers may pass it on the CPU.
+at::Tensor on_device(const at::Tensor& table, const at::Tensor& like) {
+  return table.to(like.device(), /*non_blocking=*/false).contiguous();
+}
+
 Dims dims_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
   return {value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
           sampling_locations.size(3), sampling_locations.size(4)};
@@ -102,9 +109,10 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const int64_t n = out.numel();
   if (n == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto shapes = on_device(spatial_shapes, value), starts = on_device(level_start_index, value);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        g, spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(), value.data_ptr<scalar_t>(),
+        g, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), value.data_ptr<scalar_t>(),
         sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -126,9 +134,10 @@ std::vector<at::Tensor> ms_deform_attn_backward_cuda(const at::Tensor& value, co
   const int64_t n = attention_weights.numel();
   if (n == 0) return {grad_value, grad_loc, grad_attn};
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto shapes = on_device(spatial_shapes, value), starts = on_device(level_start_index, value);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        g, spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(), value.data_ptr<scalar_t>(),
+        g, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), value.data_ptr<scalar_t>(),
         sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(),
         grad_output.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
         grad_attn.data_ptr<scalar_t>());
