@@ -54,6 +54,7 @@ from kswap import (
     plan_phases,
     replace_module,
 )
+from kswap.audit import few_shot_indices
 from kswap.metrics import SETS
 
 from .audit import audit_classifier
@@ -283,12 +284,7 @@ class SwapPlugin:
         args = ctx.args
         dataset = image_folder(args.swap_learn_dir, resolve_split(args.swap_learn_dir, args.train_split),
                                ctx.data_config, class_map={name: i for i, name in enumerate(self.space.new)})
-        labels = torch.tensor(targets(dataset))
-        gen = torch.Generator().manual_seed(args.seed)
-        keep: list[int] = []
-        for c in range(len(self.space.new)):
-            idx = torch.nonzero(labels == c).flatten()
-            keep += idx[torch.randperm(len(idx), generator=gen)[:IMPRINT_IMAGES]].tolist()
+        keep = few_shot_indices(targets(dataset), range(len(self.space.new)), IMPRINT_IMAGES, args.seed)
         was_training = model.training
         model.eval()
         feats, ys = zip(*((model.forward_head(model.forward_features(x), pre_logits=True).float(), y)
