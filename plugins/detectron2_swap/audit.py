@@ -43,6 +43,7 @@ from kswap import (
     reinit_lora_,
     run_audit,
 )
+from kswap.audit import drawn_indices
 
 from .data import remap_sample
 from .evaluation import score_sets
@@ -157,8 +158,7 @@ class SegmentationAudit:
 
     def _draw(self, dataset: str, limit: int) -> set[str]:
         files = [r["file_name"] for r in DatasetCatalog.get(dataset)]
-        keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.settings.seed))[:limit]
-        return {files[i] for i in keep.tolist()}
+        return {files[i] for i in drawn_indices(len(files), limit, self.settings.seed)}
 
     def _images(self, model: nn.Module, datasets: Iterable[str],
                 only: dict[str, set[str]] | None = None) -> Iterator[tuple[int, dict, dict, torch.Tensor]]:
