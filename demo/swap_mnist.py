@@ -58,6 +58,16 @@ def pretrained_checkpoint(mnist: Path, seed: int | None = None) -> Path:
     return out / "last.pth"
 
 
+def target_checks(before: dict[str, float], after: dict[str, float]) -> dict[str, bool]:
+    """Each of the demo's targets, as a line to print, and whether the swap met it."""
+    return {
+        f"forget {after['forget']:.2f} % <= {TARGETS['forget_max']}": after["forget"] <= TARGETS["forget_max"],
+        f"retain {after['retain']:.2f} % within {TARGETS['retain_drop_max']} points of {before['retain']:.2f}":
+            before["retain"] - after["retain"] <= TARGETS["retain_drop_max"],
+        f"learn {after['learn']:.2f} % >= {TARGETS['learn_min']}": after["learn"] >= TARGETS["learn_min"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/demo", help="where the swap run's folder goes")
@@ -70,13 +80,7 @@ def main() -> int:
          "--swap-learn-dir", str(roots["fashion"]), "--initial-checkpoint", str(checkpoint),
          "--output", args.output, "--experiment", experiment])
     report = json.loads((Path(args.output) / experiment / "swap_report.json").read_text())
-    before, after = report["metrics"]["before"], report["metrics"]["after"]
-    checks = {
-        f"forget {after['forget']:.2f} % <= {TARGETS['forget_max']}": after["forget"] <= TARGETS["forget_max"],
-        f"retain {after['retain']:.2f} % within {TARGETS['retain_drop_max']} points of {before['retain']:.2f}":
-            before["retain"] - after["retain"] <= TARGETS["retain_drop_max"],
-        f"learn {after['learn']:.2f} % >= {TARGETS['learn_min']}": after["learn"] >= TARGETS["learn_min"],
-    }
+    checks = target_checks(report["metrics"]["before"], report["metrics"]["after"])
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {Path(args.output) / experiment}")
     for text, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {text}")
