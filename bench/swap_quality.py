@@ -54,6 +54,18 @@ METHODS = {
     "finetune R∪L": ["--swap-order", "joint", "--swap-forget-length", "800steps", "--swap-beta", "0"],
     "unbounded GA": ["--swap-order", "learn_then_forget", "--swap-bnd", "1e9"],
 }
+FFN = ["--swap-lora-targets", "timm_vit"]
+# The sweep that chose the demo's levers (one run each on the demo's seed: `--seeds --methods <these>`); not in
+# the default run.
+SWEEP = {
+    "FFN LoRA, distill 1": [*FFN, "--swap-forget-distill", "1"],
+    "FFN LoRA, distill 3": [*FFN, "--swap-forget-distill", "3"],
+    "FFN LoRA, learn + forget distill 1": [*FFN, "--swap-forget-distill", "1", "--swap-learn-distill", "1"],
+    "FFN LoRA rank 16, distill 1": [*FFN, "--swap-lora-rank", "16", "--swap-forget-distill", "1"],
+    "FFN LoRA, 800 learn steps, distill 1": [*FFN, "--swap-learn-length", "800steps", "--swap-forget-distill", "1"],
+    "attn + FFN LoRA, distill 1": ["--swap-forget-distill", "1"],
+    "attn + FFN LoRA, distill 3": ["--swap-forget-distill", "3"],
+}
 ORACLE = "oracle (R∪L from scratch)"
 
 
@@ -141,7 +153,8 @@ def one_seed(seed: int | None, methods: list[str], roots: dict[str, Path], out: 
     rows: dict[str, dict] = {}
     for name in methods:
         print(f"{label}: running {name} ...", flush=True)
-        rows[name] = run_swap(name, [*METHODS[name], *seed_flags(seed)], roots, ckpt, out / f"seed{seed}")
+        flags = {**METHODS, **SWEEP}[name]
+        rows[name] = run_swap(name, [*flags, *seed_flags(seed)], roots, ckpt, out / f"seed{seed}")
     print(f"{label}: running the oracle ...", flush=True)
     rows[ORACLE] = oracle(roots, out / f"seed{seed}", seed)
     before = next(iter(rows.values()))["before"]
@@ -189,7 +202,7 @@ def table(per_seed: dict[str, dict], stats: dict[str, dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "swap_quality.json"))
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=[*METHODS, *SWEEP])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1],
                         help="pretraining (and swap) seeds besides the demo's own model")
     args = parser.parse_args()
