@@ -8,15 +8,17 @@ plain) go to ``bench/results/step_overhead_<host>.json``, with the quartiles, th
   step, the retain (R') and forget (F) batches of 80 real MNIST images each through one forward, ``PhaseLoss`` with
   the bounded forgetting term and group sparsity. Plain step: LoRA fine-tuning (cross-entropy) on the same 160
   images.
-* ``mmdet``: the tests' tiny DINO (``tests/tiny_dino.py``: mmdet's own DINO-4scale config with a ResNet-18 trunk,
-  one encoder and two decoder layers, 96x96 glyph images from ``tests/glyph_coco.py``), made a swap detector with
+* ``mmdet``: the tests' tiny DINO (``tests/swap_testing/tiny_dino.py``: mmdet's own DINO-4scale config with a
+  ResNet-18 trunk, one encoder and two decoder layers, 96x96 glyph images from ``tests/swap_testing/glyph_coco.py``),
+  made a swap detector with
   ``mmdet_swap``'s own pieces as ``SwapHook.before_run`` does (grown classes, LoRA, frozen base,
   ``make_swap_detector``). Swap step: ``model.train_step`` of the merged role-tagged forget-phase batch (the
   config's batch size per role) as ``SwapTrainLoop`` runs it; plain step: ``model.train_step`` of the same
   images untagged (the detector's own loss over one batch). Both through the swap config's optimizer wrapper.
   ``--models stock_dino``: mmdet's DINO-4scale R50 model as shipped (900 queries), the images resized to 256x256.
 * ``detectron2``: the tests' small Mask2Former-shaped model (``--d2-model MiniMask2Former``, the default) or
-  GlyphViT ``SemanticSegmentor`` (``tests/d2_models.py``), built by the swap trainer's ``build_model``. Swap
+  GlyphViT ``SemanticSegmentor`` (``tests/swap_testing/d2_models.py``), built by the swap trainer's
+  ``build_model``. Swap
   step: detectron2's ``SimpleTrainer.run_step`` over a forget-phase batch from ``SwapDataLoader`` (role-tagged
   samples: the model's forward splits them and returns ``{"loss_swap": total}``); plain step: the same trainer
   step over the same samples untagged (the model's original forward and loss dict).
@@ -165,8 +167,9 @@ def build_timm(work: Path, model: str) -> StepPair:
 
 # -- mmdet ----------------------------------------------------------------------------------------------------------
 
-DINO_MODELS = {"tiny_dino": "tests/tiny_dino.py: mmdet's dino-4scale_r50_8xb2-12e_coco.py with a ResNet-18 trunk, 1 "
-                             "encoder and 2 decoder layers, 30 queries, batch 4 per role, 96x96 inputs",
+DINO_MODELS = {"tiny_dino": "tests/swap_testing/tiny_dino.py: mmdet's dino-4scale_r50_8xb2-12e_coco.py with a "
+                             "ResNet-18 trunk, 1 encoder and 2 decoder layers, 30 queries, batch 4 per role, "
+                             "96x96 inputs",
                "stock_dino": "mmdet's dino-4scale_r50_8xb2-12e_coco.py model as shipped (ResNet-50, 6+6 layers, 900 "
                              "queries), batch 2 per role, inputs resized to 256x256"}
 STOCK_DINO_SIZE = 256
@@ -175,18 +178,19 @@ STOCK_DINO_SIZE = 256
 def build_mmdet(work: Path, model: str) -> StepPair:
     """The tiny (or stock) DINO made a swap detector as ``SwapHook.before_run`` does; train_step of a merged
     role-tagged forget-phase batch against train_step of the same images untagged."""
-    from glyph_coco import write_glyph_coco
     from mmdet.registry import DATASETS, MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
-    from tiny_dino import DIGITS, DINO_CONFIG, swap_cfg
 
     from kswap import LabelSpace, PhaseKind, freeze_all_but_lora_, inject_lora, lora_groups, plan_phases
     from mmdet_swap import SwapHook
     from mmdet_swap.detector import extend_dino_classes, make_swap_detector
     from mmdet_swap.loop import merge_batches
+
+    from swap_testing.glyph_coco import write_glyph_coco
+    from swap_testing.tiny_dino import DIGITS, DINO_CONFIG, swap_cfg
 
     register_all_modules()
     torch.manual_seed(0)
@@ -234,8 +238,8 @@ def build_mmdet(work: Path, model: str) -> StepPair:
     return StepPair(step(swap_batch), step(plain_batch), {
         "model": (DINO_MODELS[model] + "; 96x96 glyph images; 3 digit classes grown by 2; LoRA (detection preset) "
                   "on the FFNs; random weights"),
-        "images": f"{2 * batch} real glyph images (tests/glyph_coco.py): {batch} holding retain digits, {batch} "
-                  "holding the forget digit",
+        "images": f"{2 * batch} real glyph images (tests/swap_testing/glyph_coco.py): {batch} holding retain digits, "
+                  f"{batch} holding the forget digit",
         "swap": "model.train_step of merge_batches({retain, forget}) (SwapTrainLoop's step): the swap detector runs "
                 "backbone, neck and transformer once over the merged batch, the head's loss per role on its rows, "
                 "and combines them with PhaseLoss (forget phase)",
@@ -248,13 +252,14 @@ def build_mmdet(work: Path, model: str) -> StepPair:
 def build_detectron2(work: Path, model: str) -> StepPair:
     """The swap trainer's model and optimizer; detectron2's SimpleTrainer step over a role-tagged forget-phase
     batch from SwapDataLoader against the same step over the same samples untagged."""
-    from d2_models import glyph_cfg, make_trainer_classes, swap_glyphs, write_glyph_spec
     from detectron2.engine import SimpleTrainer
     from detectron2.utils.events import EventStorage
 
     from detectron2_swap import SwapDataLoader, SwapPlan
     from detectron2_swap.model import ROLE_KEY
     from kswap import PhaseKind, PhaseScheduler
+
+    from swap_testing.d2_models import glyph_cfg, make_trainer_classes, swap_glyphs, write_glyph_spec
 
     write_glyph_spec(work)
     torch.manual_seed(0)
@@ -272,9 +277,10 @@ def build_detectron2(work: Path, model: str) -> StepPair:
     swap, plain = (SimpleTrainer(net, itertools.repeat(b), optimizer) for b in (swap_batch, plain_batch))
     roles = [sample[ROLE_KEY] for sample in swap_batch]
     return StepPair(swap.run_step, plain.run_step, {
-        "model": f"tests/d2_models.py {model} (glyph_cfg, 64-pixel inputs), built by the swap trainer's build_model "
-                 "(class head grown, LoRA by the swap config, base frozen); random weights",
-        "images": f"{len(swap_batch)} real glyph images (tests/glyph_coco.py) from SwapDataLoader's forget phase: "
+        "model": f"tests/swap_testing/d2_models.py {model} (glyph_cfg, 64-pixel inputs), built by the swap trainer's "
+                 "build_model (class head grown, LoRA by the swap config, base frozen); random weights",
+        "images": f"{len(swap_batch)} real glyph images (tests/swap_testing/glyph_coco.py) from SwapDataLoader's "
+                  "forget phase: "
                   f"{roles.count('retain')} retain-side, {roles.count('forget')} forget (the user's mapper; "
                   "targets in the joint label space, restricted to each role's classes)",
         "swap": "SimpleTrainer.run_step over the role-tagged batch: the swap model's forward splits it by role and "

@@ -21,7 +21,7 @@ MAX_JOBS=${MAX_JOBS:-8} KSWAP_BUILD_CUDA=1 "$PY" -m pip install -q --no-deps --n
 "$PY" -c "from kswap import _C; assert _C.with_cuda(), 'kswap._C was built without CUDA (is CUDA_HOME set?)'"
 
 status=0
-"$PY" -m pytest -q -rs tests/test_ops.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=$?
+"$PY" -m pytest -q -rs tests/core/test_ops.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=$?
 # every cuda case must have run: a skip here means the CUDA path was not exercised
 if grep -q "SKIPPED.*cuda" "$OUT/gpu_tests.txt"; then echo "[gpu_check] cuda tests were skipped" >&2; status=1; fi
 "$PY" bench/msda.py --device cuda --note "scripts/gpu_check.sh on $("$PY" -c "import torch; print(torch.cuda.get_device_name())")" \

@@ -13,7 +13,7 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PARITY = textwrap.dedent("""
     import torch

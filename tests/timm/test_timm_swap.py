@@ -364,7 +364,7 @@ def test_ddp_two_processes_match_single_process(digit_folders, pretrained, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(Path(__file__).parents[1] / "train.py"), *common, "-b", "16", "--experiment", "ddp"],
+         str(Path(__file__).parents[2] / "train.py"), *common, "-b", "16", "--experiment", "ddp"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]

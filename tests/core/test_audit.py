@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from kswap import AuditHost, AuditSettings, SwapReport, run_audit
 from kswap.audit import few_shot_indices, linear_probe_accuracy, nearest_classes, neighbour_mass, relearn_attack
 
-from conftest import tiny_vit
+from swap_testing.models import tiny_vit
 
 FORGET = [0]
 

@@ -17,15 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from d2_models import (
-    DIGITS,
-    TESTS_DIR,
-    glyph_cfg,
-    make_trainer_classes,
-    register_datasets,
-    run_swap,
-    swap_glyphs,
-)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -45,7 +36,16 @@ from detectron2_swap import (
 )
 from kswap import PRESETS, CheckpointMismatchError, SwapConfigError, lora_state_dict
 
-from conftest import labelme_example
+from swap_testing.d2_models import (
+    DIGITS,
+    TESTS_DIR,
+    glyph_cfg,
+    make_trainer_classes,
+    register_datasets,
+    run_swap,
+    swap_glyphs,
+)
+from swap_testing.data import labelme_example
 
 Trainer, SwapTrainer = make_trainer_classes()
 
@@ -153,7 +153,7 @@ def test_swap_semantic_segmentor_end_to_end(glyph_spec, d2_pretrained, tmp_path)
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(TESTS_DIR)!r})
-        import d2_models
+        from swap_testing import d2_models
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg
         from detectron2.modeling import build_model
@@ -211,7 +211,6 @@ def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec,
 
 
 def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path):
-    from d2_models import GlyphViT
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
     from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
@@ -222,6 +221,8 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path
 
     from detectron2_swap import DetectionRoleLoader, SwapDataLoader, SwapHook, prepare_swap_model, score_sets
     from kswap import LoraSettings, LossWeights, SwapConfig
+
+    from swap_testing.d2_models import GlyphViT
 
     digits, clothes = ["glyph_digits_train"], ["glyph_clothes_train"]
     plan = L(SwapPlan.from_datasets)(
@@ -308,7 +309,7 @@ def test_ddp_two_gloo_processes_through_detectron2_launch(glyph_spec, d2_pretrai
         import sys
         sys.path.insert(0, {str(TESTS_DIR)!r})
         from detectron2.engine import launch
-        import d2_models
+        from swap_testing import d2_models
         args = ({str(glyph_spec)!r}, {str(d2_pretrained)!r}, {str(tmp_path)!r})
         launch(d2_models.ddp_main, 2, dist_url="auto", args=args)
     """)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from d2_models import MiniMask2Former, glyph_cfg, make_trainer_classes, swap_glyphs
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, hooks
@@ -29,6 +28,8 @@ from detectron2.utils.logger import setup_logger
 from detectron2_swap import SwapTrainerMixin
 from detectron2_swap.config import solver_overrides
 from kswap import CheckpointMismatchError, SwapConfigError, to_plain_keys
+
+from swap_testing.d2_models import MiniMask2Former, glyph_cfg, make_trainer_classes, swap_glyphs
 
 pytestmark = pytest.mark.usefixtures("glyph_spec")
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from d2_models import TESTS_DIR, glyph_cfg, make_trainer_classes, register_datasets, run_swap, swap_glyphs
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator, inference_on_dataset
@@ -28,6 +27,8 @@ from torch import nn
 
 from detectron2_swap import SwapPlan, per_class_iou, score_sets
 from detectron2_swap.hook import logger as hook_logger
+
+from swap_testing.d2_models import TESTS_DIR, glyph_cfg, make_trainer_classes, register_datasets, run_swap, swap_glyphs
 
 Trainer = make_trainer_classes()[0]
 JOINT = ["background", "0", "1", "2", "3", "trouser", "bag"]
@@ -183,7 +184,7 @@ def test_stock_detectron2_scores_the_swapped_model_as_the_report(swapped):
         import json, os, sys
         import numpy as np
         sys.path.insert(0, {str(TESTS_DIR)!r})
-        import d2_models  # the test model's backbone and config keys (detectron2 only)
+        from swap_testing import d2_models  # the test model's backbone and config keys (detectron2 only)
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg
         from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader

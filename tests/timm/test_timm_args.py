@@ -15,7 +15,7 @@ from timm_swap.timm_args import TIMM_KEYS, markdown_table
 from timm_swap.train import main, parse_args, run
 
 FIXTURE = Path(__file__).parent / "data" / "timm_args.yaml"
-README = Path(__file__).parent.parent / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 SWAP = ["--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", "3steps", "--swap-forget-length", "3steps"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "demo"))
 from prepare_data import FASHION_CLASSES, load_fashion, load_mnist  # noqa: E402
 
 Composite = tuple[np.ndarray, list[tuple[str, np.ndarray]]]

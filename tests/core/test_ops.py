@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from msda_inputs import make_inputs
 
 from kswap.ops import compiled_available, ms_deform_attn, ms_deform_attn_reference
 from kswap.ops.deform_attn import _MSDeformAttnFunction
+
+from swap_testing.msda_inputs import make_inputs
 
 # scripts/install.sh always builds kswap._C; only a build with KSWAP_BUILD_EXT=0 may lack it.
 needs_kernel = pytest.mark.skipif(os.environ.get("KSWAP_BUILD_EXT") == "0" and not compiled_available("cpu"),
@@ -86,7 +87,7 @@ def test_baseline_instruction_set_matches_reference():
     that forces them."""
     code = textwrap.dedent("""
         import torch
-        from msda_inputs import make_inputs
+        from swap_testing.msda_inputs import make_inputs
         from kswap.ops import ms_deform_attn, ms_deform_attn_reference
         for channels in (32, 5):
             inputs = make_inputs(channels=channels, spread=0.3)
@@ -102,7 +103,7 @@ def test_baseline_instruction_set_matches_reference():
     """)
     env = {**os.environ, "KSWAP_CPU_ISA": "baseline", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            cwd=Path(__file__).parent)
+                            cwd=Path(__file__).parents[1])
     assert result.returncode == 0 and "parity ok" in result.stdout, result.stderr[-3000:]
 
 

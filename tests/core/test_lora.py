@@ -21,7 +21,7 @@ from kswap import (
     to_plain_keys,
 )
 
-from conftest import tiny_swin, tiny_vit
+from swap_testing.models import tiny_swin, tiny_vit
 
 MODELS = {
     "vit": (tiny_vit, (4, 1, 8, 8), ["blocks.0", "blocks.1"]),

@@ -24,7 +24,7 @@ from kswap import (
     top1_accuracy,
 )
 
-from conftest import tiny_vit
+from swap_testing.models import tiny_vit
 
 
 def _subset(x, y, labels):

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch.distributed as dist
 from mmengine.runner import Runner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_dino import swap_cfg  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import mmdet_swap  # noqa: E402,F401  (custom_imports is applied by Config.fromfile, not by a Config built in code)
+
+from swap_testing.tiny_dino import swap_cfg  # noqa: E402
 
 glyphs, checkpoint, work = (Path(a) for a in sys.argv[1:4])
 cfg = swap_cfg(glyphs, checkpoint, work)

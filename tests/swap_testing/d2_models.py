@@ -296,7 +296,7 @@ def ddp_main(spec_path: str, weights: str, out_dir: str) -> None:
                 "ddp": hasattr(trainer.model, "module")}, f"{out_dir}/rank{comm.get_rank()}.pt")
 
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 DIGITS = ["background", "0", "1", "2", "3"]
 CLOTHES = ["background", "trouser", "bag"]
 
@@ -306,7 +306,7 @@ def write_glyph_spec(root: Path) -> Path:
     and described in a JSON file for spawned processes."""
     import json
 
-    from glyph_coco import write_glyph_semseg
+    from swap_testing.glyph_coco import write_glyph_semseg
 
     parts = {"glyph_digits_train": ("mnist", DIGITS, 600, "train", 1),
              "glyph_digits_val": ("mnist", DIGITS, 100, "test", 2),

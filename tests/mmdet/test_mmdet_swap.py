@@ -18,20 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from glyph_coco import write_glyph_coco
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
-from tiny_dino import DIGITS, DINO_CONFIG, LEARN, swap_cfg, tiny_dino_config
 
 from kswap import LossWeights, SwapConfigError, merge_and_export, sum_task_loss
 from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
 from mmdet_swap.evaluation import as_coco, coco_ap
 from mmdet_swap.loop import merge_batches
 
-from conftest import labelme_example
+from swap_testing.data import labelme_example
+from swap_testing.glyph_coco import write_glyph_coco
+from swap_testing.tiny_dino import DIGITS, DINO_CONFIG, LEARN, swap_cfg, tiny_dino_config
 
 SETS = ["forget", "retain", "learn"]
 MMDET_TOOLS = DINO_CONFIG.parents[2] / "tools"  # tools/train.py and tools/test.py, shipped in mmdet's wheel
@@ -108,11 +108,11 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, swap_run, tmp_path):
     assert not any("lora" in k or "base_layer" in k for k in state["state_dict"])
     code = textwrap.dedent(f"""
         import sys; sys.modules["kswap"] = None; sys.modules["mmdet_swap"] = None
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         import torch
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
-        from tiny_dino import tiny_dino_config
+        from swap_testing.tiny_dino import tiny_dino_config
         register_all_modules()
         cfg = tiny_dino_config({str(glyphs)!r}, {DIGITS + LEARN!r}, {str(tmp_path / "plain")!r})
         model = MODELS.build(cfg.model)
@@ -537,7 +537,8 @@ def test_ddp_two_processes(glyphs, pretrained_dino, tmp_path):
     work = tmp_path / "ddp"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
-         str(Path(__file__).parent / "dist_swap_dino.py"), str(glyphs), str(pretrained_dino), str(work)],
+         str(Path(__file__).parents[1] / "swap_testing" / "dist_swap_dino.py"), str(glyphs), str(pretrained_dino),
+         str(work)],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-4000:]

@@ -11,11 +11,12 @@ import json
 
 import pytest
 import torch
-from d2_models import glyph_cfg, run_swap, swap_glyphs
 
 from detectron2_swap import audit_settings_from_cfg
 from detectron2_swap.audit import mask_pooled
 from kswap import AuditSettings, SwapConfigError, merge_and_export
+
+from swap_testing.d2_models import glyph_cfg, run_swap, swap_glyphs
 
 
 def test_audit_keys_are_the_audit_settings_upper_cased(tmp_path):
