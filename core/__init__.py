@@ -15,9 +15,20 @@ The core is framework-free. The flow a host follows:
 
 from .audit import AuditHost, AuditSettings, run_audit
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from .config import PRESETS, LoraSettings, LossWeights, Order, PhaseLength, SwapConfig
+from .config import (
+    PRESETS,
+    ConfigField,
+    LoraSettings,
+    LossWeights,
+    Order,
+    PhaseLength,
+    SwapConfig,
+    config_fields,
+    config_from_fields,
+)
 from .data import InfiniteLoader, ResumableSampler
 from .errors import CheckpointMismatchError, SwapConfigError
+from .export import ADAPTER_FILE, MODEL_FILE, loss_key, score_key, write_adapter, write_merged_model
 from .groups import discover_groups
 from .heads import (
     GrownRows,
@@ -62,6 +73,8 @@ from .session import PreparedModel, SwapHost, SwapSession, prepare_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADAPTER_FILE", "MODEL_FILE", "ConfigField", "config_fields", "config_from_fields", "loss_key", "score_key",
+    "write_adapter", "write_merged_model",
     "AccuracyMeter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "GrownRows",
     "InfiniteLoader", "LabelSpace", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "PRESETS", "Phase",
     "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",

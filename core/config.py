@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import re
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -218,12 +221,30 @@ class SwapConfig:
 
     @classmethod
     def preset(cls, task: str, **overrides: Any) -> SwapConfig:
-        """A config with the reference defaults of ``task`` (classification, detection or segmentation)."""
+        """A config with the reference defaults of ``task`` (classification, detection or segmentation).
+
+        ``overrides`` are ``SwapConfig`` fields; a mapping given for ``learn_loss``, ``forget_loss`` or ``lora``
+        changes only the keys it names (``forget_loss=dict(beta=0.5)`` keeps the preset's bound).
+        """
         try:
             defaults = PRESETS[task]
         except KeyError:
             raise SwapConfigError(f"Unknown task preset {task!r}; choose one of: {', '.join(PRESETS)}.") from None
-        return cls(**{**defaults, "task": task, **overrides})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise SwapConfigError(f"Unknown swap settings {unknown}; the settings are: {sorted(known - {'task'})}.")
+        merged = {**defaults, "task": task}
+        for name, value in overrides.items():
+            base = merged.get(name)
+            if isinstance(value, Mapping) and dataclasses.is_dataclass(base):
+                names = {f.name for f in dataclasses.fields(base)}
+                if set(value) - names:
+                    raise SwapConfigError(f"Unknown {name} settings {sorted(set(value) - names)}; "
+                                          f"{name} has: {sorted(names)}.")
+                value = dataclasses.replace(base, **value)
+            merged[name] = value
+        return cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; ``SwapConfig.from_dict`` reads it back."""
@@ -294,3 +315,86 @@ PRESETS: dict[str, dict[str, Any]] = {
         restart_lr_schedule=True,
     ),
 }
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One setting of ``SwapConfig``, named the same way in every host.
+
+    Args:
+        path: the field and, for ``learn_loss`` / ``forget_loss`` / ``lora``, its sub-field.
+        kind: ``classes``, ``length``, ``order``, ``bool``, ``int``, ``float`` or ``str``.
+        help: the field's description, from the dataclass docstring.
+    """
+
+    path: tuple[str, ...]
+    kind: str
+    help: str
+
+    @property
+    def name(self) -> str:
+        """``forget_loss.alpha``: the keyword path (mmdet: ``forget_loss=dict(alpha=...)``)."""
+        return ".".join(self.path)
+
+    @property
+    def flag(self) -> str:
+        """``--swap-forget-loss-alpha``: the command-line flag (timm)."""
+        return "--swap-" + "-".join(self.path).replace("_", "-")
+
+    @property
+    def cfg_key(self) -> str:
+        """``FORGET_LOSS.ALPHA``: the key under a config's ``SWAP`` node (detectron2)."""
+        return ".".join(p.upper() for p in self.path)
+
+    def get(self, config: SwapConfig) -> Any:
+        value: Any = config
+        for part in self.path:
+            value = getattr(value, part)
+        return value
+
+
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str", PhaseLength: "length", Order: "order"}
+
+
+def config_fields() -> tuple[ConfigField, ...]:
+    """Every ``SwapConfig`` setting but ``task`` (each host picks its preset), nested ones flattened."""
+    return tuple(_fields_of(SwapConfig, ()))
+
+
+def _fields_of(cls: type, prefix: tuple[str, ...]) -> list[ConfigField]:
+    hints = typing.get_type_hints(cls)
+    docs = _arg_docs(cls)
+    out: list[ConfigField] = []
+    for f in dataclasses.fields(cls):
+        if f.name == "task":
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint) and hint not in _KINDS:
+            out += _fields_of(hint, (*prefix, f.name))
+            continue
+        kinds = [_KINDS.get(t) for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+        kind = "classes" if typing.get_origin(hint) is tuple or "tuple" in str(hint) else kinds[0]
+        out.append(ConfigField((*prefix, f.name), kind, docs.get(f.name, "")))
+    return out
+
+
+def _arg_docs(cls: type) -> dict[str, str]:
+    """The ``Args:`` entries of a Google-style class docstring, one line each."""
+    doc = inspect.getdoc(cls) or ""
+    args = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    out: dict[str, str] = {}
+    for names, text in re.findall(r"^ {4}([\w, ]+): (.*(?:\n {8}.*)*)", args, flags=re.M):
+        for name in names.split(","):
+            out[name.strip()] = " ".join(text.split())
+    return out
+
+
+def config_from_fields(task: str, values: Mapping[ConfigField, Any]) -> SwapConfig:
+    """The ``task`` preset with the settings in ``values`` changed (a host's flags or keys, unset ones left out)."""
+    overrides: dict[str, Any] = {}
+    for f, value in values.items():
+        if len(f.path) == 1:
+            overrides[f.path[0]] = value
+        else:
+            overrides.setdefault(f.path[0], {})[f.path[1]] = value
+    return SwapConfig.preset(task, **overrides)

@@ -13,7 +13,6 @@ batches, per-set scores, the phase start (optimizer / LR schedule) and saving. T
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, atomic_write_bytes
 from .config import SwapConfig
 from .data import InfiniteLoader
 from .errors import SwapConfigError
+from .export import write_adapter, write_merged_model
 from .heads import GrownRows, check_head_size, extend_head, hidden_new_classes, replace_module
-from .lora import freeze_all_but_lora_, inject_lora, lora_groups, lora_state_dict, merge_and_export
+from .lora import freeze_all_but_lora_, inject_lora, lora_groups
 from .losses import PhaseLoss, PhaseLossOutput, TaskLoss, default_loss_key, group_sparse_loss
 from .metrics import SETS
 from .phases import Phase, PhaseScheduler, plan_phases
@@ -203,19 +202,13 @@ class SwapSession:
         """Write the report, the merged model (``model_swapped.pth``: ``state_dict`` plus ``meta``) and the LoRA
         weights alone (``swap_adapter.safetensors``, with the config and the grown rows to re-apply or revert
         the swap). The session's model keeps its LoRA layers."""
-        from safetensors.torch import save
-
         if not self.report.phases:
             raise SwapConfigError("export() before any phase ended: run the swap first.")
         out = Path(out_dir)
         paths = self.report.write(out)
-        paths["model"] = atomic_save({"state_dict": merge_and_export(self.prepared.model).state_dict(), **meta},
-                                     out / "model_swapped.pth")
-        adapter = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.prepared.model).items()}
-        metadata = {"swap_config": json.dumps(self.config.to_dict()),
-                    "grown": json.dumps({k: vars(g) for k, g in self.prepared.grown.items()}),
-                    "classes": json.dumps(self.report.classes)}
-        paths["adapter"] = atomic_write_bytes(out / "swap_adapter.safetensors", save(adapter, metadata=metadata))
+        paths["model"] = write_merged_model(self.prepared.model, out, **meta)
+        paths["adapter"] = write_adapter(self.prepared.model, out, self.config, self.prepared.grown,
+                                         self.report.classes)
         return paths
 
 

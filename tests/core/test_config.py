@@ -1,6 +1,19 @@
+import dataclasses
+
 import pytest
 
-from kswap import PRESETS, LabelSpace, LoraSettings, LossWeights, Order, PhaseLength, SwapConfig, SwapConfigError
+from kswap import (
+    PRESETS,
+    LabelSpace,
+    LoraSettings,
+    LossWeights,
+    Order,
+    PhaseLength,
+    SwapConfig,
+    SwapConfigError,
+    config_fields,
+    config_from_fields,
+)
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -104,3 +117,36 @@ def test_label_space_errors(cfg, pretrained, message):
     config = SwapConfig(**cfg)
     with pytest.raises(SwapConfigError, match=message):
         LabelSpace.for_config(pretrained, config).resolve(config)
+
+
+def test_config_fields_name_every_setting_once_per_host():
+    fields = config_fields()
+    names = [f.name for f in fields]
+    assert len(set(names)) == len(names) and "task" not in names
+    by_name = {f.name: f for f in fields}
+    alpha = by_name["forget_loss.alpha"]
+    assert (alpha.flag, alpha.cfg_key, alpha.kind) == ("--swap-forget-loss-alpha", "FORGET_LOSS.ALPHA", "float")
+    assert by_name["forget"].kind == by_name["retain"].kind == "classes"
+    assert by_name["learn_length"].kind == "length" and by_name["order"].kind == "order"
+    assert by_name["lora.group_by"].kind == "str" and by_name["forget_retains_learned"].kind == "bool"
+    assert all(f.help for f in fields), [f.name for f in fields if not f.help]
+    # Every leaf of the config is a field, and reading it back through its path gives the config's value.
+    cfg = SwapConfig.preset("detection", forget=["cat"], learn=["zebra"])
+    flat = {f.name: f.get(cfg) for f in fields}
+    assert flat["forget_loss.bnd"] == 15.0 and flat["lora.targets"] == "mmdet_dino"
+    leaves = {f"{k}.{kk}" if isinstance(v, dict) else k for k, v in cfg.to_dict().items() if k != "task"
+              for kk in (v if isinstance(v, dict) else [None])}
+    assert leaves == set(names)
+
+
+def test_config_from_fields_changes_only_what_is_named():
+    by_name = {f.name: f for f in config_fields()}
+    cfg = config_from_fields("segmentation", {by_name["forget"]: ["cat"], by_name["learn"]: ["zebra"],
+                                              by_name["forget_loss.beta"]: 0.5, by_name["lora.rank"]: 4})
+    preset = SwapConfig.preset("segmentation", forget=["cat"], learn=["zebra"])
+    assert cfg.forget_loss == dataclasses.replace(preset.forget_loss, beta=0.5)
+    assert cfg.lora == dataclasses.replace(preset.lora, rank=4) and cfg.learn_loss == preset.learn_loss
+    with pytest.raises(SwapConfigError, match=r"Unknown forget_loss settings \['gamma'\]"):
+        SwapConfig.preset("detection", forget=["cat"], learn=["zebra"], forget_loss=dict(gamma=1.0))
+    with pytest.raises(SwapConfigError, match=r"Unknown swap settings \['forget_classes'\]"):
+        SwapConfig.preset("detection", forget=["cat"], learn=["zebra"], forget_classes=["cat"])
