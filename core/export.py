@@ -35,9 +35,13 @@ def loss_key(term: str) -> str:
     return f"swap/loss/{term}"
 
 
-def write_merged_model(model: nn.Module, out_dir: str | Path, **extra: Any) -> Path:
-    """Write ``model_swapped.pth``: ``{"state_dict": <merged weights>, **extra}`` (the model keeps its LoRA)."""
-    return atomic_save({"state_dict": merge_and_export(model).state_dict(), **extra}, Path(out_dir) / MODEL_FILE)
+def write_merged_model(model: nn.Module, out_dir: str | Path, key: str = "state_dict", **extra: Any) -> Path:
+    """Write ``model_swapped.pth``: ``{key: <merged weights>, **extra}`` (the model keeps its LoRA).
+
+    ``key`` is where the host's checkpoint loader looks: ``state_dict`` for timm and mmengine, ``model`` for
+    detectron2's ``DetectionCheckpointer`` (which would read a ``state_dict`` file as a model without weights).
+    """
+    return atomic_save({key: merge_and_export(model).state_dict(), **extra}, Path(out_dir) / MODEL_FILE)
 
 
 def write_adapter(model: nn.Module, out_dir: str | Path, config: SwapConfig, grown: Mapping[str, GrownRows],
