@@ -2,77 +2,75 @@
 
     cfg = get_cfg(); add_maskformer2_config(cfg); add_swap_config(cfg); cfg.merge_from_file("swap.yaml")
 
-Defaults are the reference segmentation preset (Mask2Former on ADE20K): bnd 115, beta 0.2, alpha 0.01, learn
-weight 0.9, phases of 3500 iterations, a fresh optimizer and LR schedule per phase at a constant LR 1e-4 in fp32,
-backbone included (``SWAP.SOLVER``), LoRA rank 8 on the Mask2Former FFNs. With ``SWAP.ENABLED: False`` (the
-default) nothing changes.
+Every ``SwapConfig`` setting is ``SWAP.<field.cfg_key>`` of ``kswap.config_fields()``, named as in the other hosts
+(``SWAP.FORGET``, ``SWAP.LEARN_LENGTH: 3500steps``, ``SWAP.FORGET_LOSS.BND``, ``SWAP.LORA.RANK``, ...; ``field.help``
+describes it), with the reference segmentation preset's defaults (Mask2Former on ADE20K): bnd 115, beta 0.2,
+alpha 0.01, learn weight 0.9, phases of 3500 iterations, a fresh optimizer and LR schedule per phase, LoRA rank 8
+on the Mask2Former FFNs. The other keys are detectron2's: datasets, batch, head, ``SWAP.SOLVER`` (a constant LR
+1e-4 in fp32, backbone included) and ``SWAP.AUDIT``. With ``SWAP.ENABLED: False`` (the default) nothing changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
+from functools import reduce
+from typing import Any
 
 from detectron2.config import CfgNode as CN
 
-from kswap import PRESETS, AuditSettings, LoraSettings, LossWeights, PhaseLength, SwapConfig, SwapConfigError
+from kswap import (
+    AuditSettings,
+    ConfigField,
+    PhaseLength,
+    SwapConfig,
+    SwapConfigError,
+    config_fields,
+    config_from_fields,
+)
 
 # cfg.SWAP.SOLVER.LR_SCHEDULER_NAME of the reference's constant LR (detectron2 has no scheduler of that name).
 CONSTANT_LR = "Constant"
 
 
+# Keys of detectron2_swap before it named the settings as kswap does: a YAML or opts naming one fails with the new
+# key. A renamed node stands for its leaves too (SWAP.LOSS.FORGET.BND -> SWAP.FORGET_LOSS.BND).
+RENAMED_KEYS = {
+    "SWAP.FORGET_CLASSES": "SWAP.FORGET",
+    "SWAP.RETAIN_CLASSES": "SWAP.RETAIN",
+    "SWAP.LEARN_CLASSES": "SWAP.LEARN",
+    "SWAP.LEARN_ITERS": "SWAP.LEARN_LENGTH",
+    "SWAP.FORGET_ITERS": "SWAP.FORGET_LENGTH",
+    "SWAP.RESET_OPTIMIZER": "SWAP.RESET_OPTIMIZER_BETWEEN_PHASES",
+    "SWAP.LOSS": "SWAP.LEARN_LOSS and SWAP.FORGET_LOSS",
+    "SWAP.LOSS.LEARN": "SWAP.LEARN_LOSS",
+    "SWAP.LOSS.FORGET": "SWAP.FORGET_LOSS",
+}
+RENAMED_NOTE = "The SWAP keys are kswap's setting names (kswap.config_fields()); a phase length reads e.g. 3500steps."
+
+
 def add_swap_config(cfg: CN) -> None:
     """Add the ``SWAP`` node with its defaults to ``cfg`` (call it before ``merge_from_file``)."""
-    preset = PRESETS["segmentation"]
-    learn, forget, lora = preset["learn_loss"], preset["forget_loss"], preset["lora"]
     cfg.SWAP = CN()
     cfg.SWAP.ENABLED = False
-    # learn_then_forget (recommended), forget_then_learn, learn_forget_learn, forget_learn_forget or joint.
-    cfg.SWAP.ORDER = "learn_then_forget"
-    # Class names as in the datasets' metadata ``stuff_classes``. FORGET and RETAIN name pretrained classes (the
-    # classes of DATASETS.TRAIN[0], the set the model was trained on); an empty RETAIN keeps every other class.
-    cfg.SWAP.FORGET_CLASSES = []
-    cfg.SWAP.RETAIN_CLASSES = []
-    cfg.SWAP.LEARN_CLASSES = []
+    preset = SwapConfig.preset("segmentation", forget=("forget",), learn=("learn",))  # placeholder sets
+    for field in config_fields():
+        *parents, leaf = field.cfg_key.split(".")
+        node = reduce(lambda n, part: n.setdefault(part, CN()), parents, cfg.SWAP)
+        node[leaf] = _default(field, preset)
+    for old, new in _renamed_keys().items():
+        cfg.register_renamed_key(old, new, RENAMED_NOTE)
     # Registered DatasetCatalog names per set: training sets, and the sets scored for the swap report.
     cfg.SWAP.DATASETS = CN()
     for name in ("FORGET", "RETAIN", "LEARN"):
         cfg.SWAP.DATASETS[name] = ()
         cfg.SWAP.DATASETS[f"{name}_TEST"] = ()
-    cfg.SWAP.LEARN_ITERS = preset["learn_length"].steps
-    cfg.SWAP.FORGET_ITERS = preset["forget_length"].steps
     # Images per loss role per step, over all processes (0: SOLVER.IMS_PER_BATCH).
     cfg.SWAP.IMS_PER_BATCH = 0
-    cfg.SWAP.FORGET_RETAINS_LEARNED = True
-    cfg.SWAP.RESET_OPTIMIZER = preset["reset_optimizer_between_phases"]
-    cfg.SWAP.RESTART_LR_SCHEDULE = preset["restart_lr_schedule"]
     # 0: a phase starts from the previous phase's final weights. N > 0 reproduces the reference, whose next phase
     # started from the weights saved at iteration N (3000) of the previous one.
     cfg.SWAP.CHAIN_FROM_ITER = 0
     # Score the three sets every N iterations (0: only before the swap and at phase ends).
     cfg.SWAP.EVAL_PERIOD = 500
-
-    cfg.SWAP.LORA = CN()
-    cfg.SWAP.LORA.RANK = lora.rank
-    cfg.SWAP.LORA.SCALING = lora.scaling
-    # A preset name (mask2former, ffn, timm_vit, mmdet_dino) or a regex fully matching linear-layer names.
-    cfg.SWAP.LORA.TARGETS = lora.targets
-    cfg.SWAP.LORA.DROPOUT = lora.dropout
-    # A regex whose match at the start of a module name is its group ("": one group per block, discovered).
-    cfg.SWAP.LORA.GROUP_BY = ""
-    cfg.SWAP.LORA.REFERENCE_INIT = lora.reference_init
-
-    cfg.SWAP.LOSS = CN()
-    cfg.SWAP.LOSS.LEARN = CN()
-    cfg.SWAP.LOSS.LEARN.RETAIN_WEIGHT = learn.retain_weight
-    cfg.SWAP.LOSS.LEARN.LEARN_WEIGHT = learn.learn_weight
-    cfg.SWAP.LOSS.LEARN.ALPHA = learn.alpha
-    cfg.SWAP.LOSS.FORGET = CN()
-    cfg.SWAP.LOSS.FORGET.RETAIN_WEIGHT = forget.retain_weight
-    cfg.SWAP.LOSS.FORGET.BETA = forget.beta
-    cfg.SWAP.LOSS.FORGET.BND = forget.bnd
-    # True: BND is a multiple of the forget loss measured at the forget phase's first step (e.g. 3), not absolute.
-    cfg.SWAP.LOSS.FORGET.BND_RELATIVE = forget.bnd_relative
-    cfg.SWAP.LOSS.FORGET.ALPHA = forget.alpha
 
     # The classifier that grows by the new classes ("": Mask2Former's sem_seg_head.predictor.class_embed, else
     # a SemanticSegmentor's sem_seg_head.predictor) and its trailing rows kept last (-1: 1 for Mask2Former's
@@ -138,31 +136,45 @@ def swap_config_from_cfg(cfg: CN) -> SwapConfig:
     """The framework-free ``SwapConfig`` of ``cfg.SWAP``; raises ``SwapConfigError`` naming the key to fix."""
     if "SWAP" not in cfg:
         raise SwapConfigError("The config has no SWAP node: call detectron2_swap.add_swap_config(cfg) in setup().")
-    s = cfg.SWAP
-    for key in ("FORGET_CLASSES", "LEARN_CLASSES"):
-        if not s[key]:
-            raise SwapConfigError(f"cfg.SWAP.{key} is empty: list the class names to "
-                                  f"{key.split('_')[0].lower()} (as in the datasets' stuff_classes).")
-    for key in ("LEARN_ITERS", "FORGET_ITERS"):
-        if not isinstance(s[key], int) or s[key] < 1:
-            raise SwapConfigError(f"cfg.SWAP.{key} must be a positive number of iterations, got {s[key]!r}.")
-    base = PRESETS["segmentation"]
-    return SwapConfig.preset(
-        "segmentation",
-        forget=tuple(s.FORGET_CLASSES),
-        retain=tuple(s.RETAIN_CLASSES) or None,
-        learn=tuple(s.LEARN_CLASSES),
-        order=s.ORDER,
-        learn_length=PhaseLength(steps=s.LEARN_ITERS),
-        forget_length=PhaseLength(steps=s.FORGET_ITERS),
-        learn_loss=LossWeights(retain_weight=s.LOSS.LEARN.RETAIN_WEIGHT, learn_weight=s.LOSS.LEARN.LEARN_WEIGHT,
-                               alpha=s.LOSS.LEARN.ALPHA, beta=base["learn_loss"].beta, bnd=base["learn_loss"].bnd),
-        forget_loss=LossWeights(retain_weight=s.LOSS.FORGET.RETAIN_WEIGHT, beta=s.LOSS.FORGET.BETA,
-                                bnd=s.LOSS.FORGET.BND, alpha=s.LOSS.FORGET.ALPHA,
-                                bnd_relative=s.LOSS.FORGET.BND_RELATIVE),
-        lora=LoraSettings(rank=s.LORA.RANK, scaling=s.LORA.SCALING, targets=s.LORA.TARGETS, dropout=s.LORA.DROPOUT,
-                          group_by=s.LORA.GROUP_BY or None, reference_init=s.LORA.REFERENCE_INIT),
-        forget_retains_learned=s.FORGET_RETAINS_LEARNED,
-        reset_optimizer_between_phases=s.RESET_OPTIMIZER,
-        restart_lr_schedule=s.RESTART_LR_SCHEDULE,
-    )
+    for key in ("FORGET", "LEARN"):
+        if not cfg.SWAP[key]:
+            raise SwapConfigError(f"cfg.SWAP.{key} is empty: list the class names to {key.lower()} (as in the "
+                                  "datasets' stuff_classes).")
+    return config_from_fields("segmentation", {
+        field: _from_cfg(field, reduce(lambda n, part: n[part], field.cfg_key.split("."), cfg.SWAP))
+        for field in config_fields()})
+
+
+def _default(field: ConfigField, preset: SwapConfig) -> Any:
+    """The yacs default of ``field``: the preset's value, [] for a class set (yacs has no None and no enums)."""
+    if field.kind == "classes":
+        return []
+    value = field.get(preset)
+    if field.kind == "length":
+        return str(value)
+    if field.kind == "order":
+        return value.value
+    return "" if value is None else value
+
+
+def _from_cfg(field: ConfigField, value: Any) -> Any:
+    """A yacs value of ``cfg.SWAP`` as the ``SwapConfig`` one: empty sets and strings are None."""
+    if field.kind == "length":
+        try:
+            steps = PhaseLength.parse(value).steps
+        except SwapConfigError:
+            steps = None
+        if steps is None:
+            raise SwapConfigError(f"cfg.SWAP.{field.cfg_key}={value!r} is not a number of iterations: detectron2's "
+                                  "data loaders are infinite, so a phase has no epochs; write e.g. 3500steps.")
+    if field.kind == "classes":
+        return tuple(value) or None
+    return None if value == "" else value
+
+
+def _renamed_keys() -> dict[str, str]:
+    """``RENAMED_KEYS`` with the leaves of its renamed nodes (opts name a leaf: ``SWAP.LOSS.FORGET.BND``)."""
+    keys = [f"SWAP.{field.cfg_key}" for field in config_fields()]
+    leaves = {old + key[len(new):]: key
+              for old, new in RENAMED_KEYS.items() for key in keys if key.startswith(new + ".")}
+    return {**RENAMED_KEYS, **leaves}

@@ -27,10 +27,12 @@ from kswap import (
     PhaseScheduler,
     SwapConfigError,
     SwapReport,
-    atomic_save,
     hidden_new_classes,
     lora_state_dict,
-    merge_and_export,
+    loss_key,
+    score_key,
+    write_adapter,
+    write_merged_model,
 )
 
 from .export import export_test_sets
@@ -130,7 +132,7 @@ class SwapHook(HookBase):
             scores = self.score()
             if scores is not None:
                 self.report.record(self.scheduler.global_step, phase.name, scores)
-                self.trainer.storage.put_scalars(**{f"swap/mIoU_{k}": v for k, v in scores.items()})
+                self.put_scores(scores)
 
     def after_train(self) -> None:
         if not self.scheduler.done:
@@ -161,16 +163,20 @@ class SwapHook(HookBase):
     def check_forget_bound(self, phase: Phase) -> None:
         """Record the forget-set task loss of the phase's first step and the bound it works against (every process
         resolves a relative bound from the same mean), and warn when the bound is inactive."""
-        measured = comm.all_gather(self.trainer.storage.history("swap/forget/task").latest())
+        measured = comm.all_gather(self.trainer.storage.history(loss_key("forget/task")).latest())
         warning = self.report.start_forget_phase(phase.name, phase.loss, sum(measured) / len(measured))
         if warning:
             logger.warning(f"Swap: {warning}")
+
+    def put_scores(self, scores: dict[str, float]) -> None:
+        """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>``."""
+        self.trainer.storage.put_scalars(**{score_key(k): v for k, v in scores.items()})
 
     def end_phase(self, phase: Phase) -> None:
         scores = self.score()
         if scores is not None:
             self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores)
-            self.trainer.storage.put_scalars(**{f"swap/mIoU_{k}": v for k, v in scores.items()})
+            self.put_scores(scores)
             logger.info(f"Swap: after {phase.name} {scores}")
         if self.snapshot is not None and not self.scheduler.done:
             self.model.load_state_dict(self.snapshot, strict=False)
@@ -180,12 +186,14 @@ class SwapHook(HookBase):
         self.checkpointer.save(f"model_swap_{phase.name}", iteration=self.trainer.iter)
 
     def export(self) -> dict[str, Path]:
-        """Write the swap report and ``model_swapped.pth`` (LoRA merged, the original keys, the joint classes), and
-        the config for it when the host gave ``write_config``."""
+        """Write the swap report, ``model_swapped.pth`` (LoRA merged, the original keys under ``model`` as
+        detectron2's checkpointer reads them, the joint classes), ``swap_adapter.safetensors`` (the LoRA alone), the
+        sets' joint-label test data, and the config for the merged model when the host gave ``write_config``."""
         paths = self.report.write(self.out_dir)
-        plain = merge_and_export(self.model)
-        state = {"model": plain.state_dict(), "classes": list(self.plan.space.names)}
-        paths["model"] = atomic_save(state, self.out_dir / "model_swapped.pth")
+        classes = list(self.plan.space.names)
+        paths["model"] = write_merged_model(self.model, self.out_dir, key="model", classes=classes)
+        paths["adapter"] = write_adapter(self.model, self.out_dir, self.plan.config, self.model.swap_state.grown,
+                                         self.report.classes)
         paths["test_sets"] = export_test_sets(self.plan, self.out_dir)
         if self.write_config is not None:
             paths["config"] = self.write_config()

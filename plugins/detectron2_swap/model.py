@@ -26,6 +26,7 @@ from kswap import (
     group_sparse_loss,
     inject_lora,
     lora_groups,
+    loss_key,
     replace_module,
 )
 
@@ -75,7 +76,7 @@ class SwapModelMixin:
             )
         if events._CURRENT_STORAGE_STACK:  # inside a trainer: log every term beside detectron2's own scalars
             storage = events.get_event_storage()
-            storage.put_scalars(**{f"swap/{k}": v.item() for k, v in out.terms.items() if k != "total"})
+            storage.put_scalars(**{loss_key(k): v.item() for k, v in out.terms.items() if k != "total"})
         return {"loss_swap": out.total}
 
 

@@ -26,7 +26,7 @@ from detectron2.engine import hooks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kswap import SwapConfigError, atomic_write_text
+from kswap import MODEL_FILE, SwapConfigError, atomic_write_text
 
 from .audit import SegmentationAudit, probed_modules
 from .checkpoint import SwapCheckpointer
@@ -172,6 +172,6 @@ def write_swapped_config(cfg: CfgNode, out_dir: Path, num_classes: int) -> Path:
     plain.defrost()
     plain.pop("SWAP")
     plain.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
-    plain.MODEL.WEIGHTS = str(out_dir / "model_swapped.pth")
+    plain.MODEL.WEIGHTS = str(out_dir / MODEL_FILE)
     plain.DATASETS.TEST = swapped_test_datasets()
     return atomic_write_text(out_dir / "config_swapped.yaml", plain.dump())

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
@@ -34,7 +34,7 @@ from detectron2_swap import (
     per_class_iou,
     swap_config_from_cfg,
 )
-from kswap import PRESETS, CheckpointMismatchError, SwapConfigError, lora_state_dict
+from kswap import PRESETS, CheckpointMismatchError, SwapConfig, SwapConfigError, config_fields, lora_state_dict
 
 from swap_testing.d2_models import (
     DIGITS,
@@ -59,12 +59,11 @@ def test_swap_block_defaults_are_the_segmentation_preset(tmp_path):
         SWAP:
           ENABLED: True
           ORDER: forget_then_learn
-          FORGET_CLASSES: ["3"]
-          LEARN_CLASSES: ["trouser"]
-          LEARN_ITERS: 40
-          LOSS:
-            FORGET:
-              BND: 90.0
+          FORGET: ["3"]
+          LEARN: ["trouser"]
+          LEARN_LENGTH: 40steps
+          FORGET_LOSS:
+            BND: 90.0
     """))
     cfg.merge_from_file(str(tmp_path / "swap.yaml"))
     config = swap_config_from_cfg(cfg)
@@ -75,6 +74,58 @@ def test_swap_block_defaults_are_the_segmentation_preset(tmp_path):
     assert config.learn_loss == preset["learn_loss"] and config.learn_loss.learn_weight == 0.9
     assert config.lora == preset["lora"] and config.reset_optimizer_between_phases and config.restart_lr_schedule
     assert not get_cfg().get("SWAP"), "add_swap_config must not touch detectron2's global defaults"
+
+
+def leaf_keys(node: CfgNode, prefix: str = "") -> set[str]:
+    return {key for name, value in node.items()
+            for key in (leaf_keys(value, f"{prefix}{name}.") if isinstance(value, CfgNode) else [prefix + name])}
+
+
+def test_swap_block_is_generated_from_the_core_settings():
+    cfg = get_cfg()
+    add_swap_config(cfg)
+    # Every SwapConfig setting under its shared name; the other keys are detectron2's.
+    host = {"ENABLED", "DATASETS", "IMS_PER_BATCH", "CHAIN_FROM_ITER", "EVAL_PERIOD", "HEAD", "SOLVER", "AUDIT"}
+    assert {k for k in leaf_keys(cfg.SWAP) if k.split(".")[0] not in host} == {f.cfg_key for f in config_fields()}
+    cfg.merge_from_list(["SWAP.FORGET", ["3"], "SWAP.LEARN", ["trouser"]])
+    assert swap_config_from_cfg(cfg) == SwapConfig.preset("segmentation", forget=["3"], learn=["trouser"])
+    cfg.merge_from_list(["SWAP.LORA.RANK", 4, "SWAP.FORGET_LOSS.DISTILL", 0.5, "SWAP.LORA.GROUP_BY", "backbone",
+                         "SWAP.RESET_OPTIMIZER_BETWEEN_PHASES", False, "SWAP.RETAIN", ["0"]])
+    assert swap_config_from_cfg(cfg) == SwapConfig.preset(
+        "segmentation", forget=["3"], learn=["trouser"], retain=["0"], lora=dict(rank=4, group_by="backbone"),
+        forget_loss=dict(distill=0.5), reset_optimizer_between_phases=False)
+
+
+@pytest.mark.parametrize("yaml, old, new", [
+    ("FORGET_CLASSES: ['3']", "SWAP.FORGET_CLASSES", "SWAP.FORGET"),
+    ("LEARN_ITERS: 40", "SWAP.LEARN_ITERS", "SWAP.LEARN_LENGTH"),
+    ("RESET_OPTIMIZER: False", "SWAP.RESET_OPTIMIZER", "SWAP.RESET_OPTIMIZER_BETWEEN_PHASES"),
+    ("LOSS:\n  FORGET:\n    BND: 90.0", "SWAP.LOSS", "SWAP.LEARN_LOSS and SWAP.FORGET_LOSS"),
+])
+def test_an_old_key_in_a_yaml_names_the_new_one(tmp_path, yaml, old, new):
+    cfg = get_cfg()
+    add_swap_config(cfg)
+    (tmp_path / "old.yaml").write_text("SWAP:\n" + textwrap.indent(yaml, "  "))
+    with pytest.raises(KeyError, match=f"Key {old} was renamed to {new}; please update your config. Note: .*3500steps"):
+        cfg.merge_from_file(str(tmp_path / "old.yaml"))
+
+
+def test_an_old_key_in_opts_names_the_new_one():
+    cfg = get_cfg()
+    add_swap_config(cfg)
+    with pytest.raises(KeyError, match="Key SWAP.LOSS.FORGET.BND was renamed to SWAP.FORGET_LOSS.BND"):
+        cfg.merge_from_list(["SWAP.LOSS.FORGET.BND", 90.0])  # a removed node's leaf, as train_net.py's opts give it
+    with pytest.raises(KeyError, match="Key SWAP.LEARN_CLASSES was renamed to SWAP.LEARN"):
+        cfg.clone().merge_from_list(["SWAP.LEARN_CLASSES", ["trouser"]])  # the trainer's clones keep the renames
+
+
+def test_a_phase_length_in_epochs_is_refused():
+    cfg = get_cfg()
+    add_swap_config(cfg)
+    cfg.merge_from_list(["SWAP.FORGET", ["3"], "SWAP.LEARN", ["trouser"], "SWAP.FORGET_LENGTH", "5epochs"])
+    with pytest.raises(SwapConfigError, match="cfg.SWAP.FORGET_LENGTH='5epochs' is not a number of iterations: "
+                                              "detectron2's data loaders are infinite.*write e.g. 3500steps"):
+        swap_config_from_cfg(cfg)
 
 
 # -- Mask2Former preset -----------------------------------------------------------------------------------------
@@ -349,7 +400,7 @@ def labelme_voc(tmp_path_factory) -> str:
 
 def test_real_voc_masks_map_by_class_name(glyph_spec, labelme_voc, tmp_path):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth")
-    cfg.SWAP.LEARN_CLASSES = ["person", "bus"]
+    cfg.SWAP.LEARN = ["person", "bus"]
     cfg.SWAP.DATASETS.LEARN = cfg.SWAP.DATASETS.LEARN_TEST = (labelme_voc,)
     plan = SwapPlan.from_cfg(cfg)
     person, bus = plan.space.id_of("person"), plan.space.id_of("bus")
@@ -375,7 +426,7 @@ def test_real_voc_masks_map_by_class_name(glyph_spec, labelme_voc, tmp_path):
 
 def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, d2_pretrained, labelme_voc, tmp_path):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=60, forget=4)
-    cfg.SWAP.LEARN_CLASSES = ["person"]
+    cfg.SWAP.LEARN = ["person"]
     cfg.SWAP.DATASETS.LEARN = cfg.SWAP.DATASETS.LEARN_TEST = (labelme_voc,)
     cfg.SWAP.IMS_PER_BATCH = 2
     trainer = run_swap(cfg)
@@ -387,10 +438,11 @@ def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, d2_pretrained, lab
 
 @pytest.mark.parametrize("change, message", [
     (dict(DATASETS__LEARN=("nope_train",)), "'nope_train' (the learn train set) is not registered"),
-    (dict(RETAIN_CLASSES=["2", "3"]), "in both the forget and the retain set"),
-    (dict(FORGET_CLASSES=["7"]), "The forget set names ['7']"),
-    (dict(LEARN_CLASSES=["trouser", "sandal"]), "The learn classes ['sandal'] are in none of the learn datasets"),
-    (dict(FORGET_CLASSES=[]), "cfg.SWAP.FORGET_CLASSES is empty"),
+    (dict(RETAIN=["2", "3"]), "in both the forget and the retain set"),
+    (dict(FORGET=["7"]), "The forget set names ['7']"),
+    (dict(LEARN=["trouser", "sandal"]), "The learn classes ['sandal'] are in none of the learn datasets"),
+    (dict(FORGET=[]), "cfg.SWAP.FORGET is empty"),
+    (dict(LEARN_LENGTH="0steps"), "cfg.SWAP.LEARN_LENGTH='0steps' is not a number of iterations"),
     (dict(DATASETS__LEARN_TEST=()), "set cfg.SWAP.DATASETS.LEARN_TEST"),
     (dict(LORA__TARGETS=r"backbone\.nothing"), "matches no linear layer"),
     (dict(ORDER="learn_only"), "Unknown order 'learn_only'"),

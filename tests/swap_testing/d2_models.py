@@ -237,19 +237,19 @@ def swap_glyphs(cfg, weights: str, learn: int = 200, forget: int = 200, **swap):
     """Enable the swap: forget digit 3, keep background and 0-2, learn trousers and bags (Fashion-MNIST)."""
     cfg.MODEL.WEIGHTS = str(weights)
     s = cfg.SWAP
-    s.ENABLED, s.FORGET_CLASSES, s.LEARN_CLASSES = True, ["3"], ["trouser", "bag"]
+    s.ENABLED, s.FORGET, s.LEARN = True, ["3"], ["trouser", "bag"]
     s.DATASETS.FORGET = s.DATASETS.RETAIN = ("glyph_digits_train",)
     s.DATASETS.LEARN = ("glyph_clothes_train",)
     s.DATASETS.FORGET_TEST = s.DATASETS.RETAIN_TEST = ("glyph_digits_val",)
     s.DATASETS.LEARN_TEST = ("glyph_clothes_val",)
-    s.LEARN_ITERS, s.FORGET_ITERS, s.EVAL_PERIOD = learn, forget, 0
+    s.LEARN_LENGTH, s.FORGET_LENGTH, s.EVAL_PERIOD = f"{learn}steps", f"{forget}steps", 0
     if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
         s.LORA.TARGETS = r"backbone\.blocks\.\d+\.ffn\.linear[12]"  # no preset: the generic path, by regex
         # A few hundred steps of this small model need its pretraining LR, not the reference's 1e-4 (3500 steps).
         s.SOLVER.BASE_LR = cfg.SOLVER.BASE_LR
     # This model's loss is one cross-entropy (~0.3), not Mask2Former's sum of 30 weighted terms (~100): the bound
     # and the sparsity weight are scaled to it.
-    s.LOSS.FORGET.BND, s.LOSS.FORGET.ALPHA, s.LOSS.LEARN.ALPHA = 3.0, 1e-4, 1e-4
+    s.FORGET_LOSS.BND, s.FORGET_LOSS.ALPHA, s.LEARN_LOSS.ALPHA = 3.0, 1e-4, 1e-4
     cfg.merge_from_list([item for key, value in swap.items() for item in (f"SWAP.{key.replace('__', '.')}", value)])
     return cfg
 
