@@ -6,8 +6,9 @@ phase end it scores forget / retain / learn, records them in the swap report and
 (phase position, report, the phase's LR schedule) is part of the trainer's checkpoints, so ``--resume``
 continues the phase. "Before" is the pretrained model's score (the grown rows hidden); each forget phase records
 its forget loss at the start against the bound (resolving a relative one). After the last phase it writes the
-report, the merged plain model and the sets' joint-label test data for detectron2's stock evaluation, then runs
-the unlearning audit when given one (on copies, after the outputs are written) and adds it to the report.
+report, the merged plain model, the LoRA adapter alone and the sets' joint-label test data for detectron2's stock
+evaluation, then runs the unlearning audit when given one (on copies, after the outputs are written) and adds it to
+the report. Scores are logged as ``swap/<set>``, the loss terms (``model.py``) as ``swap/loss/<term>``.
 """
 
 from __future__ import annotations
@@ -190,8 +191,7 @@ class SwapHook(HookBase):
         detectron2's checkpointer reads them, the joint classes), ``swap_adapter.safetensors`` (the LoRA alone), the
         sets' joint-label test data, and the config for the merged model when the host gave ``write_config``."""
         paths = self.report.write(self.out_dir)
-        classes = list(self.plan.space.names)
-        paths["model"] = write_merged_model(self.model, self.out_dir, key="model", classes=classes)
+        paths["model"] = write_merged_model(self.model, self.out_dir, key="model", classes=list(self.plan.space.names))
         paths["adapter"] = write_adapter(self.model, self.out_dir, self.plan.config, self.model.swap_state.grown,
                                          self.report.classes)
         paths["test_sets"] = export_test_sets(self.plan, self.out_dir)

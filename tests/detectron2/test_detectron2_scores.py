@@ -23,10 +23,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from PIL import Image
+from safetensors import safe_open
 from torch import nn
 
 from detectron2_swap import SwapPlan, per_class_iou, score_sets
 from detectron2_swap.hook import logger as hook_logger
+from kswap import ADAPTER_FILE, MODEL_FILE, SwapConfig, loss_key, score_key
 
 from swap_testing.d2_models import TESTS_DIR, glyph_cfg, make_trainer_classes, register_datasets, run_swap, swap_glyphs
 
@@ -145,7 +147,7 @@ def swap_with_bound(glyph_spec, d2_pretrained, out: Path, caplog, **loss) -> tup
     hook_logger.addHandler(caplog.handler)  # detectron2's logger does not propagate to the root logger
     try:
         cfg = swap_glyphs(glyph_cfg(str(out)), d2_pretrained, learn=1, forget=2,
-                          **{f"LOSS__FORGET__{k}": v for k, v in loss.items()})
+                          **{f"FORGET_LOSS__{k}": v for k, v in loss.items()})
         trainer = run_swap(cfg)
     finally:
         hook_logger.removeHandler(caplog.handler)
@@ -154,18 +156,24 @@ def swap_with_bound(glyph_spec, d2_pretrained, out: Path, caplog, **loss) -> tup
 
 def test_an_inactive_forgetting_bound_is_reported(glyph_spec, d2_pretrained, tmp_path, caplog):
     trainer, report = swap_with_bound(glyph_spec, d2_pretrained, tmp_path, caplog, BND=1e-3)
-    first_forget_loss = trainer.storage.history("swap/forget/task").values()[0][0]
+    first_forget_loss = trainer.storage.history(loss_key("forget/task")).values()[0][0]
     bound = report["forget_bounds"]["1_forget"]
     assert bound == {"measured_forget_loss": pytest.approx(first_forget_loss), "bnd": 1e-3, "relative": False,
                      "active": False}
     assert list(report["forget_bounds"]) == ["1_forget"]  # the learn phase has no forgetting term
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("1_forget" in w and "nothing will be forgotten" in w for w in warnings), warnings
+    # The EventStorage keys every host logs: the sets' scores and the phase-loss terms.
+    logged = {k for k in trainer.storage.histories() if k.startswith("swap/")}
+    scores = {score_key(name) for name in SETS}
+    assert scores <= logged and all(k.startswith(loss_key("")) for k in logged - scores), logged
+    assert {loss_key(t) for t in ("retain/task", "forget/task", "forget/bounded", "group_sparse")} <= logged
+    assert trainer.storage.history(score_key("learn")).latest() == report["metrics"]["after"]["learn"]
 
 
 def test_a_relative_forgetting_bound_is_resolved_from_the_measured_loss(glyph_spec, d2_pretrained, tmp_path, caplog):
     trainer, report = swap_with_bound(glyph_spec, d2_pretrained, tmp_path, caplog, BND=3.0, BND_RELATIVE=True)
-    first_forget_loss = trainer.storage.history("swap/forget/task").values()[0][0]
+    first_forget_loss = trainer.storage.history(loss_key("forget/task")).values()[0][0]
     bound = report["forget_bounds"]["1_forget"]
     assert bound["relative"] and bound["active"]
     assert bound["measured_forget_loss"] == pytest.approx(first_forget_loss)
@@ -173,6 +181,29 @@ def test_a_relative_forgetting_bound_is_resolved_from_the_measured_loss(glyph_sp
     weights = trainer.model.swap_state.weights  # what the model's loss used after the first forget step
     assert not weights.bnd_relative and weights.bnd == pytest.approx(bound["bnd"])
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# -- item: the outputs every host writes -----------------------------------------------------------------------
+
+def test_the_pretrained_model_plus_the_adapter_is_the_merged_model(swapped, d2_pretrained):
+    with safe_open(str(swapped / ADAPTER_FILE), "pt") as file:
+        adapter, meta = {k: file.get_tensor(k) for k in file.keys()}, file.metadata()  # noqa: SIM118 (no dict)
+    config = SwapConfig.from_dict(json.loads(meta["swap_config"]))
+    assert config.forget == ("3",) and config.learn_length.steps == 40 and json.loads(meta["classes"]) == SETS
+    assert set(json.loads(meta["grown"])) == {"sem_seg_head.predictor.weight", "sem_seg_head.predictor.bias"}
+    pretrained = torch.load(d2_pretrained, weights_only=True)["model"]
+    merged = torch.load(swapped / MODEL_FILE, weights_only=True)
+    assert merged["classes"] == JOINT
+    layers = {k.split(".lora_A.")[0] for k in adapter if ".lora_A." in k}
+    assert len(layers) == 4 and len(adapter) == 2 * len(layers)
+    for key, weight in pretrained.items():
+        layer = key.removesuffix(".weight")
+        if layer in layers:  # W + scaling * B @ A
+            a, b = (next(v for k, v in adapter.items() if k.startswith(f"{layer}.lora_{x}.")) for x in "AB")
+            weight = weight + config.lora.scaling * b @ a
+            assert not torch.equal(merged["model"][key], pretrained[key]), key
+        if not key.startswith("sem_seg_head.predictor."):
+            torch.testing.assert_close(merged["model"][key], weight, atol=1e-6, rtol=1e-5, msg=key)
 
 
 # -- item: detectron2's stock tools score the swapped model ----------------------------------------------------
