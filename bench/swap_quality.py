@@ -43,28 +43,29 @@ from swap_mnist import pretrained_checkpoint, target_checks  # noqa: E402
 TRAIN = ROOT / "train.py"
 LEARN = ["trouser", "sneaker", "bag", "ankle-boot"]
 # Extra flags over demo/swap.yaml (which turns on the two levers: LoRA on attention too, forget-phase distillation).
-REFERENCE = ["--swap-lora-targets", "timm_vit", "--swap-forget-distill", "0"]
+REFERENCE = ["--swap-lora-targets", "timm_vit", "--swap-forget-loss-distill", "0"]
 METHODS = {
     "learn_then_forget": ["--swap-order", "learn_then_forget"],
     "reference (FFN LoRA, no distill)": REFERENCE,
-    "no distill (attn + FFN LoRA)": ["--swap-forget-distill", "0"],
+    "no distill (attn + FFN LoRA)": ["--swap-forget-loss-distill", "0"],
     "FFN LoRA + distill": ["--swap-lora-targets", "timm_vit"],
     "forget_then_learn": ["--swap-order", "forget_then_learn"],
     "joint": ["--swap-order", "joint", "--swap-forget-length", "800steps"],
-    "finetune R∪L": ["--swap-order", "joint", "--swap-forget-length", "800steps", "--swap-beta", "0"],
-    "unbounded GA": ["--swap-order", "learn_then_forget", "--swap-bnd", "1e9"],
+    "finetune R∪L": ["--swap-order", "joint", "--swap-forget-length", "800steps", "--swap-forget-loss-beta", "0"],
+    "unbounded GA": ["--swap-order", "learn_then_forget", "--swap-forget-loss-bnd", "1e9"],
 }
 FFN = ["--swap-lora-targets", "timm_vit"]
 # The sweep that chose the demo's levers (one run each on the demo's seed: `--seeds --methods <these>`); not in
 # the default run.
 SWEEP = {
-    "FFN LoRA, distill 1": [*FFN, "--swap-forget-distill", "1"],
-    "FFN LoRA, distill 3": [*FFN, "--swap-forget-distill", "3"],
-    "FFN LoRA, learn + forget distill 1": [*FFN, "--swap-forget-distill", "1", "--swap-learn-distill", "1"],
-    "FFN LoRA rank 16, distill 1": [*FFN, "--swap-lora-rank", "16", "--swap-forget-distill", "1"],
-    "FFN LoRA, 800 learn steps, distill 1": [*FFN, "--swap-learn-length", "800steps", "--swap-forget-distill", "1"],
-    "attn + FFN LoRA, distill 1": ["--swap-forget-distill", "1"],
-    "attn + FFN LoRA, distill 3": ["--swap-forget-distill", "3"],
+    "FFN LoRA, distill 1": [*FFN, "--swap-forget-loss-distill", "1"],
+    "FFN LoRA, distill 3": [*FFN, "--swap-forget-loss-distill", "3"],
+    "FFN LoRA, learn + forget distill 1": [*FFN, "--swap-forget-loss-distill", "1", "--swap-learn-loss-distill", "1"],
+    "FFN LoRA rank 16, distill 1": [*FFN, "--swap-lora-rank", "16", "--swap-forget-loss-distill", "1"],
+    "FFN LoRA, 800 learn steps, distill 1": [*FFN, "--swap-learn-length", "800steps",
+                                             "--swap-forget-loss-distill", "1"],
+    "attn + FFN LoRA, distill 1": ["--swap-forget-loss-distill", "1"],
+    "attn + FFN LoRA, distill 3": ["--swap-forget-loss-distill", "3"],
 }
 ORACLE = "oracle (R∪L from scratch)"
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from kswap import (
+    MODEL_FILE,
     PRESETS,
     AuditSettings,
+    ConfigField,
     GrownRows,
     InfiniteLoader,
     LabelSpace,
-    LoraSettings,
     LoraSnapshot,
     Order,
     Phase,
@@ -40,8 +40,9 @@ from kswap import (
     SwapConfig,
     SwapConfigError,
     SwapReport,
-    atomic_save,
     check_head_size,
+    config_fields,
+    config_from_fields,
     distillation_loss,
     extend_head,
     freeze_all_but_lora_,
@@ -50,9 +51,12 @@ from kswap import (
     imprinted_rows,
     inject_lora,
     lora_groups,
-    merge_and_export,
+    loss_key,
     plan_phases,
     replace_module,
+    score_key,
+    write_adapter,
+    write_merged_model,
 )
 from kswap.audit import few_shot_indices
 from kswap.metrics import SETS
@@ -79,18 +83,46 @@ _logger = logging.getLogger(__name__)
 # dozen is stable, and the pass stays cheap before training on ImageNet-sized learn sets.
 IMPRINT_IMAGES = 64
 
-# CLI flag -> (loss-weights field, phases it sets).
-_LOSS_FLAGS = {
-    "swap_learn_retain_weight": ("retain_weight", ("learn_loss",)),
-    "swap_learn_weight": ("learn_weight", ("learn_loss",)),
-    "swap_forget_retain_weight": ("retain_weight", ("forget_loss",)),
-    "swap_beta": ("beta", ("forget_loss",)),
-    "swap_bnd": ("bnd", ("forget_loss",)),
-    "swap_alpha": ("alpha", ("learn_loss", "forget_loss")),
-    "swap_forget_bnd_relative": ("bnd_relative", ("forget_loss",)),
-    "swap_learn_distill": ("distill", ("learn_loss",)),
-    "swap_forget_distill": ("distill", ("forget_loss",)),
+# Flags of earlier releases, kept as aliases of the flags named after the config fields.
+_FLAG_ALIASES = {
+    "learn_loss.retain_weight": "--swap-learn-retain-weight", "learn_loss.learn_weight": "--swap-learn-weight",
+    "learn_loss.distill": "--swap-learn-distill", "forget_loss.retain_weight": "--swap-forget-retain-weight",
+    "forget_loss.beta": "--swap-beta", "forget_loss.bnd": "--swap-bnd",
+    "forget_loss.bnd_relative": "--swap-forget-bnd-relative", "forget_loss.distill": "--swap-forget-distill",
+    "forget_retains_learned": "--swap-retain-learned", "reset_optimizer_between_phases": "--swap-reset-optimizer",
+    "restart_lr_schedule": "--swap-restart-lr",
 }
+# What the class sets are in this host.
+_CLASS_HELP = {"forget": "pretrained classes to forget (folder names of --data-dir, or ids)",
+               "retain": "pretrained classes to retain (default: all the others)",
+               "learn": "new classes to learn (default: every class folder of --swap-learn-dir)"}
+
+
+def _dest(field: ConfigField) -> str:
+    return field.flag[2:].replace("-", "_")
+
+
+def add_config_arguments(group: argparse._ArgumentGroup) -> None:
+    """One flag per ``SwapConfig`` setting (``kswap.config_fields``); unset flags keep the ``--swap-task`` preset."""
+    preset = SwapConfig.preset("classification", forget=("_",), learn=("_",))
+    for f in config_fields():
+        names = [f.flag] + ([_FLAG_ALIASES[f.name]] if f.name in _FLAG_ALIASES else [])
+        if f.kind == "classes":
+            group.add_argument(*names, nargs="+", default=None, metavar="CLASS", help=_CLASS_HELP[f.path[0]])
+            continue
+        default = f.get(preset)
+        default = default.value if isinstance(default, Order) else default
+        kwargs: dict[str, Any] = {"default": None, "help": f"{f.help} (classification preset: {default})"}
+        if f.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.kind == "order":
+            kwargs["choices"] = [o.value for o in Order]
+        elif f.kind == "length":
+            kwargs["metavar"] = "LEN"
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[f.kind]
+        group.add_argument(*names, **kwargs)
+
 
 # The swap's optimizer and LR schedule: --swap-* flag -> the timm flag it sets. The defaults are the reference
 # classification preset (../shared/spec/algorithm.md §2.5), not the pretraining run's --opt/--lr/... flags.
@@ -102,32 +134,9 @@ def swap_config_from_args(args: argparse.Namespace) -> SwapConfig:
     """The ``SwapConfig`` of the ``--swap-*`` flags over the ``--swap-task`` preset; unset flags keep the preset."""
     if args.swap_task not in PRESETS:
         raise SwapConfigError(f"Unknown --swap-task {args.swap_task!r}; choose one of: {', '.join(PRESETS)}.")
-    preset = PRESETS[args.swap_task]
-    losses = {"learn_loss": preset["learn_loss"], "forget_loss": preset["forget_loss"]}
-    for flag, (field, phases) in _LOSS_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            for phase in phases:
-                losses[phase] = replace(losses[phase], **{field: value})
-    lora = preset["lora"]
-    lora = LoraSettings(
-        rank=lora.rank if args.swap_lora_rank is None else args.swap_lora_rank,
-        scaling=lora.scaling if args.swap_lora_scaling is None else args.swap_lora_scaling,
-        targets=args.swap_lora_targets or lora.targets,
-        dropout=args.swap_lora_dropout,
-    )
-    overrides: dict[str, Any] = dict(
-        forget=tuple(args.swap_forget), learn=tuple(args.swap_learn),
-        retain=tuple(args.swap_retain) if args.swap_retain else None, order=args.swap_order, lora=lora,
-        learn_length=args.swap_learn_length or preset["learn_length"],
-        forget_length=args.swap_forget_length or preset["forget_length"], **losses,
-    )
-    for flag, key in (("swap_retain_learned", "forget_retains_learned"),
-                      ("swap_reset_optimizer", "reset_optimizer_between_phases"),
-                      ("swap_restart_lr", "restart_lr_schedule")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    return SwapConfig.preset(args.swap_task, **overrides)
+    values = {f: getattr(args, _dest(f)) for f in config_fields()}
+    return config_from_fields(args.swap_task, {f: tuple(v) if f.kind == "classes" else v
+                                               for f, v in values.items() if v is not None})
 
 
 class SwapPlugin:
@@ -151,36 +160,10 @@ class SwapPlugin:
     @hookimpl
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("Knowledge swap (--plugin swap)")
-        g.add_argument("--swap-forget", nargs="+", default=None, metavar="CLASS",
-                       help="pretrained classes to forget (folder names of --data-dir, or ids)")
-        g.add_argument("--swap-retain", nargs="+", default=None, metavar="CLASS",
-                       help="pretrained classes to retain (default: all the others)")
+        add_config_arguments(g)
+        g.add_argument("--swap-task", default="classification", help="preset of reference defaults")
         g.add_argument("--swap-learn-dir", default=None, metavar="DIR",
                        help="ImageFolder root (same split names) with the new classes")
-        g.add_argument("--swap-learn", nargs="+", default=None, metavar="CLASS",
-                       help="new classes to learn (default: every class folder of --swap-learn-dir)")
-        g.add_argument("--swap-order", default=Order.LEARN_THEN_FORGET.value, choices=[o.value for o in Order])
-        g.add_argument("--swap-task", default="classification", help="preset of reference defaults")
-        g.add_argument("--swap-learn-length", default=None, metavar="LEN", help="e.g. 5epochs or 300steps")
-        g.add_argument("--swap-forget-length", default=None, metavar="LEN", help="e.g. 5epochs or 300steps")
-        g.add_argument("--swap-learn-retain-weight", type=float, default=None, help="w_R in learn phases (0.2)")
-        g.add_argument("--swap-learn-weight", type=float, default=None, help="w_L in learn phases (1.0)")
-        g.add_argument("--swap-forget-retain-weight", type=float, default=None, help="w_R in forget phases (1.0)")
-        g.add_argument("--swap-beta", type=float, default=None, help="weight of the bounded forget term (0.2)")
-        g.add_argument("--swap-bnd", type=float, default=None, help="bound on the forget-set loss (105)")
-        g.add_argument("--swap-forget-bnd-relative", action="store_true", default=None,
-                       help="read --swap-bnd as a multiple of the forget-set loss measured at the forget phase start "
-                            "(e.g. --swap-bnd 3: ascend until that loss has tripled)")
-        g.add_argument("--swap-alpha", type=float, default=None, help="group-sparse weight (0.005)")
-        g.add_argument("--swap-learn-distill", type=float, default=None,
-                       help="learn phases: weight of distilling the retain-side logits of the phase-start model (0)")
-        g.add_argument("--swap-forget-distill", type=float, default=None,
-                       help="forget phases: weight of distilling the retain-side (R ∪ L) logits of the phase-start "
-                            "model, protecting what the learn phase taught (0, the reference)")
-        g.add_argument("--swap-lora-rank", type=int, default=None, help="LoRA rank (8)")
-        g.add_argument("--swap-lora-scaling", type=float, default=None, help="LoRA scaling (0.125)")
-        g.add_argument("--swap-lora-targets", default=None, help="regex or preset of the LoRA targets (timm_vit)")
-        g.add_argument("--swap-lora-dropout", type=float, default=0.0)
         g.add_argument("--swap-head-init", default="xavier_uniform", choices=("xavier_uniform", "zeros", "imprint"),
                        help="new class rows: xavier (reference), zeros, or imprinted from the learn images' mean "
                             "pre-logit features, scaled to the old rows' norm (bias: the old rows' mean)")
@@ -197,12 +180,6 @@ class SwapPlugin:
                        help="optimizer steps of the relearn attack")
         g.add_argument("--swap-audit-relearn-lr", type=float, default=AuditSettings.relearn_lr,
                        help="AdamW learning rate of the relearn attack (every weight of a copy of the merged model)")
-        g.add_argument("--swap-retain-learned", action=argparse.BooleanOptionalAction, default=None,
-                       help="forget phases after a learn phase retain R ∪ L (default: yes, as the reference)")
-        g.add_argument("--swap-reset-optimizer", action=argparse.BooleanOptionalAction, default=None,
-                       help="fresh optimizer at each phase (preset)")
-        g.add_argument("--swap-restart-lr", action=argparse.BooleanOptionalAction, default=None,
-                       help="restart the LR schedule at each phase (preset)")
         g.add_argument("--swap-opt", default="adamw", help="the swap's optimizer (timm name); replaces --opt")
         g.add_argument("--swap-lr", type=float, default=1e-2, help="the swap's learning rate; replaces --lr")
         g.add_argument("--swap-weight-decay", type=float, default=0.05, help="replaces --weight-decay")
@@ -333,7 +310,7 @@ class SwapPlugin:
                        "--swap-warmup-epochs/--swap-min-lr (the run's --opt/--lr/... are not used)")
         self.report = SwapReport(order=self.config.order.value, metric="top1",
                                  classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
-        return {f"swap/{name}": loader for name, loader in self.eval_loaders.items()}
+        return {score_key(name): loader for name, loader in self.eval_loaders.items()}
 
     def _phase_loaders(self, phase: Phase, ctx: TrainContext) -> dict[str, InfiniteLoader]:
         """One cycling loader per loss role, over the concatenation of that role's sets. A step is one update: its
@@ -392,7 +369,7 @@ class SwapPlugin:
         task = {r: F.cross_entropy(logits[r], step.batch[r][1].to(ctx.device)) for r in roles}
         distill = distillation_loss(logits["retain"], teacher) if teacher is not None else None
         out = PhaseLoss(weights)(task, gs=group_sparse_loss(self.groups), distill=distill)
-        return {"loss": out.total, **{k: v for k, v in out.terms.items() if k != "total"}}
+        return {"loss": out.total, **{loss_key(k): v for k, v in out.terms.items() if k != "total"}}
 
     def _teacher_logits(self, ctx: TrainContext, phase: Phase, images: torch.Tensor) -> torch.Tensor:
         """The phase-start model's logits for the retain-side images (the snapshot is taken at the phase's first
@@ -419,12 +396,12 @@ class SwapPlugin:
     def after_step(self, ctx: TrainContext, step: Step, losses: dict[str, float]) -> None:
         phase = self.scheduler.phases[step.period_index]
         if "forget" in phase.roles and phase.name not in self.report.forget_bounds:
-            self._start_forget_phase(ctx, phase, losses["forget/task"])
+            self._start_forget_phase(ctx, phase, losses[loss_key("forget/task")])
         interval = ctx.args.swap_eval_interval
         if interval and (step.global_step + 1) % interval == 0 and not step.ends_period:
             scores = self._scores(ctx)
             self.report.record(step.global_step + 1, step.period, scores)
-            ctx.log({f"swap/{k}": v for k, v in scores.items()}, step.global_step + 1)
+            ctx.log({score_key(k): v for k, v in scores.items()}, step.global_step + 1)
 
     def _start_forget_phase(self, ctx: TrainContext, phase: Phase, forget_loss: float) -> None:
         """Record the forget loss of the phase's first step against its bound (resolving a relative bound)."""
@@ -442,7 +419,7 @@ class SwapPlugin:
         scores = self._scores(ctx)
         phase = self.scheduler.phases[step.period_index]
         self.report.end_phase(phase.name, phase.kind.value, step.global_step + 1, scores)
-        return {f"swap/{k}": v for k, v in scores.items()}
+        return {score_key(k): v for k, v in scores.items()}
 
     @hookimpl
     def state_dict(self, ctx: TrainContext) -> dict[str, Any]:
@@ -474,13 +451,12 @@ class SwapPlugin:
         if ctx.args.swap_audit:
             self.report.audit = self._audit(ctx)
         paths = self.report.write(ctx.output_dir)
-        plain = merge_and_export(ctx.model)
-        export = {"state_dict": plain.state_dict(), "class_names": list(self.space.names),
-                  "num_classes": self.space.num_classes, "arch": ctx.args.model}
-        atomic_save(export, ctx.output_dir / "model_swapped.pth")
+        write_merged_model(ctx.model, ctx.output_dir, class_names=list(self.space.names),
+                           num_classes=self.space.num_classes, arch=ctx.args.model)
+        write_adapter(ctx.model, ctx.output_dir, self.config, self.grown, self.report.classes)
         (ctx.output_dir / "class_names.json").write_text(json.dumps(list(self.space.names), indent=1))
         tqdm.write("\n" + self.report.to_markdown())
-        tqdm.write(f"swap: report {paths['md']}, merged model {ctx.output_dir / 'model_swapped.pth'} "
+        tqdm.write(f"swap: report {paths['md']}, merged model {ctx.output_dir / MODEL_FILE} "
                    f"(timm.create_model('{ctx.args.model}', num_classes={self.space.num_classes}, "
                    "checkpoint_path=...))")
 

@@ -141,11 +141,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, A
     add_timm_arguments(parser)
     pm.hook.add_arguments(parser=parser)
     if file_cfg:
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(k.replace("-", "_") for k in file_cfg if k.replace("-", "_") not in dests)
+        # A key is a dest (as timm's args.yaml writes them) or any long flag's name, an alias too, "_" for "-".
+        dests = {a.dest: a.dest for a in parser._actions}
+        dests |= {opt[2:].replace("-", "_"): a.dest for a in parser._actions for opt in a.option_strings
+                  if opt.startswith("--")}
+        unknown = sorted(k for k in file_cfg if k.replace("-", "_") not in dests)
         if unknown:
             parser.error(f"unknown keys in {known.config}: {unknown}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in file_cfg.items()})
+        parser.set_defaults(**{dests[k.replace("-", "_")]: v for k, v in file_cfg.items()})
     args = parser.parse_args(argv)
     args.plugin = plugins
     args.data_dir = args.data_dir or args.data
@@ -373,7 +376,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", period=step.period, refresh=False)
             if ctx.args.log_interval and num_updates % ctx.args.log_interval == 0:
-                ctx.log({f"train/{k}": v for k, v in losses.items()} | {"lr": self._lr()}, num_updates)
+                # The total as timm logs it; a plugin's other terms under the plugin's own keys.
+                terms = {k: v for k, v in losses.items() if k != "loss"}
+                ctx.log({"train/loss": losses["loss"], **terms, "lr": self._lr()}, num_updates)
                 if ctx.is_main and bar.disable:
                     print(f"[{step.period}] step {num_updates}/{ctx.total_steps} loss {losses['loss']:.4f} "
                           f"lr {self._lr():.3g}", flush=True)

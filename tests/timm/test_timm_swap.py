@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kswap import load_checkpoint, merge_and_export
+from kswap import SwapConfig, config_fields, load_checkpoint, loss_key, merge_and_export
 from timm_swap.train import main
 
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=64", "depth=2",
@@ -21,7 +21,7 @@ TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2",
             "-j", "0", "--no-progress", "--seed", "0", "--log-interval", "0"]
 # The swap's optimizer and LR schedule are the preset's by default (AdamW 1e-2, cosine per phase, no warmup).
 SWAP = ["--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", "100steps", "--swap-forget-length",
-        "100steps", "--swap-learn-retain-weight", "1", "-b", "32", "--num-classes", "8"]
+        "100steps", "--swap-learn-loss-retain-weight", "1", "-b", "32", "--num-classes", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,12 @@ def test_swap_learns_forgets_retains_and_exports(digit_folders, pretrained, tmp_
     expected = ctx.model.eval()(x)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=1e-5)
     assert json.loads((out / "class_names.json").read_text())[8:] == ["eight", "nine"]
+    # The adapter alone: the LoRA weights with the config that re-applies them.
+    from safetensors import safe_open
+
+    with safe_open(out / "swap_adapter.safetensors", "pt") as adapter:
+        assert SwapConfig.from_dict(json.loads(adapter.metadata()["swap_config"])).forget == ("0",)
+        assert adapter.keys() and all("lora_" in k for k in adapter.keys())  # noqa: SIM118 (safe_open is no dict)
 
 
 def plain_top1(checkpoint: Path, root: Path, class_map: dict[str, int]) -> float:
@@ -151,22 +157,23 @@ def test_forget_bound_checked_and_relative(digit_folders, pretrained, tmp_path, 
     BND is that multiple of the measured loss and is the bound the phase's loss uses."""
     short = ("--swap-learn-length", "2steps", "--swap-forget-length", "3steps", "--plugin", "stopat")
     with caplog.at_level("WARNING", logger="timm_swap"):
-        ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "tiny", *short, "--swap-bnd", "1e-6"))
+        ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "tiny", *short,
+                        "--swap-forget-loss-bnd", "1e-6"))
     bound = json.loads((ctx.output_dir / "swap_report.json").read_text())["forget_bounds"]["1_forget"]
     assert bound["active"] is False and bound["bnd"] == 1e-6
-    assert bound["measured_forget_loss"] == pytest.approx(ctx.losses[2]["forget/task"], rel=1e-6)
+    assert bound["measured_forget_loss"] == pytest.approx(ctx.losses[2][loss_key("forget/task")], rel=1e-6)
     assert "nothing will be forgotten" in caplog.text and "1_forget" in caplog.text
-    assert all(losses["forget/bounded"] == 0 for losses in ctx.losses[2:])
+    assert all(losses[loss_key("forget/bounded")] == 0 for losses in ctx.losses[2:])
 
     ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "relative", *short,
-                         "--swap-forget-bnd-relative", "--swap-bnd", "3"))
+                         "--swap-forget-loss-bnd-relative", "--swap-forget-loss-bnd", "3"))
     bound = json.loads((ctx.output_dir / "swap_report.json").read_text())["forget_bounds"]["1_forget"]
-    measured = ctx.losses[2]["forget/task"]
+    measured = ctx.losses[2][loss_key("forget/task")]
     assert bound["measured_forget_loss"] == pytest.approx(measured, rel=1e-6)
     assert bound["bnd"] == pytest.approx(3 * measured, rel=1e-6) and bound["relative"] and bound["active"]
     for losses in ctx.losses[3:]:  # later steps use the resolved bound: beta * relu(3 * measured - loss)
-        assert losses["forget/bounded"] == pytest.approx(0.2 * max(0.0, bound["bnd"] - losses["forget/task"]),
-                                                         rel=1e-5)
+        expected = 0.2 * max(0.0, bound["bnd"] - losses[loss_key("forget/task")])
+        assert losses[loss_key("forget/bounded")] == pytest.approx(expected, rel=1e-5)
 
 
 def cosine(k: int, n: int, base: float = 1e-2, low: float = 1e-5) -> float:
@@ -199,8 +206,8 @@ def test_reset_optimizer_keeps_one_schedule(digit_folders, pretrained, tmp_path,
     """A fresh optimizer per phase with one schedule over both phases: the schedule moves onto the new optimizer
     and continues where it was."""
     ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "reset", "--swap-learn-length",
-                         "10steps", "--swap-forget-length", "10steps", "--plugin", "stopat", "--swap-reset-optimizer",
-                         "--no-swap-restart-lr"))
+                         "10steps", "--swap-forget-length", "10steps", "--plugin", "stopat",
+                         "--swap-reset-optimizer-between-phases", "--no-swap-restart-lr-schedule"))
     assert ctx.lr_scheduler.optimizer is ctx.optimizer
     assert ctx.lrs == pytest.approx([cosine(k, 20) for k in range(20)], rel=1e-9)
 
@@ -253,7 +260,7 @@ def test_resume_mid_phase_continues_exactly(digit_folders, pretrained, tmp_path,
     assert resumed.output_dir == full.output_dir.parent / "cut"
     assert resumed.seen == full.seen[120:]  # same phases, steps and losses after the cut
     forget_terms = set(full.losses[-1])
-    assert ("retain/distill" in forget_terms) == bool(levers)
+    assert (loss_key("retain/distill") in forget_terms) == bool(levers)
     assert resumed.lrs == pytest.approx(full.lrs[120:], rel=1e-12)  # the schedule resumes at its position
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-6)
@@ -268,13 +275,21 @@ def test_unknown_plugin_lists_installed(third_party_plugin):
 
 def test_yaml_config_and_unknown_keys(digit_folders, pretrained, tmp_path):
     cfg = tmp_path / "swap.yaml"
-    cfg.write_text("plugin: [swap]\nswap_forget: ['0']\nswap_bnd: 7.5\nbatch_size: 16\n")
+    cfg.write_text("plugin: [swap]\nswap_forget: ['0']\nswap_forget_loss_bnd: 7.5\nbatch_size: 16\n")
     from timm_swap.train import parse_args
 
     args, _ = parse_args(["-c", str(cfg), "--data-dir", "x"])
-    assert args.plugin == ["swap"] and args.swap_bnd == 7.5 and args.batch_size == 16
-    args, _ = parse_args(["-c", str(cfg), "--swap-bnd", "9"])
-    assert args.swap_bnd == 9
+    assert args.plugin == ["swap"] and args.swap_forget_loss_bnd == 7.5 and args.batch_size == 16
+    args, _ = parse_args(["-c", str(cfg), "--swap-forget-loss-bnd", "9"])
+    assert args.swap_forget_loss_bnd == 9
+    # The flags of earlier releases are aliases, as flags and as keys.
+    cfg.write_text("plugin: [swap]\nswap_bnd: 7.5\nswap_retain_learned: false\n")
+    args, _ = parse_args(["-c", str(cfg), "--swap-beta", "0.5"])
+    assert args.swap_forget_loss_bnd == 7.5 and args.swap_forget_loss_beta == 0.5
+    assert args.swap_forget_retains_learned is False
+    # One flag per config field, named after it.
+    args, _ = parse_args(["--plugin", "swap"])
+    assert all(hasattr(args, f.flag[2:].replace("-", "_")) for f in config_fields())
     cfg.write_text("plugin: [swap]\nswap_bound: 7.5\n")
     with pytest.raises(SystemExit):
         parse_args(["-c", str(cfg)])
