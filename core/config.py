@@ -398,3 +398,25 @@ def config_from_fields(task: str, values: Mapping[ConfigField, Any]) -> SwapConf
         else:
             overrides.setdefault(f.path[0], {})[f.path[1]] = value
     return SwapConfig.preset(task, **overrides)
+
+
+def vocabulary_table() -> str:
+    """The Markdown table of every setting's name in each host and its default per preset (README, "One
+    vocabulary")."""
+    presets = {task: SwapConfig.preset(task, forget=("_",), learn=("_",)) for task in PRESETS}
+
+    def default(f: ConfigField, config: SwapConfig) -> str:
+        if f.kind == "classes":
+            return "all others" if f.path == ("retain",) else "required"
+        value = f.get(config)
+        return str(value.value if isinstance(value, Order) else value)
+
+    def keyword(f: ConfigField) -> str:
+        return f.name if len(f.path) == 1 else f"{f.path[0]}=dict({f.path[1]}=...)"
+
+    lines = ["| setting | timm flag | mmdet `SwapHook` keyword | detectron2 key | classification / detection / "
+             "segmentation | what it is |", "|---|---|---|---|---|---|"]
+    for f in config_fields():
+        defaults = " / ".join(default(f, c) for c in presets.values())
+        lines.append(f"| `{f.name}` | `{f.flag}` | `{keyword(f)}` | `SWAP.{f.cfg_key}` | {defaults} | {f.help} |")
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from kswap import (
     config_fields,
     config_from_fields,
 )
+from kswap.config import vocabulary_table
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -150,3 +152,9 @@ def test_config_from_fields_changes_only_what_is_named():
         SwapConfig.preset("detection", forget=["cat"], learn=["zebra"], forget_loss=dict(gamma=1.0))
     with pytest.raises(SwapConfigError, match=r"Unknown swap settings \['forget_classes'\]"):
         SwapConfig.preset("detection", forget=["cat"], learn=["zebra"], forget_classes=["cat"])
+
+
+def test_readme_lists_every_setting_as_the_code_names_it():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("<!-- vocabulary table:", 1)[1].split("-->", 1)[1].split("<!-- end of vocabulary table -->")[0]
+    assert table.strip() == vocabulary_table()
