@@ -26,7 +26,7 @@ from .config import (
     config_fields,
     config_from_fields,
 )
-from .data import InfiniteLoader, ResumableSampler
+from .data import InfiniteLoader, ResumableSampler, drawn_indices
 from .errors import CheckpointMismatchError, SwapConfigError
 from .export import ADAPTER_FILE, MODEL_FILE, loss_key, score_key, write_adapter, write_merged_model
 from .groups import discover_groups
@@ -80,7 +80,7 @@ __all__ = [
     "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
     "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "atomic_save",
     "atomic_write_text", "bounded_forget_loss", "check_head_size", "distillation_loss", "discover_groups",
-    "extend_embedding", "extend_head", "freeze_all_but_lora_", "group_sparse_loss",
+    "drawn_indices", "extend_embedding", "extend_head", "freeze_all_but_lora_", "group_sparse_loss",
     "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
     "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export", "plan_phases",
     "prepare_model", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias", "sum_task_loss",

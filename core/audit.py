@@ -115,14 +115,6 @@ def few_shot_indices(labels: Sequence[int], class_ids: Iterable[int], shots: int
     return picked
 
 
-def drawn_indices(n: int, limit: int, seed: int = 0) -> list[int]:
-    """At most ``limit`` of ``range(n)`` in increasing order, a draw seeded with ``seed`` (all when ``n <= limit``):
-    the images a probe sees when a split is larger than it needs."""
-    if n <= limit:
-        return list(range(n))
-    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
-
-
 def relearn_attack(model: nn.Module, batches: Sequence[Any], batch_loss: Callable[[nn.Module, Any], torch.Tensor],
                    score: Callable[[nn.Module], float], steps: int = 50, lr: float = 1e-4) -> dict[str, float]:
     """Fine-tune a copy of ``model`` on a few forget-class batches and score it again.

@@ -105,3 +105,11 @@ class InfiniteLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self._it = None
+
+
+def drawn_indices(n: int, limit: int, seed: int = 0) -> list[int]:
+    """At most ``limit`` of ``range(n)`` in increasing order, a draw seeded with ``seed`` (all when ``n <= limit``):
+    the images a probe or a periodic score sees when a set is larger than it needs."""
+    if n <= limit:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,17 @@ class SwapReport:
     curve: list[dict[str, Any]] = field(default_factory=list)
     forget_bounds: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, Any] = field(default_factory=dict)
+    # Seconds spent scoring the sets and running the swap (scoring included), summed over resumed runs.
+    timing: dict[str, float] = field(default_factory=lambda: {"scoring_s": 0.0, "run_s": 0.0})
+
+    @contextlib.contextmanager
+    def timed(self, key: str = "scoring_s") -> Iterator[None]:
+        """Add the wall time of the ``with`` block to ``timing[key]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - start
 
     def start_forget_phase(self, phase: str, weights: LossWeights, measured_forget_loss: float) -> str | None:
         """Record the forget-set task loss measured at the start of ``phase`` and the bound it works against.
@@ -61,20 +74,30 @@ class SwapReport:
             return weights
         return dataclasses.replace(weights, bnd=bound["bnd"], bnd_relative=False)
 
-    def record(self, step: int, phase: str, scores: Mapping[str, float]) -> None:
-        """Add a point of the per-set curves (an evaluation at ``step`` during ``phase``)."""
-        self.curve.append({"step": step, "phase": phase, **_scores(scores)})
+    def record(self, step: int, phase: str, scores: Mapping[str, float], images: Mapping[str, int] | None = None,
+               subsample: bool = False) -> None:
+        """Add a point of the per-set curves (an evaluation at ``step`` during ``phase``).
 
-    def set_before(self, scores: Mapping[str, float]) -> None:
+        Args:
+            images: per set, the number of images scored.
+            subsample: the scores are of a seeded subsample of each set (periodic scores), not the whole set.
+        """
+        row: dict[str, Any] = {"step": step, "phase": phase, **_scores(scores)}
+        if images is not None:
+            row.update(images=dict(images), subsample=subsample)
+        self.curve.append(row)
+
+    def set_before(self, scores: Mapping[str, float], images: Mapping[str, int] | None = None) -> None:
         self.before = _scores(scores)
-        self.record(0, "before", scores)
+        self.record(0, "before", scores, images)
 
-    def end_phase(self, name: str, kind: str, step: int, scores: Mapping[str, float]) -> None:
+    def end_phase(self, name: str, kind: str, step: int, scores: Mapping[str, float],
+                  images: Mapping[str, int] | None = None) -> None:
         """Record the scores at the end of a phase (the phase's "before" is the previous phase's "after")."""
         start = self.phases[-1]["after"] if self.phases else self.before
         self.phases.append({"name": name, "kind": kind, "end_step": step, "before": start, "after": _scores(scores)})
         if not self.curve or self.curve[-1]["step"] != step:
-            self.record(step, name, scores)
+            self.record(step, name, scores, images)
 
     @property
     def after(self) -> Scores | None:
@@ -89,6 +112,7 @@ class SwapReport:
             "curve": self.curve,
             "forget_bounds": self.forget_bounds,
             "audit": self.audit,
+            "timing": self.timing,
         }
         if self.before and self.after:
             out["hmean"] = swap_hmean(self.before, self.after)
@@ -106,6 +130,7 @@ class SwapReport:
             curve=list(data.get("curve", [])),
             forget_bounds=dict(data.get("forget_bounds", {})),
             audit=dict(data.get("audit", {})),
+            timing={"scoring_s": 0.0, "run_s": 0.0, **data.get("timing", {})},
         )
 
     def to_markdown(self) -> str:
@@ -131,8 +156,26 @@ class SwapReport:
         for s in SETS:
             if self.classes.get(s):
                 lines.append(f"- {s}: {', '.join(map(str, self.classes[s]))}")
+        lines += self._scoring_markdown()
         lines += _audit_markdown(self.audit)
         return "\n".join(lines) + "\n"
+
+    def _scoring_markdown(self) -> list[str]:
+        """How the scores were computed (images per set, whole sets or subsamples) and what scoring cost."""
+        lines = []
+        full = next((r["images"] for r in self.curve if "images" in r and not r["subsample"]), None)
+        if full:
+            lines.append("- before and after each phase: the whole test sets ("
+                         + ", ".join(f"{s} {n}" for s, n in full.items()) + " images)")
+        sub = next((r["images"] for r in self.curve if r.get("subsample")), None)
+        if sub:
+            lines.append("- scores between phase ends (curve): a seeded subsample of each set ("
+                         + ", ".join(f"{s} {n}" for s, n in sub.items()) + " images)")
+        if self.timing["run_s"] > 0:
+            share = 100 * self.timing["scoring_s"] / self.timing["run_s"]
+            lines.append(f"- scoring took {self.timing['scoring_s']:.0f} s of the run's {self.timing['run_s']:.0f} s "
+                         f"({share:.1f} %)")
+        return lines
 
     def plot(self, path: str | Path) -> Path:
         """Save the per-set curves over steps, with the phase ends marked."""

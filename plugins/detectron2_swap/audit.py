@@ -43,7 +43,7 @@ from kswap import (
     reinit_lora_,
     run_audit,
 )
-from kswap.audit import drawn_indices
+from kswap.data import drawn_indices
 
 from .data import remap_sample
 from .evaluation import score_sets

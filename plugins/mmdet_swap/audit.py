@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, lora_state_dict, merge_and_export, run_audit
-from kswap.audit import drawn_indices, few_shot_indices
+from kswap.audit import few_shot_indices
+from kswap.data import drawn_indices
 
 from .evaluation import SetScorer
 

@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, merge_and_export, run_audit
-from kswap.audit import drawn_indices, few_shot_indices
+from kswap.audit import few_shot_indices
+from kswap.data import drawn_indices
 
 from .data import targets
 

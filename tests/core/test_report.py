@@ -62,3 +62,21 @@ def test_atomic_save_loads_weights_only(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt["step"] == 3 and torch.equal(ckpt["model"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_report_says_how_each_score_was_computed_and_what_scoring_cost():
+    report = SwapReport(order="learn_then_forget")
+    full, sub = {"forget": 300, "retain": 900, "learn": 400}, {"forget": 200, "retain": 200, "learn": 200}
+    scores = {"forget": 90.0, "retain": 90.0, "learn": 0.0}
+    with report.timed():
+        report.set_before(scores, images=full)
+    report.record(5, "0_learn", scores, images=sub, subsample=True)
+    report.end_phase("0_learn", "learn", 10, scores, images=full)
+    report.timing["run_s"] = 100 * report.timing["scoring_s"]
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [(r["images"], r["subsample"]) for r in data["curve"]] == [(full, False), (sub, True), (full, False)]
+    assert data["timing"]["scoring_s"] > 0 and SwapReport.from_dict(data).timing == report.timing
+    text = report.to_markdown()
+    assert "the whole test sets (forget 300, retain 900, learn 400 images)" in text
+    assert "a seeded subsample of each set (forget 200, retain 200, learn 200 images)" in text
+    assert "(1.0 %)" in text
