@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from kswap import (
     write_merged_model,
 )
 from kswap.audit import few_shot_indices
+from kswap.data import drawn_indices
 from kswap.metrics import SETS
 
 from .audit import audit_classifier
@@ -79,6 +81,9 @@ from .hookspecs import hookimpl
 
 _logger = logging.getLogger(__name__)
 
+# Periodic scores are a curve to watch, not the result: a few hundred images per set show its trend at a fraction
+# of a whole-set pass.
+PERIODIC_SCORE_IMAGES = 200
 # Images per new class whose mean feature imprints its head row (--swap-head-init imprint): the mean of a few
 # dozen is stable, and the pass stays cheap before training on ImageNet-sized learn sets.
 IMPRINT_IMAGES = 64
@@ -150,6 +155,9 @@ class SwapPlugin:
         self.grown: dict[str, GrownRows] = {}
         self.train_sets: dict[str, Any] = {}
         self.eval_loaders: dict[str, Any] = {}
+        # Periodic scores (--swap-eval-interval) read a seeded subsample of each set (--swap-eval-images).
+        self.periodic_loaders: dict[str, Any] = {}
+        self._clock = time.perf_counter()
         self.scheduler: PhaseScheduler | None = None
         self.phase_loaders: list[dict[str, InfiniteLoader]] = []
         self.report: SwapReport | None = None
@@ -171,6 +179,9 @@ class SwapPlugin:
                        help="random fraction of the forget/retain train images used (reference: 0.1)")
         g.add_argument("--swap-eval-interval", type=int, default=0, metavar="N",
                        help="also evaluate the three sets every N steps (0: at phase ends only)")
+        g.add_argument("--swap-eval-images", type=int, default=PERIODIC_SCORE_IMAGES, metavar="N",
+                       help="the scores every --swap-eval-interval steps read a seeded subsample of at most N test "
+                            "images per set (before the swap and at phase ends: the whole sets)")
         g.add_argument("--swap-audit", action="store_true",
                        help="after the swap, audit the forgetting: linear probes on the pre-logits, a relearn attack "
                             "and the neighbour-class mass, for the pretrained and the swapped model (in the report)")
@@ -197,6 +208,8 @@ class SwapPlugin:
             raise SwapConfigError("--plugin swap edits a trained model: pass --initial-checkpoint or --pretrained.")
         if not args.data_dir:
             raise SwapConfigError("--plugin swap needs --data-dir, the ImageFolder the model was trained on.")
+        if args.swap_eval_images < 1:
+            raise SwapConfigError(f"--swap-eval-images must be >= 1, got {args.swap_eval_images}.")
         if not 0 < args.swap_train_fraction <= 1:
             raise SwapConfigError(f"--swap-train-fraction must be in (0, 1], got {args.swap_train_fraction}.")
         if args.swap_sched == "plateau":
@@ -292,10 +305,14 @@ class SwapPlugin:
             if kind == "train":
                 self.train_sets = sets
             else:
-                self.eval_loaders = {
-                    name: resumable_loader(d, args.validation_batch_size or args.batch_size, shuffle=False,
-                                           rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
-                                           pin_memory=args.pin_mem)
+                def loader(dataset: Any) -> DataLoader:
+                    return resumable_loader(dataset, args.validation_batch_size or args.batch_size, shuffle=False,
+                                            rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
+                                            pin_memory=args.pin_mem)
+
+                self.eval_loaders = {name: loader(d) for name, d in sets.items()}
+                self.periodic_loaders = {
+                    name: loader(Subset(d, drawn_indices(len(d), args.swap_eval_images, args.seed)))
                     for name, d in sets.items()}
         phases = plan_phases(self.config)
         self.phase_loaders = [self._phase_loaders(p, ctx) for p in phases]
@@ -380,15 +397,25 @@ class SwapPlugin:
             return model(images.to(ctx.device))
 
     # -- evaluation and report -----------------------------------------------------------------------------------
-    def _scores(self, ctx: TrainContext) -> dict[str, float]:
-        return {name: evaluate_top1(ctx.model, loader, ctx.device) for name, loader in self.eval_loaders.items()}
+    def _scores(self, ctx: TrainContext, subsample: bool = False) -> tuple[dict[str, float], dict[str, int]]:
+        """Per-set top-1 of the whole test sets, or of their subsamples; and the images each score read."""
+        loaders = self.periodic_loaders if subsample else self.eval_loaders
+        with self.report.timed():
+            scores = {name: evaluate_top1(ctx.model, loader, ctx.device) for name, loader in loaders.items()}
+        return scores, {name: len(loader.dataset) for name, loader in loaders.items()}
+
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to the report's run time."""
+        now = time.perf_counter()
+        self.report.timing["run_s"] += now - self._clock
+        self._clock = now
 
     @hookimpl
     def on_period_start(self, ctx: TrainContext, step: Step) -> None:
         if step.global_step == 0 and self.report.before is None:
             # The pretrained model's scores: the new head rows (xavier) must not take the argmax.
             with hidden_new_classes(ctx.model, self.grown):
-                self.report.set_before(self._scores(ctx))
+                self.report.set_before(*self._scores(ctx))
             if ctx.is_main:
                 tqdm.write("swap: before " + _fmt(self.report.before))
 
@@ -399,8 +426,8 @@ class SwapPlugin:
             self._start_forget_phase(ctx, phase, losses[loss_key("forget/task")])
         interval = ctx.args.swap_eval_interval
         if interval and (step.global_step + 1) % interval == 0 and not step.ends_period:
-            scores = self._scores(ctx)
-            self.report.record(step.global_step + 1, step.period, scores)
+            scores, images = self._scores(ctx, subsample=True)
+            self.report.record(step.global_step + 1, step.period, scores, images, subsample=True)
             ctx.log({score_key(k): v for k, v in scores.items()}, step.global_step + 1)
 
     def _start_forget_phase(self, ctx: TrainContext, phase: Phase, forget_loss: float) -> None:
@@ -416,13 +443,14 @@ class SwapPlugin:
 
     @hookimpl
     def evaluate(self, ctx: TrainContext, step: Step) -> dict[str, float]:
-        scores = self._scores(ctx)
+        scores, images = self._scores(ctx)
         phase = self.scheduler.phases[step.period_index]
-        self.report.end_phase(phase.name, phase.kind.value, step.global_step + 1, scores)
+        self.report.end_phase(phase.name, phase.kind.value, step.global_step + 1, scores, images)
         return {score_key(k): v for k, v in scores.items()}
 
     @hookimpl
     def state_dict(self, ctx: TrainContext) -> dict[str, Any]:
+        self._tick()
         loaders = [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders]
         state = {"scheduler": self.scheduler.state_dict(), "loaders": loaders, "report": self.report.to_dict(),
                  "config": self.config.to_dict()}
@@ -440,6 +468,7 @@ class SwapPlugin:
             for role, it in roles.items():
                 it.load_state_dict(states[role])
         self.report = SwapReport.from_dict(saved["report"])
+        self._clock = time.perf_counter()
         if "teacher" in saved:
             teacher = saved["teacher"]
             self.teacher = (teacher["phase"], LoraSnapshot.from_state_dict(ctx.model, teacher["lora"]))
@@ -448,6 +477,7 @@ class SwapPlugin:
     def on_train_end(self, ctx: TrainContext) -> None:
         if not ctx.is_main:
             return
+        self._tick()
         if ctx.args.swap_audit:
             self.report.audit = self._audit(ctx)
         paths = self.report.write(ctx.output_dir)

@@ -53,7 +53,8 @@ def test_plain_training_writes_timm_loadable_checkpoint(pretrained, digit_folder
 
 
 def test_swap_learns_forgets_retains_and_exports(digit_folders, pretrained, tmp_path):
-    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "swap", "--swap-eval-interval", "50"))
+    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "swap", "--swap-eval-interval", "50",
+                         "--swap-eval-images", "30"))
     out = ctx.output_dir
     report = json.loads((out / "swap_report.json").read_text())
     before, learned, after = (report["metrics"]["before"], report["metrics"]["phases"][0]["after"],
@@ -66,6 +67,13 @@ def test_swap_learns_forgets_retains_and_exports(digit_folders, pretrained, tmp_
     assert after["learn"] > 40, table
     assert after["retain"] > before["retain"] - 15, table
     assert [p["step"] for p in report["curve"]] == [0, 50, 100, 150, 200]
+    # Before and phase ends score the whole test sets; the periodic scores a 30-image subsample of each.
+    whole = report["curve"][0]["images"]
+    assert sorted(whole) == ["forget", "learn", "retain"] and min(whole.values()) > 30
+    assert [(p["images"], p["subsample"]) for p in report["curve"]] == [
+        (whole, False), (dict.fromkeys(whole, 30), True), (whole, False), (dict.fromkeys(whole, 30), True),
+        (whole, False)]
+    assert 0 < report["timing"]["scoring_s"] < report["timing"]["run_s"] and "scoring took" in table
     assert report["classes"]["learn"] == ["eight", "nine"] and (out / "swap_report.png").exists()
     # The merged export loads into plain timm in a process where kswap cannot be imported.
     code = textwrap.dedent(f"""
