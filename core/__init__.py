@@ -52,6 +52,7 @@ from .lora import (
     lora_state_dict,
     matching_linears,
     merge_and_export,
+    pretrained_model,
     reinit_lora_,
     to_injected_keys,
     to_plain_keys,
@@ -83,6 +84,6 @@ __all__ = [
     "drawn_indices", "extend_embedding", "extend_head", "freeze_all_but_lora_", "group_sparse_loss",
     "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
     "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export", "plan_phases",
-    "prepare_model", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias", "sum_task_loss",
-    "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
+    "prepare_model", "pretrained_model", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias",
+    "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
 ]

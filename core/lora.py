@@ -268,9 +268,26 @@ def merge_and_export(model: nn.Module) -> nn.Module:
 
     The copy's state dict has the original keys, so the host loads it without kswap. ``model`` is unchanged.
     """
+    return _without_lora_layers(model, merge=True)
+
+
+@torch.no_grad()
+def pretrained_model(model: nn.Module, buffers: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """The pretrained model inside a LoRA-injected one: a plain copy with the adapters dropped (base weights as
+    loaded; a grown head keeps its rows) and ``buffers`` (e.g. BatchNorm statistics as the swap started) put back.
+    ``model`` is unchanged."""
+    plain = _without_lora_layers(model, merge=False)
+    if buffers:
+        plain.load_state_dict(dict(buffers), strict=False)
+    return plain
+
+
+def _without_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
+    """A copy of ``model`` with each LoRA layer replaced by its base layer, its delta merged in or dropped."""
     plain = copy.deepcopy(model)
     for name, layer in _lora_layers(plain).items():
-        layer.merge(safe_merge=True)
+        if merge:
+            layer.merge(safe_merge=True)
         base = layer.get_base_layer()
         if name:
             parent_name, _, child = name.rpartition(".")

@@ -21,7 +21,6 @@ same copies.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from kswap import (
     SwapConfigError,
     hidden_new_classes,
     merge_and_export,
-    reinit_lora_,
+    pretrained_model,
     run_audit,
 )
 from kswap.data import drawn_indices
@@ -251,9 +250,7 @@ class SegmentationAudit:
     def __call__(self, model: nn.Module) -> dict[str, Any]:
         """The audit of the pretrained and the swapped model (``SwapReport.audit``); ``model`` (the prepared
         swapping model, unwrapped) is left as it is."""
-        pretrained = copy.deepcopy(model)
-        reinit_lora_(pretrained)  # B = 0: the LoRA delta vanishes and the merge gives the pretrained weights
-        pretrained = merge_and_export(pretrained)
+        pretrained = pretrained_model(model)
         models = {"pretrained": pretrained, "swapped": merge_and_export(model)}
         torch.manual_seed(self.settings.seed)  # every process attacks identical copies in the same way
         with hidden_new_classes(pretrained, model.swap_state.grown):

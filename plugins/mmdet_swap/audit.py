@@ -31,7 +31,7 @@ from mmengine.dataset import pseudo_collate
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, lora_state_dict, merge_and_export, run_audit
+from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, merge_and_export, pretrained_model, run_audit
 from kswap.audit import few_shot_indices
 from kswap.data import drawn_indices
 
@@ -80,19 +80,6 @@ def matched_queries(model: nn.Module, dataset: Dataset, classes: Sequence[int],
     return torch.cat(embeddings), torch.cat(scores), torch.cat(labels)
 
 
-def pretrained_copy(model: nn.Module, buffers: Mapping[str, torch.Tensor]) -> nn.Module:
-    """The pretrained model from a swapped, LoRA-injected one: a merged copy with every LoRA B zeroed (a zero
-    delta) and ``buffers`` (e.g. BatchNorm statistics) as they were before the swap."""
-    zeroed = copy.deepcopy(model)
-    params = dict(zeroed.named_parameters())
-    with torch.no_grad():
-        for key in lora_state_dict(zeroed):
-            if "lora_B" in key:
-                params[key].zero_()
-    zeroed.load_state_dict(dict(buffers), strict=False)
-    return merge_and_export(zeroed)
-
-
 def audit_detector(model: nn.Module, pretrained_buffers: Mapping[str, torch.Tensor] | None,
                    grown: Mapping[str, GrownRows], scorer: SetScorer,
                    probe_sets: Mapping[str, Dataset], attack_set: Dataset, sets: Mapping[str, Sequence[int]],
@@ -139,7 +126,7 @@ def audit_detector(model: nn.Module, pretrained_buffers: Mapping[str, torch.Tens
         batch_loss=batch_loss,
         forget_probs=lambda m: matched_queries(m, probe_sets["test"], forget, test_batch)[1],
     )
-    pretrained, swapped = pretrained_copy(model, pretrained_buffers or {}), merge_and_export(model)
+    pretrained, swapped = pretrained_model(model, pretrained_buffers), merge_and_export(model)
     with hidden_new_classes(pretrained, grown):
         return run_audit({"pretrained": pretrained, "swapped": swapped}, host, forget, settings)
 

@@ -9,17 +9,15 @@ Runs on the main process only, after training, on copies: the exported model is 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, merge_and_export, run_audit
+from kswap import AuditHost, AuditSettings, GrownRows, hidden_new_classes, merge_and_export, pretrained_model, run_audit
 from kswap.audit import few_shot_indices
 from kswap.data import drawn_indices
 
@@ -56,15 +54,6 @@ def _pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def without_adapters(model: nn.Module) -> nn.Module:
-    """A copy of a LoRA-injected model with every adapter switched off: the pretrained weights."""
-    base = copy.deepcopy(model)
-    for module in base.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(False)
-    return base
-
-
 def audit_classifier(model: nn.Module, grown: Mapping[str, GrownRows], sets: Mapping[str, Mapping[str, Dataset]],
                      forget_ids: Sequence[int], settings: AuditSettings, device: torch.device,
                      batch_size: int) -> dict[str, Any]:
@@ -96,6 +85,6 @@ def audit_classifier(model: nn.Module, grown: Mapping[str, GrownRows], sets: Map
         batch_loss=lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]),
         forget_probs=lambda m: _batched(m, forget_test[0], logits, device, batch_size).softmax(-1),
     )
-    pretrained, swapped = without_adapters(model), merge_and_export(model)
+    pretrained, swapped = pretrained_model(model), merge_and_export(model)
     with hidden_new_classes(pretrained, grown):
         return run_audit({"pretrained": pretrained, "swapped": swapped}, host, forget_ids, settings)

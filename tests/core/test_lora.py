@@ -16,6 +16,7 @@ from kswap import (
     lora_state_dict,
     matching_linears,
     merge_and_export,
+    pretrained_model,
     reinit_lora_,
     to_injected_keys,
     to_plain_keys,
@@ -107,6 +108,24 @@ def test_exported_state_dict_loads_into_fresh_timm_model():
     fresh = tiny_vit().eval()
     fresh.load_state_dict(sd, strict=True)
     torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_model_drops_the_adapters_and_restores_buffers():
+    model = tiny_vit().eval()
+    x = torch.randn(3, 1, 8, 8)
+    before = model(x)
+    inject_lora(model, LoraSettings())
+    _perturb_lora(model)
+    assert not torch.allclose(model(x), before, atol=1e-4)
+    plain = pretrained_model(model).eval()
+    assert not any("lora_" in k for k in plain.state_dict())
+    torch.testing.assert_close(plain(x), before)
+    assert any("lora_" in k for k in model.state_dict())  # the swapping model keeps its adapters
+    bn = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    inject_lora(bn, LoraSettings(targets="0"))
+    saved = {k: v.clone() + 1 for k, v in bn.named_buffers()}
+    restored = pretrained_model(bn, saved)
+    assert all(torch.equal(b, saved[k]) for k, b in restored.named_buffers())
 
 
 def test_key_map_round_trip(model_case):
