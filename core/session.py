@@ -22,12 +22,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .config import SwapConfig
+from .config import LossWeights, SwapConfig
 from .data import InfiniteLoader
 from .errors import SwapConfigError
 from .export import write_adapter, write_merged_model
 from .heads import GrownRows, check_head_size, extend_head, hidden_new_classes, replace_module
-from .lora import freeze_all_but_lora_, inject_lora, lora_groups
+from .lora import LoraSnapshot, freeze_all_but_lora_, inject_lora, lora_groups
 from .losses import PhaseLoss, PhaseLossOutput, TaskLoss, default_loss_key, group_sparse_loss
 from .metrics import SETS
 from .phases import Phase, PhaseScheduler, plan_phases
@@ -96,7 +96,12 @@ def prepare_model(model: nn.Module, config: SwapConfig, head: str, num_pretraine
 @dataclass
 class SwapSession:
     """Drives one swap: phases, one cycling loader per phase and role, the phase loss with its forget-bound
-    check, scoring before / every ``eval_interval`` steps / at phase ends, the report, resume state and export.
+    check, the distillation teacher, scoring before / every ``eval_interval`` steps / at phase ends, the report,
+    resume state and export.
+
+    A host without a loop of its own calls ``run``; a host with one (timm's script, mmengine's loop, a detectron2
+    hook) uses the pieces ``run`` is made of: ``next_batches``, ``weights`` / ``phase_loss``, ``teacher``,
+    ``observe_forget_loss``, ``count_step``, the ``report``, ``state_dict`` / ``load_state_dict``.
 
     Args:
         config: the swap config.
@@ -128,32 +133,74 @@ class SwapSession:
                                         fingerprint=self.config.fingerprint())
         self.report = SwapReport(order=self.config.order.value, metric=self.metric, classes=dict(self.classes))
         self._log = self.log or logger.info
+        # The LoRA weights as the current phase started, when its loss distils towards that model.
+        self._teacher: tuple[int, LoraSnapshot] | None = None
 
     @property
     def done(self) -> bool:
         return self.scheduler.done
 
+    @property
+    def phase(self) -> Phase:
+        return self.scheduler.phase
+
+    # -- the pieces of a step ------------------------------------------------------------------------------------
+    def next_batches(self) -> dict[str, Any]:
+        """One batch per loss role of the current phase (``host.start_phase`` first, at a phase's first step)."""
+        if self.scheduler.at_phase_start:
+            self.host.start_phase(self.phase)
+        return {role: next(it) for role, it in self.loaders[self.phase.index].items()}
+
+    # ``phase`` (default: the current one) serves hosts that count a step before running it.
+    def weights(self, phase: Phase | None = None) -> LossWeights:
+        """A phase's loss weights, a relative forget bound resolved once measured."""
+        phase = phase or self.phase
+        return self.report.phase_weights(phase.name, phase.loss)
+
+    def phase_loss(self, task: Mapping[str, TaskLoss], distill: torch.Tensor | None = None,
+                   phase: Phase | None = None) -> PhaseLossOutput:
+        """A phase's loss of per-role task losses, the LoRA groups' sparsity and a distillation term."""
+        return PhaseLoss(self.weights(phase), self.is_loss)(task, gs=group_sparse_loss(self.prepared.groups),
+                                                            distill=distill)
+
+    def teacher(self, phase: Phase | None = None) -> LoraSnapshot | None:
+        """The model as a phase started (its LoRA weights), when the phase's loss distils towards it; taken at
+        the phase's first call and kept in the resume state."""
+        phase = phase or self.phase
+        if not self.weights(phase).distill:
+            return None
+        if self._teacher is None or self._teacher[0] != phase.index:
+            self._teacher = (phase.index, LoraSnapshot(self.prepared.model))
+        return self._teacher[1]
+
+    def observe_forget_loss(self, forget_loss: float, phase: Phase | None = None) -> None:
+        """Record the forget-set task loss of a forget phase's first step (a DDP host passes the mean over its
+        ranks) against the bound: it resolves a relative bound, and an inactive bound is warned about."""
+        phase = phase or self.phase
+        if "forget" not in phase.sources or phase.name in self.report.forget_bounds:
+            return
+        warning = self.report.start_forget_phase(phase.name, phase.loss, forget_loss)
+        if warning:
+            logger.warning(warning)
+            self._log(f"swap: WARNING {warning}")
+
+    def count_step(self) -> bool:
+        """Count one optimizer step; ``True`` when it ended its phase."""
+        return self.scheduler.step()
+
+    # -- a whole step, for a host without a loop of its own ------------------------------------------------------
     def begin(self) -> None:
         """Score "before" (the pretrained model: new classes hidden, LoRA still zero) unless resumed."""
         if self.report.before is None:
-            with hidden_new_classes(self.prepared.model, self.prepared.grown):
+            with hidden_new_classes(self.prepared.model, self.prepared.grown), self.report.timed():
                 self.report.set_before(self.host.score())
             self._log(f"swap: before {_fmt(self.report.before)}")
 
     def loss(self) -> PhaseLossOutput:
         """The current step's loss: one batch per role of the current phase through the host's forward."""
-        phase = self.scheduler.phase
-        if self.scheduler.at_phase_start:
-            self.host.start_phase(phase)
-        batches = {role: next(it) for role, it in self.loaders[phase.index].items()}
-        weights = self.report.phase_weights(phase.name, phase.loss)
-        task = self.host.task_losses(batches)
-        out = PhaseLoss(weights, self.is_loss)(task, gs=group_sparse_loss(self.prepared.groups))
-        if "forget" in phase.sources and phase.name not in self.report.forget_bounds:
-            warning = self.report.start_forget_phase(phase.name, phase.loss, float(out.terms["forget/task"]))
-            if warning:
-                logger.warning(warning)
-                self._log(f"swap: WARNING {warning}")
+        out = self.phase_loss(self.host.task_losses(self.next_batches()))
+        if "forget/task" in out.terms:
+            self.observe_forget_loss(float(out.terms["forget/task"]))
         return out
 
     def step_done(self) -> dict[str, float] | None:
@@ -162,34 +209,41 @@ class SwapSession:
         Returns:
             The scores when the sets were scored at this step, else ``None``.
         """
-        phase = self.scheduler.phase
-        ended = self.scheduler.step()
+        phase = self.phase
+        ended = self.count_step()
         step = self.scheduler.global_step
         if ended:
-            scores = self.host.score()
+            with self.report.timed():
+                scores = self.host.score()
             self.report.end_phase(phase.name, phase.kind.value, step, scores)
             self._log(f"swap: after {phase.name} (step {step}) {_fmt(scores)}")
             self.host.save(self.state_dict(), phase.name)
             return scores
         if self.eval_interval and step % self.eval_interval == 0:
-            scores = self.host.score()
+            with self.report.timed():
+                scores = self.host.score()
             self.report.record(step, phase.name, scores)
             return scores
         return None
 
     def run(self, optimizer_step: Callable[[torch.Tensor], None]) -> SwapReport:
         """The whole swap in a plain loop; ``optimizer_step(loss)`` back-propagates and steps the optimizer."""
-        self.begin()
-        while not self.done:
-            optimizer_step(self.loss().total)
-            self.step_done()
+        with self.report.timed("run_s"):
+            self.begin()
+            while not self.done:
+                optimizer_step(self.loss().total)
+                self.step_done()
         return self.report
 
+    # -- resume --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Position, loader positions and report: all a resume needs besides model and optimizer."""
-        return {"scheduler": self.scheduler.state_dict(), "report": self.report.to_dict(),
-                "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.loaders],
-                "config": self.config.to_dict()}
+        """Position, loader positions, report and teacher: all a resume needs besides model and optimizer."""
+        state = {"scheduler": self.scheduler.state_dict(), "report": self.report.to_dict(),
+                 "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.loaders],
+                 "config": self.config.to_dict()}
+        if self._teacher is not None:
+            state["teacher"] = {"phase": self._teacher[0], "lora": self._teacher[1].state_dict()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
@@ -197,6 +251,9 @@ class SwapSession:
             for role, it in roles.items():
                 it.load_state_dict(saved[role])
         self.report = SwapReport.from_dict(state["report"])
+        teacher = state.get("teacher")
+        if teacher is not None:
+            self._teacher = (teacher["phase"], LoraSnapshot.from_state_dict(self.prepared.model, teacher["lora"]))
 
     def export(self, out_dir: str | Path, **meta: Any) -> dict[str, Path]:
         """Write the report, the merged model (``model_swapped.pth``: ``state_dict`` plus ``meta``) and the LoRA

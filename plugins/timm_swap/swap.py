@@ -30,31 +30,20 @@ from kswap import (
     PRESETS,
     AuditSettings,
     ConfigField,
-    GrownRows,
-    InfiniteLoader,
     LabelSpace,
-    LoraSnapshot,
     Order,
     Phase,
-    PhaseLoss,
-    PhaseScheduler,
+    PreparedModel,
     SwapConfig,
     SwapConfigError,
-    SwapReport,
-    check_head_size,
+    SwapSession,
     config_fields,
     config_from_fields,
     distillation_loss,
-    extend_head,
-    freeze_all_but_lora_,
-    group_sparse_loss,
     hidden_new_classes,
     imprinted_rows,
-    inject_lora,
-    lora_groups,
     loss_key,
-    plan_phases,
-    replace_module,
+    prepare_model,
     score_key,
     write_adapter,
     write_merged_model,
@@ -151,18 +140,14 @@ class SwapPlugin:
         self.config: SwapConfig | None = None
         self.space: LabelSpace | None = None
         self.sets: dict[str, tuple[int, ...]] = {}
-        self.groups: dict[str, list[nn.Parameter]] = {}
-        self.grown: dict[str, GrownRows] = {}
+        self.prepared: PreparedModel | None = None
         self.train_sets: dict[str, Any] = {}
         self.eval_loaders: dict[str, Any] = {}
         # Periodic scores (--swap-eval-interval) read a seeded subsample of each set (--swap-eval-images).
         self.periodic_loaders: dict[str, Any] = {}
         self._clock = time.perf_counter()
-        self.scheduler: PhaseScheduler | None = None
-        self.phase_loaders: list[dict[str, InfiniteLoader]] = []
-        self.report: SwapReport | None = None
-        # The model at the current phase's start (its LoRA weights), when the phase distills towards it.
-        self.teacher: tuple[int, LoraSnapshot] | None = None
+        self.session: SwapSession | None = None
+        self._ctx: TrainContext | None = None
 
     # -- arguments and validation ------------------------------------------------------------------------------
     @hookimpl
@@ -250,22 +235,17 @@ class SwapPlugin:
         head_name = next(n for n, m in model.named_modules() if m is head)
         if not isinstance(head, nn.Linear):
             raise SwapConfigError(f"{ctx.args.model}'s classifier {head_name} is not a Linear layer.")
-        check_head_size(head.out_features, self.space.num_pretrained, where=f"classifier {head_name}")
         init = ctx.args.swap_head_init
         if init == "imprint":
             rows = dict(new_weight=imprinted_rows(head.weight, self._learn_features(model, ctx)),
                         bias=float(head.bias.detach().mean()) if head.bias is not None else 0.0)
         else:
             rows = dict(init=init)
-        replace_module(model, head_name, extend_head(head, len(self.space.new), **rows))
-        rows = GrownRows(old=head.out_features, new=head.out_features + len(self.space.new))
-        self.grown = {f"{head_name}.weight": rows, f"{head_name}.bias": rows}
-        inject_lora(model, self.config.lora)
-        freeze_all_but_lora_(model)
-        self.groups = lora_groups(model, self.config.lora.group_by)
+        self.prepared = prepare_model(model, self.config, head_name, self.space.num_pretrained, len(self.space.new),
+                                      **rows)
         if ctx.is_main:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            tqdm.write(f"swap: LoRA in {len(self.groups)} groups, {n} trainable parameters; head "
+            tqdm.write(f"swap: LoRA in {len(self.prepared.groups)} groups, {n} trainable parameters; head "
                        f"{head.out_features} -> {head.out_features + len(self.space.new)} classes (frozen)")
 
     @torch.no_grad()
@@ -314,37 +294,37 @@ class SwapPlugin:
                 self.periodic_loaders = {
                     name: loader(Subset(d, drawn_indices(len(d), args.swap_eval_images, args.seed)))
                     for name, d in sets.items()}
-        phases = plan_phases(self.config)
-        self.phase_loaders = [self._phase_loaders(p, ctx) for p in phases]
-        self.scheduler = PhaseScheduler(phases, lambda p: len(self.phase_loaders[p.index]["retain"].loader),
-                                        fingerprint=self.config.fingerprint())
-        ctx.total_steps = self.scheduler.total_steps
+        self._ctx = ctx
+        self.session = SwapSession(self.config, self, self.prepared, metric="top1",
+                                   classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
+        ctx.total_steps = self.session.scheduler.total_steps
         if ctx.is_main:
             span = "restarted per phase" if self.config.restart_lr_schedule else "over all phases"
             tqdm.write(f"swap: optimizer {args.opt} (lr {args.lr:g}, weight decay {args.weight_decay:g}), "
                        f"{args.sched} LR schedule {span} stepped per update, {args.warmup_epochs} warmup epochs, "
                        f"min lr {args.min_lr:g}; set by --swap-opt/--swap-lr/--swap-weight-decay/--swap-sched/"
                        "--swap-warmup-epochs/--swap-min-lr (the run's --opt/--lr/... are not used)")
-        self.report = SwapReport(order=self.config.order.value, metric="top1",
-                                 classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
         return {score_key(name): loader for name, loader in self.eval_loaders.items()}
 
-    def _phase_loaders(self, phase: Phase, ctx: TrainContext) -> dict[str, InfiniteLoader]:
-        """One cycling loader per loss role, over the concatenation of that role's sets. A step is one update: its
-        batches hold the ``--grad-accum-steps`` micro-batches the trainer cuts them into."""
-        args = ctx.args
-        return {
-            role: InfiniteLoader(resumable_loader(
-                concat([self.train_sets[s] for s in sources]), args.batch_size * args.grad_accum_steps, shuffle=True,
-                seed=args.seed + 1000 * phase.index + i, rank=ctx.rank, world_size=ctx.world_size,
-                workers=args.workers, pin_memory=args.pin_mem))
-            for i, (role, sources) in enumerate(phase.sources.items())
-        }
+    # -- the session's host (kswap.SwapHost): the loaders and phase starts; the script runs the steps -----------
+    def role_loader(self, phase: Phase, role: str, sets: tuple[str, ...]) -> DataLoader:
+        """A loader over the concatenation of ``role``'s sets. A step is one update: its batches hold the
+        ``--grad-accum-steps`` micro-batches the trainer cuts them into."""
+        args, ctx = self._ctx.args, self._ctx
+        return resumable_loader(
+            concat([self.train_sets[s] for s in sets]), args.batch_size * args.grad_accum_steps, shuffle=True,
+            seed=args.seed + 1000 * phase.index + list(phase.sources).index(role), rank=ctx.rank,
+            world_size=ctx.world_size, workers=args.workers, pin_memory=args.pin_mem)
+
+    def start_phase(self, phase: Phase) -> None:
+        # The optimizer reset and LR schedule of a phase start ride on its first Step (train_steps).
+        if self._ctx.is_main:
+            tqdm.write(f"swap: phase {phase.name} ({self.session.scheduler.phase_steps[phase.index]} steps)")
 
     # -- the steps and the loss ----------------------------------------------------------------------------------
     @hookimpl
     def train_steps(self, ctx: TrainContext) -> Iterator[Step]:
-        sched, cfg = self.scheduler, self.config
+        sched, cfg = self.session.scheduler, self.config
         epochs = [(n // self._steps_per_epoch(p)) for p, n in zip(sched.phases, sched.phase_steps, strict=True)]
         # One schedule over all phases (no restart) spans every step: sum(epochs) epochs of the mean epoch length.
         whole_run = (sum(epochs), round(sched.total_steps / sum(epochs)))
@@ -356,7 +336,7 @@ class SwapPlugin:
             if step_in_phase == 0 and (cfg.restart_lr_schedule or phase.index == 0):
                 new_schedule = (epochs[phase.index], spe) if cfg.restart_lr_schedule else whole_run
             lr_epoch = step_in_phase // spe + (0 if cfg.restart_lr_schedule else sum(epochs[: phase.index]))
-            batch = {role: next(loader) for role, loader in self.phase_loaders[phase.index].items()}
+            batch = self.session.next_batches()
             step = Step(
                 batch=batch, period=phase.name, period_index=phase.index, epoch=step_in_phase // spe,
                 epochs=epochs[phase.index], step_in_epoch=step_in_phase % spe, steps_per_epoch=spe,
@@ -366,112 +346,92 @@ class SwapPlugin:
                 reset_optimizer=step_in_phase == 0 and phase.index > 0 and cfg.reset_optimizer_between_phases,
             )
             # Count the step before handing it out: a checkpoint written during it resumes after it.
-            sched.step()
+            self.session.count_step()
             yield step
 
     def _steps_per_epoch(self, phase: Phase) -> int:
-        n = len(self.phase_loaders[phase.index]["retain"].loader)
-        return n if phase.length.epochs is not None else self.scheduler.phase_steps[phase.index]
+        n = len(self.session.loaders[phase.index]["retain"].loader)
+        return n if phase.length.epochs is not None else self.session.scheduler.phase_steps[phase.index]
 
     @hookimpl
     def compute_loss(self, ctx: TrainContext, step: Step) -> dict[str, Any]:
-        phase = self.scheduler.phases[step.period_index]
-        weights = self.report.phase_weights(phase.name, phase.loss)
+        phase = self.session.phases[step.period_index]
         roles = list(step.batch)
         sizes = [len(step.batch[r][1]) for r in roles]
         images = torch.cat([step.batch[r][0] for r in roles]).to(ctx.device)
-        teacher = self._teacher_logits(ctx, phase, step.batch["retain"][0]) if weights.distill else None
+        teacher = self.session.teacher(phase)
+        if teacher is not None:  # the phase-start model's logits for the retain-side images
+            with teacher.active(ctx.model) as model:
+                teacher_logits = model(step.batch["retain"][0].to(ctx.device))
         # One forward over all roles' images: DDP sees each parameter used once before the backward.
         logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
         task = {r: F.cross_entropy(logits[r], step.batch[r][1].to(ctx.device)) for r in roles}
-        distill = distillation_loss(logits["retain"], teacher) if teacher is not None else None
-        out = PhaseLoss(weights)(task, gs=group_sparse_loss(self.groups), distill=distill)
+        distill = distillation_loss(logits["retain"], teacher_logits) if teacher is not None else None
+        out = self.session.phase_loss(task, distill, phase)
         return {"loss": out.total, **{loss_key(k): v for k, v in out.terms.items() if k != "total"}}
-
-    def _teacher_logits(self, ctx: TrainContext, phase: Phase, images: torch.Tensor) -> torch.Tensor:
-        """The phase-start model's logits for the retain-side images (the snapshot is taken at the phase's first
-        step and rides in the resume state)."""
-        if self.teacher is None or self.teacher[0] != phase.index:
-            self.teacher = (phase.index, LoraSnapshot(ctx.model))
-        with self.teacher[1].active(ctx.model) as model:
-            return model(images.to(ctx.device))
 
     # -- evaluation and report -----------------------------------------------------------------------------------
     def _scores(self, ctx: TrainContext, subsample: bool = False) -> tuple[dict[str, float], dict[str, int]]:
         """Per-set top-1 of the whole test sets, or of their subsamples; and the images each score read."""
         loaders = self.periodic_loaders if subsample else self.eval_loaders
-        with self.report.timed():
+        with self.session.report.timed():
             scores = {name: evaluate_top1(ctx.model, loader, ctx.device) for name, loader in loaders.items()}
         return scores, {name: len(loader.dataset) for name, loader in loaders.items()}
 
     def _tick(self) -> None:
         """Add the wall time since the last tick to the report's run time."""
         now = time.perf_counter()
-        self.report.timing["run_s"] += now - self._clock
+        self.session.report.timing["run_s"] += now - self._clock
         self._clock = now
 
     @hookimpl
     def on_period_start(self, ctx: TrainContext, step: Step) -> None:
-        if step.global_step == 0 and self.report.before is None:
+        if step.global_step == 0 and self.session.report.before is None:
             # The pretrained model's scores: the new head rows (xavier) must not take the argmax.
-            with hidden_new_classes(ctx.model, self.grown):
-                self.report.set_before(*self._scores(ctx))
+            with hidden_new_classes(ctx.model, self.prepared.grown):
+                self.session.report.set_before(*self._scores(ctx))
             if ctx.is_main:
-                tqdm.write("swap: before " + _fmt(self.report.before))
+                tqdm.write("swap: before " + _fmt(self.session.report.before))
 
     @hookimpl
     def after_step(self, ctx: TrainContext, step: Step, losses: dict[str, float]) -> None:
-        phase = self.scheduler.phases[step.period_index]
-        if "forget" in phase.roles and phase.name not in self.report.forget_bounds:
-            self._start_forget_phase(ctx, phase, losses[loss_key("forget/task")])
+        phase = self.session.phases[step.period_index]
+        if "forget" in phase.roles and phase.name not in self.session.report.forget_bounds:
+            self._observe_forget_loss(ctx, phase, losses[loss_key("forget/task")])
         interval = ctx.args.swap_eval_interval
         if interval and (step.global_step + 1) % interval == 0 and not step.ends_period:
             scores, images = self._scores(ctx, subsample=True)
-            self.report.record(step.global_step + 1, step.period, scores, images, subsample=True)
+            self.session.report.record(step.global_step + 1, step.period, scores, images, subsample=True)
             ctx.log({score_key(k): v for k, v in scores.items()}, step.global_step + 1)
 
-    def _start_forget_phase(self, ctx: TrainContext, phase: Phase, forget_loss: float) -> None:
-        """Record the forget loss of the phase's first step against its bound (resolving a relative bound)."""
+    def _observe_forget_loss(self, ctx: TrainContext, phase: Phase, forget_loss: float) -> None:
+        """The forget loss of the phase's first step, averaged over the ranks' batches (every rank resolves the
+        same bound), to the session's bound check."""
         if ctx.distributed:
-            # The mean over the ranks' batches: every rank resolves the same bound.
             measured = torch.tensor(forget_loss, dtype=torch.float64, device=ctx.device)
             dist.all_reduce(measured)
             forget_loss = float(measured) / ctx.world_size
-        warning = self.report.start_forget_phase(phase.name, phase.loss, forget_loss)
-        if warning and ctx.is_main:
-            _logger.warning("swap: %s", warning)
+        self.session.observe_forget_loss(forget_loss, phase)
 
     @hookimpl
     def evaluate(self, ctx: TrainContext, step: Step) -> dict[str, float]:
         scores, images = self._scores(ctx)
-        phase = self.scheduler.phases[step.period_index]
-        self.report.end_phase(phase.name, phase.kind.value, step.global_step + 1, scores, images)
+        phase = self.session.phases[step.period_index]
+        self.session.report.end_phase(phase.name, phase.kind.value, step.global_step + 1, scores, images)
         return {score_key(k): v for k, v in scores.items()}
 
     @hookimpl
     def state_dict(self, ctx: TrainContext) -> dict[str, Any]:
         self._tick()
-        loaders = [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders]
-        state = {"scheduler": self.scheduler.state_dict(), "loaders": loaders, "report": self.report.to_dict(),
-                 "config": self.config.to_dict()}
-        if self.teacher is not None:
-            state["teacher"] = {"phase": self.teacher[0], "lora": self.teacher[1].state_dict()}
-        return {"swap": state}
+        return {"swap": self.session.state_dict()}
 
     @hookimpl
     def load_state_dict(self, ctx: TrainContext, state: dict[str, Any]) -> None:
         saved = state.get("swap")
         if saved is None:
             raise SwapConfigError(f"--resume {ctx.args.resume} is not a swap run (no swap state in it).")
-        self.scheduler.load_state_dict(saved["scheduler"])
-        for roles, states in zip(self.phase_loaders, saved["loaders"], strict=True):
-            for role, it in roles.items():
-                it.load_state_dict(states[role])
-        self.report = SwapReport.from_dict(saved["report"])
+        self.session.load_state_dict(saved)
         self._clock = time.perf_counter()
-        if "teacher" in saved:
-            teacher = saved["teacher"]
-            self.teacher = (teacher["phase"], LoraSnapshot.from_state_dict(ctx.model, teacher["lora"]))
 
     @hookimpl
     def on_train_end(self, ctx: TrainContext) -> None:
@@ -479,13 +439,13 @@ class SwapPlugin:
             return
         self._tick()
         if ctx.args.swap_audit:
-            self.report.audit = self._audit(ctx)
-        paths = self.report.write(ctx.output_dir)
+            self.session.report.audit = self._audit(ctx)
+        paths = self.session.report.write(ctx.output_dir)
         write_merged_model(ctx.model, ctx.output_dir, class_names=list(self.space.names),
                            num_classes=self.space.num_classes, arch=ctx.args.model)
-        write_adapter(ctx.model, ctx.output_dir, self.config, self.grown, self.report.classes)
+        write_adapter(ctx.model, ctx.output_dir, self.config, self.prepared.grown, self.session.report.classes)
         (ctx.output_dir / "class_names.json").write_text(json.dumps(list(self.space.names), indent=1))
-        tqdm.write("\n" + self.report.to_markdown())
+        tqdm.write("\n" + self.session.report.to_markdown())
         tqdm.write(f"swap: report {paths['md']}, merged model {ctx.output_dir / MODEL_FILE} "
                    f"(timm.create_model('{ctx.args.model}', num_classes={self.space.num_classes}, "
                    "checkpoint_path=...))")
@@ -497,7 +457,7 @@ class SwapPlugin:
                                  seed=args.seed)
         tqdm.write(f"swap: auditing the forgetting ({settings})")
         sets = {"train": self.train_sets, "test": {name: loader.dataset for name, loader in self.eval_loaders.items()}}
-        return audit_classifier(ctx.model, self.grown, sets, self.sets["forget"], settings, ctx.device,
+        return audit_classifier(ctx.model, self.prepared.grown, sets, self.sets["forget"], settings, ctx.device,
                                 args.validation_batch_size or args.batch_size)
 
 
