@@ -31,12 +31,14 @@ from kswap import (
     extend_head,
     group_sparse_loss,
     lora_state_dict,
+    loss_key,
     sigmoid_prior_bias,
 )
 
 ROLE_KEY = "swap_role"
-# The phase-loss terms the detector logs (``retain_task``, ``forget_bounded``, ``group_sparse``, ...): mmengine
-# optimises keys containing "loss" and logs the rest.
+# The phase-loss terms the detector returns beside its loss, under PhaseLoss's names (``retain/task``,
+# ``forget/bounded``, ``group_sparse``): none contains "loss", as mmengine's parse_losses optimises every key that
+# does; the swap loop then renames them to their log keys (``log_outputs``).
 LOGGED_TERM_SUFFIXES = ("task", "bounded", "sparse")
 # Head inputs of DINO / Deformable DETR (``forward_transformer``'s output) with the decoder layers first;
 # every other tensor is batch-first, lists hold batch-first tensors (``references``).
@@ -44,8 +46,14 @@ LAYERS_FIRST = frozenset({"hidden_states"})
 
 
 def logged_terms(terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The phase-loss terms to log, under mmengine-friendly names (``forget/task`` -> ``forget_task``)."""
-    return {k.replace("/", "_"): v for k, v in terms.items() if k.endswith(LOGGED_TERM_SUFFIXES)}
+    """The phase-loss terms to log (the task loss per role, the bounded forget loss, the group-sparse penalty)."""
+    return {k: v for k, v in terms.items() if k.endswith(LOGGED_TERM_SUFFIXES)}
+
+
+def log_outputs(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``train_step``'s outputs with the phase-loss terms under their log keys (``forget/task`` ->
+    ``swap/loss/forget/task``)."""
+    return {loss_key(k) if k.endswith(LOGGED_TERM_SUFFIXES) else k: v for k, v in outputs.items()}
 
 
 def head_input_rows(head_inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:

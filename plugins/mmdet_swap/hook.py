@@ -1,7 +1,7 @@
 """``SwapHook``: knowledge swapping in an mmdet DETR-style detector (DINO), enabled from the config.
 
     custom_imports = dict(imports=['mmdet_swap'], allow_failed_imports=False)
-    custom_hooks = [dict(type='SwapHook', forget=dict(classes=('cat',)),
+    custom_hooks = [dict(type='SwapHook', forget=('cat',),
                          learn=dict(classes=('zebra',), train=dict(ann_file=..., data_prefix=...), val=dict(...)))]
     load_from = 'dino_coco.pth'
 
@@ -10,14 +10,17 @@ does the surgery and rebuilds what depends on it: LoRA on the encoder/decoder FF
 and denoising label embedding, everything else frozen, the model re-wrapped, an optimizer over the LoRA
 parameters only, and the config's train loop replaced by the swap's phases. ``after_load_checkpoint``
 maps the pretrained checkpoint onto the grown, LoRA-injected model and refuses one that does not fit.
+
+Outputs and log keys are the core's (``kswap.export``): ``model_swapped.pth``, ``swap_adapter.safetensors``,
+``swap/<set>`` per set score and ``swap/loss/<term>`` per phase-loss term.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
-from dataclasses import fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from mmengine.registry import HOOKS, OPTIM_WRAPPERS, OPTIMIZERS
 from torch.utils.data import ConcatDataset
 
 from kswap import (
-    PRESETS,
+    MODEL_FILE,
     AuditSettings,
     InfiniteLoader,
     LabelSpace,
@@ -41,7 +44,6 @@ from kswap import (
     SwapConfig,
     SwapConfigError,
     SwapReport,
-    atomic_save,
     atomic_write_text,
     check_head_size,
     freeze_all_but_lora_,
@@ -49,17 +51,29 @@ from kswap import (
     hidden_new_classes,
     inject_lora,
     lora_groups,
-    merge_and_export,
+    loss_key,
     plan_phases,
+    score_key,
     validate_lora_state,
+    write_adapter,
+    write_merged_model,
 )
 
 from .audit import PROBE_IMAGES, audit_detector
-from .detector import LOGGED_TERM_SUFFIXES, extend_dino_classes, make_swap_detector
+from .detector import extend_dino_classes, make_swap_detector
 from .evaluation import SetScorer
 from .loop import SwapTrainLoop
 
 SETS = ("forget", "retain", "learn")
+# The phase-loss terms in the message hub: mmengine's RuntimeInfoHook files train_step's outputs under "train/".
+HUB_TERMS = "train/" + loss_key("")
+
+
+def set_spec(value: Mapping[str, Any] | Sequence[str] | None) -> dict[str, Any]:
+    """A set argument as ``dict(classes=..., train=..., val=...)``; a plain sequence holds the class names."""
+    if value is None:
+        return {}
+    return dict(value) if isinstance(value, Mapping) else {"classes": value}
 
 
 @HOOKS.register_module()
@@ -67,19 +81,14 @@ class SwapHook(Hook):
     """Forget, retain and learn classes of a pretrained detector.
 
     Args:
-        forget: ``dict(classes=(...))`` of pretrained class names, optionally with ``train``/``val`` dataset
-            overrides (COCO files of its own); by default the config's own datasets, filtered by class.
-        retain: like ``forget``; ``None`` keeps every other pretrained class.
+        forget: the pretrained class names to forget, or ``dict(classes=(...))`` optionally with ``train``/``val``
+            dataset overrides (COCO files of its own); by default the config's own datasets, filtered by class.
         learn: ``dict(classes=(...), train=dict(...), val=dict(...))``: the new classes and their COCO files.
-        order: phase order (``learn_then_forget`` is the recommended one).
-        learn_length, forget_length: ``'500steps'`` or ``'20epochs'`` (epochs of the retain-side loader).
-        learn_loss, forget_loss: loss-weight overrides over the detection preset (bnd 15, beta 0.2, alpha 0.01,
-            learn weight 0.9); ``forget_loss=dict(bnd=3, bnd_relative=True)`` bounds the forget loss at 3x its
-            value measured at the forget phase start.
-        lora: LoRA overrides (rank 8, scaling 1/8, targets ``mmdet_dino``).
+        retain: like ``forget``; ``None`` keeps every other pretrained class.
         batch_size: images per role per step (default: the config's train batch size).
         checkpoint_interval: also save a resumable checkpoint every N steps (0: at phase ends only).
-        out_dir: where the report, the merged export and its stock test configs go (default: the run's work_dir).
+        out_dir: where the report, ``model_swapped.pth``, ``swap_adapter.safetensors`` and the stock test configs
+            go (default: the run's work_dir).
         audit: after the swap, audit the forgetting into the report (``audit`` in ``swap_report.json``): ``True``
             for the defaults, or ``dict(relearn_shots=5, relearn_steps=50, relearn_lr=1e-4, probe_steps=100,
             neighbours=3, seed=..., probe_images=500)`` (``kswap.AuditSettings``, the seed defaulting to the run's,
@@ -87,44 +96,41 @@ class SwapHook(Hook):
             the decoder query matched to each forget / retain object, a relearn attack on a copy of the merged
             model and the neighbour-class score mass, for the pretrained and the swapped model (see
             ``mmdet_swap.audit``). Off by default; the exported model is the same either way.
+        **settings: every other ``kswap.SwapConfig`` field under its own name, over the ``detection`` preset
+            (``kswap.config_fields()`` lists them; an unknown one raises ``SwapConfigError``):
+            ``order`` (``learn_then_forget``, the recommended one), ``learn_length`` / ``forget_length``
+            (``'500steps'`` or ``'20epochs'``, epochs of the retain-side loader; 20 epochs), ``learn_loss`` /
+            ``forget_loss`` (only the keys given change the preset's bnd 15, beta 0.2, alpha 0.01, learn weight
+            0.9; ``forget_loss=dict(bnd=3, bnd_relative=True)`` bounds the forget loss at 3x its value measured at
+            the forget phase start), ``lora`` (likewise over rank 8, scaling 1/8, targets ``mmdet_dino``),
+            ``forget_retains_learned`` (a forget phase after a learn phase retains R and L; ``True``),
+            ``reset_optimizer_between_phases`` (a fresh optimizer at each phase start; ``False``) and
+            ``restart_lr_schedule``, which has no effect here: the swap keeps the optimizer's LR constant, as the
+            reference does, and runs no ``param_scheduler`` of the config.
     """
 
     priority = "VERY_HIGH"
 
     def __init__(
         self,
-        forget: Mapping[str, Any],
+        forget: Mapping[str, Any] | Sequence[str],
         learn: Mapping[str, Any],
-        retain: Mapping[str, Any] | None = None,
-        order: str = "learn_then_forget",
-        learn_length: str = "20epochs",
-        forget_length: str = "20epochs",
-        learn_loss: Mapping[str, float] | None = None,
-        forget_loss: Mapping[str, float] | None = None,
-        lora: Mapping[str, Any] | None = None,
+        retain: Mapping[str, Any] | Sequence[str] | None = None,
         batch_size: int | None = None,
         checkpoint_interval: int = 0,
         out_dir: str | None = None,
         audit: bool | Mapping[str, Any] = False,
+        **settings: Any,
     ) -> None:
-        self.specs = {"forget": dict(forget), "retain": dict(retain or {}), "learn": dict(learn)}
+        self.specs = {"forget": set_spec(forget), "retain": set_spec(retain), "learn": set_spec(learn)}
         for name in ("forget", "learn"):
             if not self.specs[name].get("classes"):
                 raise SwapConfigError(f"SwapHook: {name} needs classes=(...) (class names).")
         if not (self.specs["learn"].get("train") and self.specs["learn"].get("val")):
             raise SwapConfigError("SwapHook: learn needs train=dict(ann_file=..., data_prefix=...) and val=dict(...) "
                                   "with the new classes' COCO files.")
-        preset = PRESETS["detection"]
-        self.config = SwapConfig.preset(
-            "detection",
-            forget=tuple(self.specs["forget"]["classes"]),
-            retain=tuple(self.specs["retain"]["classes"]) if self.specs["retain"].get("classes") else None,
-            learn=tuple(self.specs["learn"]["classes"]),
-            order=order, learn_length=learn_length, forget_length=forget_length,
-            learn_loss=replace(preset["learn_loss"], **(learn_loss or {})),
-            forget_loss=replace(preset["forget_loss"], **(forget_loss or {})),
-            lora=replace(preset["lora"], **(lora or {})),
-        )
+        classes = {name: spec.get("classes") or None for name, spec in self.specs.items()}
+        self.config = SwapConfig.preset("detection", **classes, **settings)
         self.batch_size = batch_size
         self.checkpoint_interval = checkpoint_interval
         self.out_dir = out_dir
@@ -160,6 +166,8 @@ class SwapHook(Hook):
         runner.optim_wrapper = self._lora_optim_wrapper(runner)
         # The reference keeps the detection LR constant; the config's epoch-based schedule does not apply.
         runner.param_schedulers = []
+        if self.config.restart_lr_schedule:
+            runner.logger.warning("SwapHook: restart_lr_schedule has no effect: the swap keeps the LR constant.")
         self._build_data(runner)
         phases = plan_phases(self.config)
         self.phase_loaders = [self._loaders_of(p, runner) for p in phases]
@@ -282,7 +290,7 @@ class SwapHook(Hook):
             # The pretrained model's scores: the grown classes' outputs hidden, LoRA still zero.
             with hidden_new_classes(self.model, self.grown):
                 self.report.set_before(self.scores())
-            runner.logger.info(f"SwapHook: before {self.report.before}")
+            self._log_scores(runner, "before", self.report.before)
             if self.audit is not None:
                 # Frozen weights stay as loaded, but a config without norm_eval moves BatchNorm statistics while
                 # the swap trains: the audit's pretrained row needs them as they were.
@@ -291,10 +299,10 @@ class SwapHook(Hook):
     def start_phase(self, runner: Any, phase: Phase) -> None:
         if phase.index > 0 and self.config.reset_optimizer_between_phases:
             runner.optim_wrapper = self._lora_optim_wrapper(runner)
-        # The logger averages every scalar of the message hub: drop the last phase's terms (e.g. learn_task in a
-        # forget phase) so that only this phase's are logged.
+        # The logger reports every train scalar of the message hub: drop the last phase's terms (e.g. learn/task
+        # in a forget phase) so that only this phase's are logged.
         hub = runner.message_hub.log_scalars
-        for key in [k for k in hub if k.startswith("train/") and k.endswith(LOGGED_TERM_SUFFIXES)]:
+        for key in [k for k in hub if k.startswith(HUB_TERMS)]:
             del hub[key]
         runner.logger.info(f"SwapHook: phase {phase.name} ({self.scheduler.phase_steps[phase.index]} steps)")
 
@@ -303,7 +311,7 @@ class SwapHook(Hook):
         resolves a relative bound, the same on every rank) and warn when the bound is inactive."""
         if "forget" not in phase.sources or phase.name in self.report.forget_bounds:
             return
-        measured = outputs["forget_task"].detach().clone().float()
+        measured = outputs[loss_key("forget/task")].detach().clone().float()
         all_reduce(measured, op="mean")
         warning = self.report.start_forget_phase(phase.name, phase.loss, float(measured))
         if warning:
@@ -312,9 +320,16 @@ class SwapHook(Hook):
     def end_phase(self, runner: Any, phase: Phase) -> None:
         scores = self.scores()
         self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores)
-        runner.logger.info(f"SwapHook: after {phase.name} {scores}")
-        runner.message_hub.update_scalars({f"swap/{k}": v for k, v in scores.items()})
+        self._log_scores(runner, f"after {phase.name}", scores)
         self.save(runner)
+
+    def _log_scores(self, runner: Any, when: str, scores: Mapping[str, float]) -> None:
+        """The per-set scores under ``swap/<set>``, at the current step: in the log, the message hub and the
+        visualizer's backends (the file LoggerHook writes the training scalars to, TensorBoard, ...)."""
+        logged = {score_key(k): v for k, v in scores.items()}
+        runner.logger.info(f"SwapHook: {when} " + "  ".join(f"{k}: {v:.4f}" for k, v in logged.items()))
+        runner.message_hub.update_scalars(logged)
+        runner.visualizer.add_scalars(logged, step=runner.iter, file_path=f"{runner.timestamp}.json")
 
     def finish(self, runner: Any) -> None:
         if runner.rank != 0:
@@ -323,13 +338,13 @@ class SwapHook(Hook):
         if self.audit is not None:
             self.report.audit = self._audit(runner)
         paths = self.report.write(out)
-        plain = merge_and_export(self.model)
         meta = {"dataset_meta": {"classes": list(self.space.names)}, "kswap": {"report": str(paths["json"])}}
-        atomic_save({"state_dict": plain.state_dict(), "meta": json.loads(json.dumps(meta))}, out / "swapped.pth")
+        model = write_merged_model(self.model, out, meta=json.loads(json.dumps(meta)))
+        write_adapter(self.model, out, self.config, self.grown, self.report.classes)
         self._write_stock_test_configs(runner, out)
         runner.logger.info("\n" + self.report.to_markdown())
-        runner.logger.info(f"SwapHook: score {out / 'swapped.pth'} with mmdet's tools/test.py "
-                           f"{out / 'swapped_test_<set>.py'} {out / 'swapped.pth'} (set: {', '.join(SETS)})")
+        runner.logger.info(f"SwapHook: score {model} with mmdet's tools/test.py "
+                           f"{out / 'swapped_test_<set>.py'} {model} (set: {', '.join(SETS)})")
 
     def _audit(self, runner: Any) -> dict[str, Any]:
         options = {"seed": runner.seed or 0, **self.audit}
@@ -355,7 +370,7 @@ class SwapHook(Hook):
         return audit
 
     def _write_stock_test_configs(self, runner: Any, out: Path) -> None:
-        """What mmdet's ``tools/test.py`` needs to score ``swapped.pth`` per set in the joint label space.
+        """What mmdet's ``tools/test.py`` needs to score ``model_swapped.pth`` per set in the joint label space.
 
         ``swapped_config.py``: the run's config without the swap, with ``num_classes`` = old + new and
         ``load_from`` the merged model. Per set, ``swapped_<set>.json`` (the test images of all sets, the set's
@@ -371,7 +386,7 @@ class SwapHook(Hook):
         else:
             cfg.pop("custom_imports", None)
         cfg.model.bbox_head.num_classes = self.space.num_classes
-        cfg.load_from, cfg.resume = str(out / "swapped.pth"), False
+        cfg.load_from, cfg.resume = str(out / MODEL_FILE), False
         atomic_write_text(out / "swapped_config.py", cfg.pretty_text)
         for name in SETS:
             ann_file = out / f"swapped_{name}.json"
@@ -385,6 +400,6 @@ class SwapHook(Hook):
                 test_evaluator=dict(_delete_=True, type="CocoMetric", ann_file=str(ann_file), metric="bbox",
                                     format_only=False)))
             atomic_write_text(out / f"swapped_test_{name}.py",
-                              f"# swapped.pth on the {name} set, joint label space: mmdet's tools/test.py "
-                              f"swapped_test_{name}.py swapped.pth\n_base_ = ['./swapped_config.py']\n\n"
+                              f"# {MODEL_FILE} on the {name} set, joint label space: mmdet's tools/test.py "
+                              f"swapped_test_{name}.py {MODEL_FILE}\n_base_ = ['./swapped_config.py']\n\n"
                               f"{test.pretty_text}")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from mmengine.hooks import IterTimerHook
 from mmengine.runner import BaseLoop
 
-from .detector import ROLE_KEY
+from .detector import ROLE_KEY, log_outputs
 
 if TYPE_CHECKING:
     from .hook import SwapHook
@@ -79,7 +79,8 @@ class SwapTrainLoop(BaseLoop):
             data_batch = merge_batches({role: next(it) for role, it in swap.phase_loaders[phase.index].items()})
             runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
             runner.model.train()
-            outputs = runner.model.train_step(data_batch, optim_wrapper=runner.optim_wrapper)
+            # The hooks (message hub, logger) see the phase-loss terms under their log keys.
+            outputs = log_outputs(runner.model.train_step(data_batch, optim_wrapper=runner.optim_wrapper))
             swap.check_forget_bound(runner, phase, outputs)
             runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
             self._iter += 1

@@ -24,7 +24,18 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
-from kswap import LossWeights, SwapConfigError, merge_and_export, sum_task_loss
+from kswap import (
+    ADAPTER_FILE,
+    MODEL_FILE,
+    LossWeights,
+    SwapConfig,
+    SwapConfigError,
+    config_fields,
+    loss_key,
+    merge_and_export,
+    score_key,
+    sum_task_loss,
+)
 from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
 from mmdet_swap.evaluation import as_coco, coco_ap
 from mmdet_swap.loop import merge_batches
@@ -35,6 +46,8 @@ from swap_testing.tiny_dino import DIGITS, DINO_CONFIG, LEARN, swap_cfg, tiny_di
 
 SETS = ["forget", "retain", "learn"]
 MMDET_TOOLS = DINO_CONFIG.parents[2] / "tools"  # tools/train.py and tools/test.py, shipped in mmdet's wheel
+# A learn set for hooks that are only constructed (the files are read once a run starts).
+LEARN_SPEC = dict(classes=("bag",), train=dict(ann_file="train.json"), val=dict(ann_file="val.json"))
 
 
 @pytest.fixture(scope="session")
@@ -102,10 +115,22 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, swap_run, tmp_path):
                        ckpt["encoder.layers.0.ffn.layers.1.weight"])
     assert torch.equal(model.bbox_head.cls_branches[0].weight[:3], ckpt["bbox_head.cls_branches.0.weight"])
     # the merged export loads into a plain 5-class DINO without kswap
-    export = work / "swapped.pth"
+    export = work / MODEL_FILE
     state = torch.load(export, weights_only=True)
     assert state["meta"]["dataset_meta"]["classes"] == DIGITS + LEARN
     assert not any("lora" in k or "base_layer" in k for k in state["state_dict"])
+    assert not (work / "swapped.pth").exists()
+    # the adapter alone: the LoRA weights as trained, the config, grown rows and classes to re-apply the swap
+    from safetensors import safe_open
+
+    with safe_open(work / ADAPTER_FILE, "pt") as adapter:
+        lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        assert set(adapter.keys()) == set(lora)
+        assert all(torch.equal(adapter.get_tensor(k), v) for k, v in lora.items())
+        meta = adapter.metadata()
+    assert SwapConfig.from_dict(json.loads(meta["swap_config"])).forget == ("0",)
+    assert json.loads(meta["grown"])["bbox_head.cls_branches.0.weight"] == {"old": 3, "new": 5, "trailing": 0}
+    assert json.loads(meta["classes"])["learn"] == LEARN
     code = textwrap.dedent(f"""
         import sys; sys.modules["kswap"] = None; sys.modules["mmdet_swap"] = None
         sys.path.insert(0, {str(Path(__file__).parents[1])!r})
@@ -150,7 +175,7 @@ def test_stock_test_tool_scores_the_swapped_model(swap_run, tmp_path):
         sys.modules["kswap"] = None; sys.modules["mmdet_swap"] = None  # the stock tools alone
         for name in {SETS!r}:
             print("SET", name, flush=True)
-            sys.argv = ["test.py", f"{work}/swapped_test_{{name}}.py", "{work}/swapped.pth", "--work-dir",
+            sys.argv = ["test.py", f"{work}/swapped_test_{{name}}.py", "{work / MODEL_FILE}", "--work-dir",
                         f"{tmp_path}/{{name}}"]
             runpy.run_path("{MMDET_TOOLS / 'test.py'}", run_name="__main__")
     """)
@@ -186,9 +211,9 @@ def test_audit_rows_for_the_pretrained_and_the_swapped_detector(swap_run):
 
 
 def test_audit_leaves_the_export_unchanged(swap_run):
-    """swapped.pth is what the model exported as training ended, before the audit ran on its copies."""
+    """model_swapped.pth is what the model exported as training ended, before the audit ran on its copies."""
     _, work = swap_run
-    exported = torch.load(work / "swapped.pth", weights_only=True)["state_dict"]
+    exported = torch.load(work / MODEL_FILE, weights_only=True)["state_dict"]
     before_audit = ExportBeforeAudit.state
     assert before_audit and exported.keys() == before_audit.keys()
     for key, value in before_audit.items():
@@ -196,11 +221,10 @@ def test_audit_leaves_the_export_unchanged(swap_run):
 
 
 def test_audit_option_checked_at_construction():
-    learn = dict(classes=("bag",), train=dict(ann_file="train.json"), val=dict(ann_file="val.json"))
     with pytest.raises(SwapConfigError, match=r"audit has no \['relearn_shot'\]; it takes .*relearn_shots"):
-        SwapHook(forget=dict(classes=("0",)), learn=learn, audit=dict(relearn_shot=3))
-    assert SwapHook(forget=dict(classes=("0",)), learn=learn, audit=True).audit == {}
-    assert SwapHook(forget=dict(classes=("0",)), learn=learn).audit is None
+        SwapHook(forget=dict(classes=("0",)), learn=LEARN_SPEC, audit=dict(relearn_shot=3))
+    assert SwapHook(forget=dict(classes=("0",)), learn=LEARN_SPEC, audit=True).audit == {}
+    assert SwapHook(forget=dict(classes=("0",)), learn=LEARN_SPEC).audit is None
 
 
 class Relabel(torch.nn.Module):
@@ -278,7 +302,27 @@ def test_log_holds_only_the_current_phase_terms(train_tool_run):
     lines = iteration_lines(log)
     assert sorted(lines) == list(range(1, 13))
     for it, line in lines.items():  # 1-6: learn phase (retain, learn); 7-12: forget phase (retain, forget)
-        assert ("learn_task" in line) == (it <= 6) and ("forget_task" in line) == (it > 6), line
+        assert f" {loss_key('retain/task')}: " in line and f" {loss_key('group_sparse')}: " in line, line
+        assert (loss_key("learn/task") in line) == (it <= 6) and (loss_key("forget/task") in line) == (it > 6), line
+
+
+def test_scores_logged_under_swap_keys(train_tool_run):
+    """Each set's score before the swap and after each phase: in the log and in the visualizer's scalars (the
+    file the training scalars go to), under ``swap/<set>`` at the step it was measured."""
+    work, log = train_tool_run
+    report = json.loads((work / "swap_report.json").read_text())["metrics"]
+    measured = {0: report["before"], **{p["end_step"]: p["after"] for p in report["phases"]}}
+    for when, scores in zip(["before", "after 0_learn", "after 1_forget"], measured.values(), strict=True):
+        line = re.search(rf"SwapHook: {when} (.*)", log).group(1)
+        logged = {k: float(v) for k, v in re.findall(r"(\S+): ([-\d.]+)", line)}
+        assert logged == pytest.approx({score_key(k): v for k, v in scores.items()}, abs=1e-4), line
+    (scalars,) = work.glob("*/vis_data/scalars.json")
+    rows = [json.loads(line) for line in scalars.read_text().splitlines()]
+    logged = {r["step"]: r for r in rows if score_key("forget") in r}
+    assert logged.keys() == measured.keys()
+    for step, scores in measured.items():
+        assert logged[step] == {"step": step, **{score_key(k): v for k, v in scores.items()}}
+    assert all(loss_key("retain/task") in r for r in rows if "loss" in r)
 
 
 def test_log_times_steps_not_evaluations(train_tool_run):
@@ -312,6 +356,7 @@ def test_relative_forget_bound_is_measured_once(glyphs, pretrained_dino, tmp_pat
     cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "rel")
     cfg.custom_hooks[0].update(order="joint", forget_length="2steps", forget_loss=dict(bnd=3.0, bnd_relative=True))
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.log_processor = dict(by_epoch=False, window_size=1)  # each step's terms, not a running mean of loss keys
     runner = Runner.from_cfg(cfg)
     runner.train()
     bound = json.loads((tmp_path / "rel" / "swap_report.json").read_text())["forget_bounds"]["0_joint"]
@@ -321,11 +366,11 @@ def test_relative_forget_bound_is_measured_once(glyphs, pretrained_dino, tmp_pat
     steps = iteration_lines(log.read_text())
 
     def term(it: int, name: str) -> float:
-        return float(re.search(rf" {name}: ([-\d.]+)", steps[it]).group(1))
+        return float(re.search(rf" {loss_key(name)}: ([-\d.]+)", steps[it]).group(1))
 
-    assert term(1, "forget_task") == pytest.approx(bound["measured_forget_loss"], abs=1e-3)
+    assert term(1, "forget/task") == pytest.approx(bound["measured_forget_loss"], abs=1e-3)
     # step 2 works against the bound measured at step 1, not against 3x its own loss
-    assert term(2, "forget_bounded") == pytest.approx(0.2 * (bound["bnd"] - term(2, "forget_task")), abs=2e-3)
+    assert term(2, "forget/bounded") == pytest.approx(0.2 * (bound["bnd"] - term(2, "forget/task")), abs=2e-3)
 
 
 class StopSwap(Exception):
@@ -379,10 +424,65 @@ def test_swap_coco_dataset_keeps_global_labels(glyphs):
 @pytest.mark.parametrize("hook, message", [
     (dict(forget=dict(classes=("0",)), learn=dict(classes=("bag",))), "learn needs train="),
     (dict(forget=dict(), learn=dict(classes=("bag",), train={}, val={})), "forget needs classes"),
+    (dict(forget=("0",), learn=LEARN_SPEC, forget_los=dict(beta=1.0)),
+     r"Unknown swap settings \['forget_los'\]; the settings are: \[.*'forget_loss'.*'restart_lr_schedule'"),
+    (dict(forget=("0",), learn=LEARN_SPEC, lora=dict(rnk=4)), r"Unknown lora settings \['rnk'\]; lora has: .*'rank'"),
 ])
 def test_hook_arguments_checked_at_construction(hook, message):
     with pytest.raises(SwapConfigError, match=message):
         SwapHook(**hook)
+
+
+def test_hook_takes_every_swap_setting():
+    """Every SwapConfig field goes to the detection preset under its own name; a partial mapping changes only the
+    keys it names."""
+    settings = dict(order="joint", learn_length="7steps", forget_length="9steps", learn_loss=dict(alpha=0.5),
+                    forget_loss=dict(beta=0.5), lora=dict(rank=4), forget_retains_learned=False,
+                    reset_optimizer_between_phases=True, restart_lr_schedule=True)
+    assert set(settings) | set(SETS) == {f.path[0] for f in config_fields()}
+    hook = SwapHook(forget=["0"], learn=LEARN_SPEC, retain=("1",), **settings)
+    assert hook.config == SwapConfig.preset("detection", forget=("0",), retain=("1",), learn=("bag",), **settings)
+    assert hook.config.forget_loss.beta == 0.5 and hook.config.forget_loss.bnd == 15
+    assert not hook.config.forget_retains_learned and hook.config.reset_optimizer_between_phases
+    assert SwapHook(forget=dict(classes=("0",)), learn=LEARN_SPEC).config.retain is None
+
+
+class OptimizerProbe(Hook):
+    """Records, before each step, the optimizer and how many parameters it holds state for."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.optim.Optimizer, int]] = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        optimizer = runner.optim_wrapper.optimizer
+        self.seen.append((optimizer, len(optimizer.state)))
+
+
+def test_phase_settings_are_honoured(glyphs, pretrained_dino, tmp_path):
+    """forget_retains_learned=False: the forget phase retains R alone; reset_optimizer_between_phases: a fresh
+    optimizer (no moments) at the forget phase start; restart_lr_schedule is reported to have no effect. The
+    message hub holds each set's score and only the current phase's loss terms."""
+    cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "run", forget_retains_learned=False,
+                   reset_optimizer_between_phases=True, restart_lr_schedule=True)
+    cfg.custom_hooks[0].update(learn_length="2steps", forget_length="2steps")
+    runner = Runner.from_cfg(cfg)
+    probe = OptimizerProbe()
+    runner.register_hook(probe)
+    runner.train()
+    swap = next(h for h in runner.hooks if isinstance(h, SwapHook))
+    assert swap.config.reset_optimizer_between_phases and not swap.config.forget_retains_learned
+    retain = swap.phase_loaders[1]["retain"].loader.dataset
+    assert isinstance(retain, SwapCocoDataset) and retain.keep_classes == ("1", "2")
+    (first, s0), (same, s1), (fresh, s2), (kept, s3) = probe.seen
+    assert same is first and fresh is not first and kept is fresh
+    assert (s0, s2) == (0, 0) and s1 > 0 and s3 > 0
+    (log,) = Path(runner.log_dir).glob("*.log")
+    assert "SwapHook: restart_lr_schedule has no effect" in log.read_text()
+    hub = runner.message_hub
+    after = json.loads((tmp_path / "run" / "swap_report.json").read_text())["metrics"]["after"]
+    assert {k: hub.get_scalar(score_key(k)).current() for k in after} == pytest.approx(after)
+    terms = {k for k in hub.log_scalars if k.startswith("train/swap/")}
+    assert terms == {"train/" + loss_key(t) for t in ("retain/task", "forget/task", "forget/bounded", "group_sparse")}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -450,7 +550,7 @@ def test_swap_step_runs_the_backbone_and_transformer_once(tmp_path):
     outputs = model.train_step(merge_batches(batches), optim_wrapper=OptimWrapper(torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3)))
     assert calls == {"backbone": 1, "encoder": 1, "decoder": 1}
-    assert {"retain_task", "forget_task", "forget_bounded"} <= set(outputs)
+    assert {"retain/task", "forget/task", "forget/bounded", "group_sparse"} <= set(outputs)
 
 
 def test_role_task_losses_equal_each_role_alone(tmp_path):
@@ -471,7 +571,7 @@ def test_role_task_losses_equal_each_role_alone(tmp_path):
         alone[role] = sum_task_loss(losses)  # as mmengine's parse_losses sums it
     merged = model(**model.data_preprocessor(merge_batches(batches), True), mode="loss")
     for role, expected in alone.items():
-        torch.testing.assert_close(merged[f"{role}_task"], expected.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged[f"{role}/task"], expected.detach(), rtol=1e-4, atol=1e-5)
     assert (alone["retain"] - alone["forget"]).abs() > 0.05  # the roles' rows differ: a mix-up would show
 
 
