@@ -30,6 +30,9 @@ from kswap import (
 
 # cfg.SWAP.SOLVER.LR_SCHEDULER_NAME of the reference's constant LR (detectron2 has no scheduler of that name).
 CONSTANT_LR = "Constant"
+# cfg.SWAP.EVAL_IMAGES: periodic scores are a curve to watch, not the result; a few hundred images per set show its
+# trend at a fraction of a whole-set pass.
+PERIODIC_SCORE_IMAGES = 200
 
 
 # Keys of detectron2_swap before it named the settings as kswap does: a YAML or opts naming one fails with the new
@@ -69,8 +72,10 @@ def add_swap_config(cfg: CN) -> None:
     # 0: a phase starts from the previous phase's final weights. N > 0 reproduces the reference, whose next phase
     # started from the weights saved at iteration N (3000) of the previous one.
     cfg.SWAP.CHAIN_FROM_ITER = 0
-    # Score the three sets every N iterations (0: only before the swap and at phase ends).
+    # Score the three sets every N iterations (0: only before the swap and at phase ends), each on a seeded
+    # subsample of at most EVAL_IMAGES of its test images. Before the swap and at phase ends: the whole sets.
     cfg.SWAP.EVAL_PERIOD = 500
+    cfg.SWAP.EVAL_IMAGES = PERIODIC_SCORE_IMAGES
 
     # The classifier that grows by the new classes ("": Mask2Former's sem_seg_head.predictor.class_embed, else
     # a SemanticSegmentor's sem_seg_head.predictor) and its trailing rows kept last (-1: 1 for Mask2Former's

@@ -9,11 +9,16 @@ its forget loss at the start against the bound (resolving a relative one). After
 report, the merged plain model, the LoRA adapter alone and the sets' joint-label test data for detectron2's stock
 evaluation, then runs the unlearning audit when given one (on copies, after the outputs are written) and adds it to
 the report. Scores are logged as ``swap/<set>``, the loss terms (``model.py``) as ``swap/loss/<term>``.
+
+"Before" and the phase ends score the whole test sets; the scores every ``eval_period`` iterations (the curve) a
+seeded subsample of each set. The report records the images each score read, the seconds spent scoring and the
+run's wall time (added before each save of the hook's state and at the end, so a resumed run keeps adding).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,8 @@ from .plan import SETS, SwapPlan
 # Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
 logger = logging.getLogger(f"detectron2.{__name__}")
 
-Scores = Callable[[], "dict[str, float] | None"]
+# score(subsample) -> (per-set mIoU or None off the main process, per set the number of images scored)
+Scores = Callable[[bool], "tuple[dict[str, float] | None, dict[str, int]]"]
 
 
 class SwapHook(HookBase):
@@ -51,12 +57,15 @@ class SwapHook(HookBase):
     Args:
         plan: the swap plan.
         model: the prepared model (not the DDP wrapper).
-        score: per-set mIoU of the current model; every process calls it, the main process gets the scores.
+        score: ``score(subsample)``, the per-set mIoU of the current model over the whole test sets, or over a
+            seeded subsample of each set when ``subsample`` (the periodic scores), and the number of images each
+            set's score read (e.g. ``evaluation.SetScorer``); every process calls it, the main process gets the
+            scores (the others ``None``).
         checkpointer: saves a checkpoint at each phase end.
         out_dir: where the report and the merged model go.
         build_optimizer: a fresh optimizer over the model's trainable parameters (when the plan resets it).
         build_lr_scheduler: an LR schedule over ``n`` iterations for an optimizer (when the plan restarts it).
-        eval_period: also score the sets every this many iterations (0: only at phase ends).
+        eval_period: also score the sets' subsamples every this many iterations (0: only at phase ends).
         chain_from_iter: start each next phase from the LoRA weights at this iteration of the previous phase
             (the reference's restart at 3000); 0 chains from the final weights.
         write_config: writes the host's config for the merged model (``config_swapped.yaml``) with the other
@@ -98,6 +107,7 @@ class SwapHook(HookBase):
         self.report = SwapReport(order=plan.config.order.value, metric="mIoU",
                                  classes={s: [plan.space.names[i] for i in plan.sets[s]] for s in SETS})
         self.snapshot: dict[str, torch.Tensor] | None = None
+        self._clock = time.perf_counter()
 
     @property
     def restarts_lr(self) -> bool:
@@ -108,9 +118,9 @@ class SwapHook(HookBase):
         if self.report.before is None:
             # The pretrained model's scores: the grown head's new rows (LoRA still zero) must not take any pixel.
             with hidden_new_classes(self.model, self.model.swap_state.grown):
-                scores = self.score()
+                scores, images = self.scored()
             if scores is not None:
-                self.report.set_before(scores)
+                self.report.set_before(scores, images)
                 logger.info(f"Swap: before {scores}")
 
     def before_step(self) -> None:
@@ -130,9 +140,9 @@ class SwapHook(HookBase):
         if ended:
             self.end_phase(phase)
         elif self.eval_period and self.scheduler.global_step % self.eval_period == 0:
-            scores = self.score()
+            scores, images = self.scored(subsample=True)
             if scores is not None:
-                self.report.record(self.scheduler.global_step, phase.name, scores)
+                self.report.record(self.scheduler.global_step, phase.name, scores, images, subsample=True)
                 self.put_scores(scores)
 
     def after_train(self) -> None:
@@ -144,6 +154,7 @@ class SwapHook(HookBase):
             logger.info("Swap: unlearning audit of the pretrained and the swapped model")
             self.report.audit = self.audit(self.model)
             if comm.is_main_process():
+                self.tick()
                 self.report.write(self.out_dir)
                 logger.info("Swap report with the audit:\n" + self.report.to_markdown())
 
@@ -169,14 +180,25 @@ class SwapHook(HookBase):
         if warning:
             logger.warning(f"Swap: {warning}")
 
+    def scored(self, subsample: bool = False) -> tuple[dict[str, float] | None, dict[str, int]]:
+        """``score(subsample)``, its wall time added to the report's ``timing["scoring_s"]``."""
+        with self.report.timed():
+            return self.score(subsample)
+
+    def tick(self) -> None:
+        """Add the wall time since the last tick to the report's ``timing["run_s"]``."""
+        now = time.perf_counter()
+        self.report.timing["run_s"] += now - self._clock
+        self._clock = now
+
     def put_scores(self, scores: dict[str, float]) -> None:
         """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>``."""
         self.trainer.storage.put_scalars(**{score_key(k): v for k, v in scores.items()})
 
     def end_phase(self, phase: Phase) -> None:
-        scores = self.score()
+        scores, images = self.scored()
         if scores is not None:
-            self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores)
+            self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores, images)
             self.put_scores(scores)
             logger.info(f"Swap: after {phase.name} {scores}")
         if self.snapshot is not None and not self.scheduler.done:
@@ -190,6 +212,7 @@ class SwapHook(HookBase):
         """Write the swap report, ``model_swapped.pth`` (LoRA merged, the original keys under ``model`` as
         detectron2's checkpointer reads them, the joint classes), ``swap_adapter.safetensors`` (the LoRA alone), the
         sets' joint-label test data, and the config for the merged model when the host gave ``write_config``."""
+        self.tick()
         paths = self.report.write(self.out_dir)
         paths["model"] = write_merged_model(self.model, self.out_dir, key="model", classes=list(self.plan.space.names))
         paths["adapter"] = write_adapter(self.model, self.out_dir, self.plan.config, self.model.swap_state.grown,
@@ -202,6 +225,7 @@ class SwapHook(HookBase):
 
     # -- checkpoint state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self.tick()  # the run's time so far goes into the checkpoint a resumed run continues from
         state: dict[str, Any] = {"scheduler": self.scheduler.state_dict(), "report": self.report.to_dict()}
         if self.restarts_lr:
             state["lr_scheduler"] = self.trainer.scheduler.state_dict()
@@ -212,6 +236,7 @@ class SwapHook(HookBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.report = SwapReport.from_dict(state["report"])
+        self._clock = time.perf_counter()
         self.snapshot = state.get("snapshot")
         if self.scheduler.done:
             return

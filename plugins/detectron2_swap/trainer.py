@@ -32,7 +32,7 @@ from .audit import SegmentationAudit, probed_modules
 from .checkpoint import SwapCheckpointer
 from .config import CONSTANT_LR, audit_settings_from_cfg, solver_overrides
 from .data import SwapDataLoader
-from .evaluation import score_sets
+from .evaluation import SetScorer
 from .export import swapped_test_datasets
 from .hook import SwapHook
 from .model import prepare_swap_model
@@ -72,6 +72,9 @@ class SwapTrainerMixin:
         # Everything the swap needs from the config and the catalogs is checked before a model is built.
         self.swap_plan = SwapPlan.from_cfg(cfg)
         self.swap_audit = audit_settings_from_cfg(cfg) if cfg.SWAP.AUDIT.ENABLED else None
+        # The periodic scores' subsample is one draw for every process and every resume: SEED when set, else 0.
+        self.swap_scorer = SetScorer(self.swap_plan, lambda name: self.build_test_loader(cfg, name),
+                                     subsample_images=cfg.SWAP.EVAL_IMAGES, seed=max(cfg.SEED, 0))
         self.swap_user_cfg = cfg  # what config_swapped.yaml is written from: the user's SOLVER, not the swap's
         total = sum(p.length.steps for p in self.swap_plan.phases)
         super().__init__(_with(cfg, {"SOLVER.MAX_ITER": total, **solver_overrides(cfg)}))
@@ -115,7 +118,7 @@ class SwapTrainerMixin:
         self.swap_hook = SwapHook(
             self.swap_plan,
             model,
-            score=lambda: score_sets(self.model, self.swap_plan, lambda name: self.build_test_loader(cfg, name)),
+            score=lambda subsample: self.swap_scorer(self.model, subsample=subsample),
             checkpointer=self.checkpointer,
             out_dir=cfg.OUTPUT_DIR,
             build_optimizer=lambda: self.build_optimizer(cfg, model),
@@ -131,7 +134,8 @@ class SwapTrainerMixin:
         if cfg.DATASETS.TEST:
             logger.info(f"Swap: detectron2's evaluation of DATASETS.TEST {tuple(cfg.DATASETS.TEST)} (TEST.EVAL_PERIOD "
                         f"{cfg.TEST.EVAL_PERIOD}) is replaced by the swap's per-set mIoU of SWAP.DATASETS.*_TEST, "
-                        f"every SWAP.EVAL_PERIOD ({cfg.SWAP.EVAL_PERIOD}) iterations and at each phase end: the "
+                        f"every SWAP.EVAL_PERIOD ({cfg.SWAP.EVAL_PERIOD}) iterations on at most SWAP.EVAL_IMAGES "
+                        f"({cfg.SWAP.EVAL_IMAGES}) images per set and on the whole sets at each phase end: the "
                         "swapped model predicts classes those evaluators do not know.")
         # After the LR hook (its step of the phase's last iteration is in the phase-end checkpoint), before the
         # checkpointer and the writers (they see the phase position after the step).

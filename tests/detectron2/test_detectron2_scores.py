@@ -1,6 +1,7 @@
 """The detectron2 swap's numbers, checked against detectron2's own ``SemSegEvaluator``: "before" is the pretrained
-model, a set's mIoU counts every labelled pixel of its images, the forgetting bound is checked at the start of a
-forget phase, and the swapped model scores the same with detectron2's stock tools, without kswap.
+model, a set's mIoU counts every labelled pixel of its images, periodic scores read a seeded subsample of each set
+(and the report says which scores read what, and what scoring cost), the forgetting bound is checked at the start
+of a forget phase, and the swapped model scores the same with detectron2's stock tools, without kswap.
 
 Data and models as in ``test_detectron2_swap`` (composited real MNIST / Fashion-MNIST glyphs, a small
 SemanticSegmentor trained here).
@@ -26,9 +27,10 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from detectron2_swap import SwapPlan, per_class_iou, score_sets
+from detectron2_swap import SetScorer, SwapPlan, per_class_iou, score_sets
 from detectron2_swap.hook import logger as hook_logger
 from kswap import ADAPTER_FILE, MODEL_FILE, SwapConfig, loss_key, score_key
+from kswap.data import drawn_indices
 
 from swap_testing.d2_models import TESTS_DIR, glyph_cfg, make_trainer_classes, register_datasets, run_swap, swap_glyphs
 
@@ -139,6 +141,67 @@ def test_pixels_of_classes_outside_the_joint_space_count_against_any_prediction(
     confusion = np.zeros((n + 2, n + 2), np.int64)
     confusion[3, 3], confusion[3, n], confusion[0, n + 1] = 30, 10, 50
     assert per_class_iou(confusion, JOINT, over=[3]) == {"mIoU": 75.0, "IoU-2": 75.0}
+
+
+# -- item: periodic scores read a seeded subsample; the report says what each score read and what scoring cost ---
+
+def pretrained_model(cfg, weights: Path) -> nn.Module:
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(weights))
+    return model
+
+
+def test_a_subsample_scores_its_drawn_images_and_the_scorer_builds_each_loader_once(glyph_spec, d2_pretrained,
+                                                                                      tmp_path):
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth")
+    plan = SwapPlan.from_cfg(cfg)
+    model = pretrained_model(glyph_cfg(str(tmp_path)), d2_pretrained)
+    built = []
+
+    def loader(name: str):
+        built.append(name)
+        return Trainer.build_test_loader(cfg, name)
+
+    scorer = SetScorer(plan, loader, distributed=False, subsample_images=30, seed=0)
+    whole, images = scorer(model)
+    assert images == dict.fromkeys(SETS, 100)
+    assert whole == score_sets(model, plan, lambda name: Trainer.build_test_loader(cfg, name), distributed=False)
+    sub, images = scorer(model, subsample=True)
+    assert images == dict.fromkeys(SETS, 30)
+    assert sub != whole
+
+    # The same scores from plain score_sets on the seeded draw of each test dataset, registered as datasets.
+    drawn = {}
+    for dataset in ("glyph_digits_val", "glyph_clothes_val"):
+        records = DatasetCatalog.get(dataset)
+        drawn[dataset] = f"{dataset}_drawn30"
+        register_datasets({drawn[dataset]: {"records": [records[i] for i in drawn_indices(len(records), 30, 0)],
+                                            "stuff_classes": MetadataCatalog.get(dataset).stuff_classes}})
+    by_hand = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth",
+                          DATASETS__FORGET_TEST=(drawn["glyph_digits_val"],),
+                          DATASETS__RETAIN_TEST=(drawn["glyph_digits_val"],),
+                          DATASETS__LEARN_TEST=(drawn["glyph_clothes_val"],))
+    assert sub == score_sets(model, SwapPlan.from_cfg(by_hand), lambda name: Trainer.build_test_loader(cfg, name),
+                             distributed=False)
+
+    # Scoring again reads the same images through the loaders already built (forget and retain share theirs).
+    assert scorer(model, subsample=True) == (sub, images) and scorer(model)[0] == whole
+    assert len(built) == len(set(built)) == 4, built
+
+
+def test_periodic_scores_read_a_subsample_and_the_report_says_so_and_times_scoring(glyph_spec, d2_pretrained,
+                                                                                    tmp_path):
+    run_swap(swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=4, forget=4, EVAL_PERIOD=2, EVAL_IMAGES=30))
+    report = json.loads((tmp_path / "swap_report.json").read_text())
+    whole, sub = dict.fromkeys(SETS, 100), dict.fromkeys(SETS, 30)
+    assert [(r["step"], r["images"], r["subsample"]) for r in report["curve"]] == [
+        (0, whole, False), (2, sub, True), (4, whole, False), (6, sub, True), (8, whole, False)]
+    timing = report["timing"]
+    assert 0 < timing["scoring_s"] < timing["run_s"]
+    markdown = (tmp_path / "swap_report.md").read_text()
+    assert "before and after each phase: the whole test sets (forget 100, retain 100, learn 100 images)" in markdown
+    assert "a seeded subsample of each set (forget 30, retain 30, learn 30 images)" in markdown
+    assert f"scoring took {timing['scoring_s']:.0f} s of the run's {timing['run_s']:.0f} s" in markdown
 
 
 # -- item: the forgetting bound is checked at the start of each forget phase ---------------------------------------

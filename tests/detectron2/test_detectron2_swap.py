@@ -85,7 +85,8 @@ def test_swap_block_is_generated_from_the_core_settings():
     cfg = get_cfg()
     add_swap_config(cfg)
     # Every SwapConfig setting under its shared name; the other keys are detectron2's.
-    host = {"ENABLED", "DATASETS", "IMS_PER_BATCH", "CHAIN_FROM_ITER", "EVAL_PERIOD", "HEAD", "SOLVER", "AUDIT"}
+    host = {"ENABLED", "DATASETS", "IMS_PER_BATCH", "CHAIN_FROM_ITER", "EVAL_PERIOD", "EVAL_IMAGES", "HEAD", "SOLVER",
+            "AUDIT"}
     assert {k for k in leaf_keys(cfg.SWAP) if k.split(".")[0] not in host} == {f.cfg_key for f in config_fields()}
     cfg.merge_from_list(["SWAP.FORGET", ["3"], "SWAP.LEARN", ["trouser"]])
     assert swap_config_from_cfg(cfg) == SwapConfig.preset("segmentation", forget=["3"], learn=["trouser"])
@@ -270,7 +271,7 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.meta_arch.semantic_seg import SemanticSegmentor, SemSegFPNHead
 
-    from detectron2_swap import DetectionRoleLoader, SwapDataLoader, SwapHook, prepare_swap_model, score_sets
+    from detectron2_swap import DetectionRoleLoader, SetScorer, SwapDataLoader, SwapHook, prepare_swap_model
     from kswap import LoraSettings, LossWeights, SwapConfig
 
     from swap_testing.d2_models import GlyphViT
@@ -297,9 +298,9 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     trainer = SimpleTrainer(model, loader, optimizer)
     test_mapper = DatasetMapper(is_train=False, augmentations=[instantiate(resize)], image_format="BGR")
-    hook = SwapHook(plan, model, out_dir=tmp_path,
-                    score=lambda: score_sets(model, plan, lambda name: build_detection_test_loader(
-                        get_detection_dataset_dicts([name]), mapper=test_mapper)),
+    scorer = SetScorer(plan, lambda name: build_detection_test_loader(get_detection_dataset_dicts([name]),
+                                                                      mapper=test_mapper))
+    hook = SwapHook(plan, model, out_dir=tmp_path, score=lambda subsample: scorer(model, subsample=subsample),
                     checkpointer=SwapCheckpointer(model, str(tmp_path), grown=model.swap_state.grown, trainer=trainer))
     loader.bind(hook.scheduler)
     trainer.register_hooks([hook])
@@ -329,6 +330,8 @@ def test_resume_continues_the_phase(glyph_spec, d2_pretrained, tmp_path):
     saved = torch.load(tmp_path / "model_0000011.pth", weights_only=True)  # our checkpoints are weights-only
     swap_state = saved["trainer"]["hooks"]["SwapHook"]
     assert swap_state["scheduler"]["phase_index"] == 1 and swap_state["scheduler"]["step_in_phase"] == 4
+    run_s = swap_state["report"]["timing"]["run_s"]
+    assert run_s > swap_state["report"]["timing"]["scoring_s"] > 0
 
     seed_all_rng(0)
     trainer = SwapTrainer(cfg)
@@ -350,6 +353,7 @@ def test_resume_continues_the_phase(glyph_spec, d2_pretrained, tmp_path):
     assert steps == list(range(12, 16))
     report = json.loads((tmp_path / "swap_report.json").read_text())
     assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
+    assert report["timing"]["run_s"] > run_s  # the resumed run adds its time to the interrupted run's
     assert (tmp_path / "model_swapped.pth").exists()
 
 
@@ -446,6 +450,7 @@ def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, d2_pretrained, lab
     (dict(DATASETS__LEARN_TEST=()), "set cfg.SWAP.DATASETS.LEARN_TEST"),
     (dict(LORA__TARGETS=r"backbone\.nothing"), "matches no linear layer"),
     (dict(ORDER="learn_only"), "Unknown order 'learn_only'"),
+    (dict(EVAL_IMAGES=0), "cfg.SWAP.EVAL_IMAGES (the images of a set a periodic score reads) must be >= 1, got 0"),
 ])
 def test_bad_config_fails_before_training(glyph_spec, d2_pretrained, tmp_path, change, message):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, **change)
