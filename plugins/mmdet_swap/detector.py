@@ -25,15 +25,14 @@ from torch import nn
 
 from kswap import (
     GrownRows,
-    LossWeights,
-    PhaseLoss,
+    PhaseLossOutput,
     extend_embedding,
     extend_head,
-    group_sparse_loss,
     lora_state_dict,
     loss_key,
     sigmoid_prior_bias,
 )
+from kswap.losses import TaskLoss
 
 ROLE_KEY = "swap_role"
 # The phase-loss terms the detector returns beside its loss, under PhaseLoss's names (``retain/task``,
@@ -74,12 +73,14 @@ def head_input_rows(head_inputs: Mapping[str, Any], rows: list[int]) -> dict[str
     return out
 
 
-class SwapDetectorMixin:
-    """Mixed into the detector's own class. ``_swap_weights`` returns the current phase's loss weights and
-    ``_swap_groups`` the LoRA groups; batches carry each sample's role in ``metainfo['swap_role']``."""
+PhaseLossFn = Callable[[Mapping[str, TaskLoss]], PhaseLossOutput]
 
-    _swap_weights: Callable[[], LossWeights]
-    _swap_groups: dict[str, list[nn.Parameter]]
+
+class SwapDetectorMixin:
+    """Mixed into the detector's own class. ``_swap_loss`` turns per-role task losses into the current phase's
+    loss; batches carry each sample's role in ``metainfo['swap_role']``."""
+
+    _swap_loss: PhaseLossFn
 
     def loss(self, batch_inputs: torch.Tensor, batch_data_samples: list) -> dict[str, torch.Tensor]:
         roles = [s.metainfo.get(ROLE_KEY) for s in batch_data_samples]
@@ -91,7 +92,7 @@ class SwapDetectorMixin:
             rows = [i for i, r in enumerate(roles) if r == role]
             task[role] = self.bbox_head.loss(**head_input_rows(head_inputs, rows),
                                              batch_data_samples=[batch_data_samples[i] for i in rows])
-        out = PhaseLoss(self._swap_weights())(task, gs=group_sparse_loss(self._swap_groups))
+        out = self._swap_loss(task)
         return {"loss": out.total, **logged_terms(out.terms)}
 
     def init_weights(self) -> None:
@@ -102,19 +103,17 @@ class SwapDetectorMixin:
         self.load_state_dict(lora, strict=False)
 
 
-def make_swap_detector(detector: nn.Module, weights: Callable[[], LossWeights],
-                       groups: dict[str, list[nn.Parameter]]) -> None:
+def make_swap_detector(detector: nn.Module, phase_loss: PhaseLossFn) -> None:
     """Give ``detector`` the swap loss, in place (its class becomes a subclass of its own class).
 
     Args:
-        weights: returns the loss weights of the current step (the phase's, with its forget bound resolved).
-        groups: the LoRA groups of the group-sparse penalty.
+        phase_loss: per-role task losses to the current step's phase loss (``SwapSession.phase_loss``: the
+            phase's weights, its forget bound resolved, and the LoRA groups' sparsity).
     """
     base = type(detector)
     if not isinstance(detector, SwapDetectorMixin):
         detector.__class__ = type(f"Swap{base.__name__}", (SwapDetectorMixin, base), {})
-    detector._swap_weights = weights
-    detector._swap_groups = groups
+    detector._swap_loss = phase_loss
 
 
 def extend_dino_classes(detector: nn.Module, n_new: int) -> dict[str, GrownRows]:

@@ -136,6 +136,7 @@ class SetScorer:
                                     collate_fn=pseudo_collate), union_ids)
                         for dataset, indices, union_ids in picked.values()]
         self.gt = {name: as_coco(self.coco(name)) for name in sets}
+        self.forget_images = len(shown["forget"])
         forget = self.sets["forget"]
         # Other objects on the forget images are ignored regions (iscrowd): finding them is neither a hit nor a
         # false positive of the class-agnostic forget score.
@@ -180,6 +181,11 @@ class SetScorer:
         scores = {name: self.set_ap(detections, name) for name in self.sets}
         scores["forget_any"] = coco_ap(self.forget_any_gt, detections, use_cats=False)
         return scores
+
+    def images_per_score(self) -> dict[str, int]:
+        """The test images each score of ``__call__`` reads: every set's AP the whole union (a set is scored on
+        all of its images, not only those showing its classes), ``forget_any`` the forget set's images."""
+        return {**{name: len(self.images) for name in self.sets}, "forget_any": self.forget_images}
 
     def set_ap(self, detections: list[dict], name: str) -> float:
         """Set ``name``'s AP over the union: the mean over its classes (detections of other classes cannot

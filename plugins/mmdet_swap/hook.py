@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -27,23 +28,20 @@ from typing import Any
 import torch
 from mmdet.registry import DATASETS
 from mmengine.config import Config
-from mmengine.dist import all_reduce
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS, OPTIM_WRAPPERS, OPTIMIZERS
+from mmengine.registry import HOOKS, LOOPS, OPTIM_WRAPPERS, OPTIMIZERS
 from torch.utils.data import ConcatDataset
 
 from kswap import (
     MODEL_FILE,
     AuditSettings,
-    InfiniteLoader,
     LabelSpace,
-    LossWeights,
     Phase,
-    PhaseScheduler,
+    PreparedModel,
     SwapConfig,
     SwapConfigError,
-    SwapReport,
+    SwapSession,
     atomic_write_text,
     check_head_size,
     freeze_all_but_lora_,
@@ -52,7 +50,6 @@ from kswap import (
     inject_lora,
     lora_groups,
     loss_key,
-    plan_phases,
     score_key,
     validate_lora_state,
     write_adapter,
@@ -62,7 +59,7 @@ from kswap import (
 from .audit import PROBE_IMAGES, audit_detector
 from .detector import extend_dino_classes, make_swap_detector
 from .evaluation import SetScorer
-from .loop import SwapTrainLoop
+from .loop import SwapTrainLoop  # noqa: F401  (registers the loop the hook builds)
 
 SETS = ("forget", "retain", "learn")
 # The phase-loss terms in the message hub: mmengine's RuntimeInfoHook files train_step's outputs under "train/".
@@ -78,7 +75,8 @@ def set_spec(value: Mapping[str, Any] | Sequence[str] | None) -> dict[str, Any]:
 
 @HOOKS.register_module()
 class SwapHook(Hook):
-    """Forget, retain and learn classes of a pretrained detector.
+    """Forget, retain and learn classes of a pretrained detector: the host of a ``kswap.SwapSession``, which
+    ``SwapTrainLoop`` steps through its phases.
 
     Args:
         forget: the pretrained class names to forget, or ``dict(classes=(...))`` optionally with ``train``/``val``
@@ -140,26 +138,28 @@ class SwapHook(Hook):
             unknown = set(self.audit) - set(known)
             if unknown:
                 raise SwapConfigError(f"SwapHook: audit has no {sorted(unknown)}; it takes {known}.")
-        self.scheduler: PhaseScheduler | None = None
-        self.phase_loaders: list[dict[str, InfiniteLoader]] = []
-        self.report: SwapReport | None = None
+        self.session: SwapSession | None = None
         self.pretrained_buffers: dict[str, torch.Tensor] | None = None
+        self._clock = time.perf_counter()
 
     # -- surgery -------------------------------------------------------------------------------------------------
     def before_run(self, runner: Any) -> None:
         if not (runner._load_from or runner._resume):
             raise SwapConfigError("SwapHook edits a trained detector: set load_from to its checkpoint.")
+        self._clock = time.perf_counter()
+        self.runner = runner
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         pretrained = runner.train_loop.dataloader.dataset.metainfo["classes"]
         self.space = LabelSpace.for_config(pretrained, self.config)
         self.sets = self.space.resolve(self.config).as_dict()
         check_head_size(model.bbox_head.num_classes, self.space.num_pretrained, where="bbox_head")
+        # Not kswap.prepare_model: DINO has one class branch per decoder layer and a denoising label embedding.
         self.grown = extend_dino_classes(model, len(self.space.new))
-        inject_lora(model, self.config.lora)
+        adapted = inject_lora(model, self.config.lora)
         freeze_all_but_lora_(model)
-        self.groups = lora_groups(model, self.config.lora.group_by)
+        prepared = PreparedModel(model, self.grown, lora_groups(model, self.config.lora.group_by), adapted)
         # A function, not a bound method: merge_and_export deep-copies the model, which would copy the hook too.
-        make_swap_detector(model, lambda: self._step_weights(), self.groups)
+        make_swap_detector(model, lambda task: self.session.phase_loss(task))
         model.dataset_meta = {**(getattr(model, "dataset_meta", None) or {}), "classes": self.space.names}
         self.model = model
         runner.model = runner.wrap_model(runner.cfg.get("model_wrapper_cfg"), model) if runner.distributed else model
@@ -169,21 +169,21 @@ class SwapHook(Hook):
         if self.config.restart_lr_schedule:
             runner.logger.warning("SwapHook: restart_lr_schedule has no effect: the swap keeps the LR constant.")
         self._build_data(runner)
-        phases = plan_phases(self.config)
-        self.phase_loaders = [self._loaders_of(p, runner) for p in phases]
-        self.scheduler = PhaseScheduler(phases, lambda p: len(self.phase_loaders[p.index]["retain"].loader),
-                                        fingerprint=self.config.fingerprint())
-        self.report = SwapReport(order=self.config.order.value, metric="bbox_mAP",
-                                 classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
-        runner._train_loop = SwapTrainLoop(runner, self)
-        runner.logger.info(f"SwapHook: LoRA in {len(self.groups)} groups; classes {self.space.num_pretrained} -> "
-                           f"{self.space.num_classes}; phases {[p.name for p in phases]} of "
-                           f"{self.scheduler.phase_steps} steps")
+        self.session = SwapSession(
+            self.config, self, prepared, metric="bbox_mAP", log=self._log,
+            classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
+        runner._train_loop = LOOPS.build(dict(type="SwapTrainLoop", swap=self), default_args=dict(runner=runner))
+        runner.logger.info(f"SwapHook: LoRA in {len(prepared.groups)} groups; classes {self.space.num_pretrained} -> "
+                           f"{self.space.num_classes}; phases {[p.name for p in self.session.phases]} of "
+                           f"{self.session.scheduler.phase_steps} steps")
 
-    def _step_weights(self) -> LossWeights:
-        """The current phase's loss weights, its relative forget bound resolved once measured."""
-        phase = self.scheduler.phase
-        return self.report.phase_weights(phase.name, phase.loss)
+    def _log(self, line: str) -> None:
+        """The session's progress lines (``swap: ...``) in the run's log, its warnings as warnings."""
+        text = line.removeprefix("swap: ")
+        if text.startswith("WARNING "):
+            self.runner.logger.warning("SwapHook: " + text.removeprefix("WARNING "))
+        else:
+            self.runner.logger.info("SwapHook: " + text)
 
     def _lora_optim_wrapper(self, runner: Any) -> Any:
         """The config's optimizer and wrapper type over the trainable (LoRA) parameters only."""
@@ -202,24 +202,24 @@ class SwapHook(Hook):
         grow_checkpoint_rows(state, self.model.state_dict(), self.grown)
         checkpoint["state_dict"] = validate_lora_state(self.model, state)
         saved = checkpoint.get("swap")
-        if saved is not None:
+        if saved is not None:  # resume: the report's run time goes on from the saved one
             torch.set_rng_state(saved["rng"])  # DINO's denoising queries draw from it
-            self.scheduler.load_state_dict(saved["scheduler"])
-            for roles, states in zip(self.phase_loaders, saved["loaders"], strict=True):
-                for role, it in roles.items():
-                    it.load_state_dict(states[role])
-            self.report = SwapReport.from_dict(saved["report"])
+            self.session.load_state_dict(saved)
             self.pretrained_buffers = saved.get("pretrained_buffers")
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        checkpoint["swap"] = {
-            "rng": torch.get_rng_state(),
-            "scheduler": self.scheduler.state_dict(),
-            "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.phase_loaders],
-            "report": self.report.to_dict(),
-        }
+        """The session's state plus what mmdet needs besides: the global RNG (denoising noise) and, for the
+        audit, the pretrained buffers."""
+        self._tick()
+        checkpoint["swap"] = {**self.session.state_dict(), "rng": torch.get_rng_state()}
         if self.pretrained_buffers is not None:
             checkpoint["swap"]["pretrained_buffers"] = self.pretrained_buffers
+
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to the report's run time."""
+        now = time.perf_counter()
+        self.session.report.timing["run_s"] += now - self._clock
+        self._clock = now
 
     def save(self, runner: Any) -> None:
         """A resumable checkpoint; ``last_checkpoint`` moves to it only once it is completely written."""
@@ -259,44 +259,44 @@ class SwapHook(Hook):
         self.scorer = SetScorer(datasets, self.sets, self.space.names,
                                 runner.cfg.val_dataloader.get("batch_size", 1))
 
-    def _loaders_of(self, phase: Phase, runner: Any) -> dict[str, InfiniteLoader]:
-        out = {}
-        for role, sources in phase.sources.items():
-            datasets = [self.train_sets[s] for s in sources]
-            dataset = datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
-            cfg = copy.deepcopy(dict(runner.cfg.train_dataloader))
-            # A loader of its own generator: creating an iterator then draws no number from the global RNG, whose
-            # state (DINO's denoising noise) a resumed run restores.
-            cfg.update(dataset=dataset, batch_size=self.batch_size or cfg["batch_size"],
-                       sampler=dict(type="SwapSampler", shuffle=True, seed=(runner.seed or 0) + 1000 * phase.index),
-                       generator=torch.Generator().manual_seed(runner.seed or 0))
-            cfg.pop("batch_sampler", None)
-            loader = runner.build_dataloader(cfg, seed=runner.seed)
-            if len(loader.dataset) == 0:
-                raise SwapConfigError(f"SwapHook: the {role} loader of phase {phase.name} has no images.")
-            out[role] = InfiniteLoader(loader)
-        return out
-
-    def retain_side_loader(self) -> Any:
-        index = self.scheduler.phase.index if not self.scheduler.done else -1
-        return self.phase_loaders[index]["retain"].loader
+    # -- the session's host (kswap.SwapHost): role loaders and phase starts; SwapTrainLoop runs the steps ------
+    def role_loader(self, phase: Phase, role: str, sets: tuple[str, ...]) -> Any:
+        """mmengine's loader of the config's train dataloader over the concatenation of ``role``'s sets."""
+        runner = self.runner
+        datasets = [self.train_sets[s] for s in sets]
+        dataset = datasets[0] if len(datasets) == 1 else dict(type="ConcatDataset", datasets=datasets)
+        cfg = copy.deepcopy(dict(runner.cfg.train_dataloader))
+        # A loader of its own generator: creating an iterator then draws no number from the global RNG, whose
+        # state (DINO's denoising noise) a resumed run restores.
+        cfg.update(dataset=dataset, batch_size=self.batch_size or cfg["batch_size"],
+                   sampler=dict(type="SwapSampler", shuffle=True, seed=(runner.seed or 0) + 1000 * phase.index),
+                   generator=torch.Generator().manual_seed(runner.seed or 0))
+        cfg.pop("batch_sampler", None)
+        loader = runner.build_dataloader(cfg, seed=runner.seed)
+        if len(loader.dataset) == 0:
+            raise SwapConfigError(f"SwapHook: the {role} loader of phase {phase.name} has no images.")
+        return loader
 
     # -- phases, evaluation, outputs -----------------------------------------------------------------------------
-    def scores(self) -> dict[str, float]:
-        return self.scorer(self.model)
+    def scores(self) -> tuple[dict[str, float], dict[str, int]]:
+        """The per-set scores of the model and the test images each read (timed into the report)."""
+        with self.session.report.timed():
+            return self.scorer(self.model), self.scorer.images_per_score()
 
     def before_swap(self, runner: Any) -> None:
-        if self.report.before is None:
+        report = self.session.report
+        if report.before is None:
             # The pretrained model's scores: the grown classes' outputs hidden, LoRA still zero.
             with hidden_new_classes(self.model, self.grown):
-                self.report.set_before(self.scores())
-            self._log_scores(runner, "before", self.report.before)
+                report.set_before(*self.scores())
+            self._log_scores(runner, "before", report.before)
             if self.audit is not None:
                 # Frozen weights stay as loaded, but a config without norm_eval moves BatchNorm statistics while
                 # the swap trains: the audit's pretrained row needs them as they were.
                 self.pretrained_buffers = {k: v.detach().clone() for k, v in self.model.named_buffers()}
 
-    def start_phase(self, runner: Any, phase: Phase) -> None:
+    def start_phase(self, phase: Phase) -> None:
+        runner = self.runner
         if phase.index > 0 and self.config.reset_optimizer_between_phases:
             runner.optim_wrapper = self._lora_optim_wrapper(runner)
         # The logger reports every train scalar of the message hub: drop the last phase's terms (e.g. learn/task
@@ -304,22 +304,12 @@ class SwapHook(Hook):
         hub = runner.message_hub.log_scalars
         for key in [k for k in hub if k.startswith(HUB_TERMS)]:
             del hub[key]
-        runner.logger.info(f"SwapHook: phase {phase.name} ({self.scheduler.phase_steps[phase.index]} steps)")
-
-    def check_forget_bound(self, runner: Any, phase: Phase, outputs: Mapping[str, torch.Tensor]) -> None:
-        """After the first step of a phase with a forget role: record the forget loss it starts from (which
-        resolves a relative bound, the same on every rank) and warn when the bound is inactive."""
-        if "forget" not in phase.sources or phase.name in self.report.forget_bounds:
-            return
-        measured = outputs[loss_key("forget/task")].detach().clone().float()
-        all_reduce(measured, op="mean")
-        warning = self.report.start_forget_phase(phase.name, phase.loss, float(measured))
-        if warning:
-            runner.logger.warning(f"SwapHook: {warning}")
+        runner.logger.info(f"SwapHook: phase {phase.name} ({self.session.scheduler.phase_steps[phase.index]} steps)")
 
     def end_phase(self, runner: Any, phase: Phase) -> None:
-        scores = self.scores()
-        self.report.end_phase(phase.name, phase.kind.value, self.scheduler.global_step, scores)
+        scores, images = self.scores()
+        self.session.report.end_phase(phase.name, phase.kind.value, self.session.scheduler.global_step, scores,
+                                      images)
         self._log_scores(runner, f"after {phase.name}", scores)
         self.save(runner)
 
@@ -335,14 +325,16 @@ class SwapHook(Hook):
         if runner.rank != 0:
             return
         out = Path(self.out_dir or runner.work_dir)
+        report = self.session.report
+        self._tick()
         if self.audit is not None:
-            self.report.audit = self._audit(runner)
-        paths = self.report.write(out)
+            report.audit = self._audit(runner)
+        paths = report.write(out)
         meta = {"dataset_meta": {"classes": list(self.space.names)}, "kswap": {"report": str(paths["json"])}}
         model = write_merged_model(self.model, out, meta=json.loads(json.dumps(meta)))
-        write_adapter(self.model, out, self.config, self.grown, self.report.classes)
+        write_adapter(self.model, out, self.config, self.grown, report.classes)
         self._write_stock_test_configs(runner, out)
-        runner.logger.info("\n" + self.report.to_markdown())
+        runner.logger.info("\n" + report.to_markdown())
         runner.logger.info(f"SwapHook: score {model} with mmdet's tools/test.py "
                            f"{out / 'swapped_test_<set>.py'} {model} (set: {', '.join(SETS)})")
 

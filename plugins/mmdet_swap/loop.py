@@ -1,11 +1,17 @@
-"""The training loop a ``SwapHook`` puts in place of the config's: the swap's phases, step by step."""
+"""The training loop a ``SwapHook`` puts in place of the config's: the swap session's phases, step by step."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
+from mmengine.dist import all_reduce
 from mmengine.hooks import IterTimerHook
+from mmengine.registry import LOOPS
 from mmengine.runner import BaseLoop
+
+from kswap import Phase, loss_key
 
 from .detector import ROLE_KEY, log_outputs
 
@@ -32,19 +38,23 @@ def restart_iter_timers(runner: Any) -> None:
             hook.before_train_epoch(runner)
 
 
+@LOOPS.register_module()
 class SwapTrainLoop(BaseLoop):
-    """Runs the swap's phases: each step one batch per loss role of the phase, merged into one ``train_step``.
+    """Runs the phases of ``swap.session`` (a ``kswap.SwapSession``): each step one batch per loss role of the
+    phase, merged into one ``train_step``.
 
     The runner's hooks are called as by mmengine's loops (``before/after_train``, one ``before/after_train_epoch``
-    around the whole swap, ``before/after_train_iter``); the swap hook evaluates the three sets at phase ends.
+    around the whole swap, ``before/after_train_iter``); the swap hook scores the three sets before the swap and
+    at phase ends, saves and writes the outputs.
     """
 
     def __init__(self, runner: Any, swap: SwapHook) -> None:
         self.swap = swap
-        super().__init__(runner, swap.retain_side_loader())
+        self.session = swap.session
+        super().__init__(runner, self._retain_side_loader())
         self._epoch = 0
         self._iter = 0
-        self._max_iters = swap.scheduler.total_steps
+        self._max_iters = self.session.scheduler.total_steps
         self.stop_training = False
 
     @property
@@ -63,33 +73,46 @@ class SwapTrainLoop(BaseLoop):
     def iter(self) -> int:
         return self._iter
 
+    def _retain_side_loader(self) -> Any:
+        """The current phase's retain-side loader (the last phase's once done), as mmengine's ``dataloader``."""
+        index = -1 if self.session.done else self.session.phase.index
+        return self.session.loaders[index]["retain"].loader
+
     def run(self) -> Any:
-        runner, swap = self.runner, self.swap
+        runner, swap, session = self.runner, self.swap, self.session
         runner.call_hook("before_train")
         # The whole swap is one "epoch" for the hooks that keep per-epoch state (timers, loggers).
         runner.call_hook("before_train_epoch")
         swap.before_swap(runner)
         restart_iter_timers(runner)
-        self.dataloader = swap.retain_side_loader()
-        while not swap.scheduler.done:
-            phase = swap.scheduler.phase
-            if swap.scheduler.at_phase_start:
-                swap.start_phase(runner, phase)
-                self.dataloader = swap.retain_side_loader()
-            data_batch = merge_batches({role: next(it) for role, it in swap.phase_loaders[phase.index].items()})
+        self.dataloader = self._retain_side_loader()
+        while not session.done:
+            phase = session.phase
+            # At a phase's first step the session calls swap.start_phase (optimizer reset, log).
+            data_batch = merge_batches(session.next_batches())
+            self.dataloader = self._retain_side_loader()
             runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
             runner.model.train()
             # The hooks (message hub, logger) see the phase-loss terms under their log keys.
             outputs = log_outputs(runner.model.train_step(data_batch, optim_wrapper=runner.optim_wrapper))
-            swap.check_forget_bound(runner, phase, outputs)
+            self._observe_forget_loss(phase, outputs)
             runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
             self._iter += 1
-            if swap.scheduler.step():
+            if session.count_step():
                 swap.end_phase(runner, phase)
                 restart_iter_timers(runner)
-            elif not swap.scheduler.done:
+            elif not session.done:
                 swap.after_step(runner)
         runner.call_hook("after_train_epoch")
         runner.call_hook("after_train")
         swap.finish(runner)
         return runner.model
+
+    def _observe_forget_loss(self, phase: Phase, outputs: Mapping[str, torch.Tensor]) -> None:
+        """The forget loss of a forget phase's first step, its mean over the ranks (every rank resolves the same
+        relative bound), to the session's bound check."""
+        if "forget" not in phase.sources or phase.name in self.session.report.forget_bounds:
+            return
+        measured = outputs[loss_key("forget/task")].detach().clone().float()
+        all_reduce(measured, op="mean")
+        self.session.observe_forget_loss(float(measured), phase)

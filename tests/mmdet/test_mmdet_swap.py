@@ -28,6 +28,7 @@ from kswap import (
     ADAPTER_FILE,
     MODEL_FILE,
     LossWeights,
+    PhaseLoss,
     SwapConfig,
     SwapConfigError,
     config_fields,
@@ -146,6 +147,25 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, swap_run, tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "loaded 5" in out.stdout, out.stderr[-2000:]
+
+
+def test_report_records_scoring_images_and_time(swap_run):
+    """Each score row names the test images it read (every set: the union of the sets' test images, which the
+    stock test files hold; forget_any: the forget images) and the report times scoring against the run."""
+    _, work = swap_run
+    report = json.loads((work / "swap_report.json").read_text())
+    union = len(json.loads((work / "swapped_forget.json").read_text())["images"])
+    forget_images = json.loads((work / "swapped_forget.json").read_text())["annotations"]
+    assert [r["phase"] for r in report["curve"]] == ["before", "0_learn", "1_forget"]
+    for row in report["curve"]:
+        assert row["subsample"] is False
+        assert row["images"] == {"forget": union, "retain": union, "learn": union,
+                                 "forget_any": len({a["image_id"] for a in forget_images})}, row
+    assert 90 < union <= 150  # the digits' and the new classes' test images together
+    timing = report["timing"]
+    assert 0 < timing["scoring_s"] < timing["run_s"], timing
+    assert f"scoring took {timing['scoring_s']:.0f} s of the run's {timing['run_s']:.0f} s" in (
+        work / "swap_report.md").read_text()
 
 
 def test_before_is_the_untouched_pretrained_model(swap_run, pretrained_dino, tmp_path):
@@ -471,7 +491,7 @@ def test_phase_settings_are_honoured(glyphs, pretrained_dino, tmp_path):
     runner.train()
     swap = next(h for h in runner.hooks if isinstance(h, SwapHook))
     assert swap.config.reset_optimizer_between_phases and not swap.config.forget_retains_learned
-    retain = swap.phase_loaders[1]["retain"].loader.dataset
+    retain = swap.session.loaders[1]["retain"].loader.dataset
     assert isinstance(retain, SwapCocoDataset) and retain.keep_classes == ("1", "2")
     (first, s0), (same, s1), (fresh, s2), (kept, s3) = probe.seen
     assert same is first and fresh is not first and kept is fresh
@@ -518,7 +538,7 @@ def swap_step_inputs(tmp_path: Path) -> tuple[torch.nn.Module, dict[str, dict]]:
     from mmdet.utils import register_all_modules
     from mmengine.dataset import pseudo_collate
 
-    from kswap import freeze_all_but_lora_, inject_lora, lora_groups
+    from kswap import freeze_all_but_lora_, group_sparse_loss, inject_lora, lora_groups
     from mmdet_swap.detector import extend_dino_classes, make_swap_detector
 
     register_all_modules()
@@ -531,7 +551,8 @@ def swap_step_inputs(tmp_path: Path) -> tuple[torch.nn.Module, dict[str, dict]]:
     extend_dino_classes(model, len(LEARN))
     inject_lora(model, hook.config.lora)
     freeze_all_but_lora_(model)
-    make_swap_detector(model, LossWeights, lora_groups(model, hook.config.lora.group_by))
+    groups = lora_groups(model, hook.config.lora.group_by)
+    make_swap_detector(model, lambda task: PhaseLoss(LossWeights())(task, gs=group_sparse_loss(groups)))
     dataset = DATASETS.build(cfg.train_dataloader.dataset)
     samples = [dataset[i] for i in range(len(dataset))]
     two = [s for s in samples if len(s["data_samples"].gt_instances) == 2]
@@ -628,6 +649,10 @@ def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
     assert report["metrics"]["before"] == first_before  # not re-measured: the run continued
     assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
     assert [p["end_step"] for p in report["metrics"]["phases"]] == [20, 40]
+    # the resumed run adds its own time to the interrupted one's (up to its last checkpoint)
+    saved_timing = saved["swap"]["report"]["timing"]
+    assert 0 < saved_timing["scoring_s"] < report["timing"]["scoring_s"] < report["timing"]["run_s"]
+    assert saved_timing["run_s"] < report["timing"]["run_s"]
 
 
 def test_ddp_two_processes(glyphs, pretrained_dino, tmp_path):
