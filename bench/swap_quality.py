@@ -16,7 +16,7 @@ seeds and, per seed, whether the demo's targets and the stricter oracle goal (fo
 of the pretrained model, learn within 3 points of the oracle) were met. The step overhead is
 ``bench/step_overhead.py``'s.
 
-Usage: ``python bench/swap_quality.py [--seeds 0 1] [--methods ...] [--out bench/results/swap_quality.json]``
+Usage: ``python bench/swap_quality.py [--seeds 0 1] [--no-demo-seed] [--methods ...] [--out FILE.json]``
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -66,6 +67,14 @@ SWEEP = {
                                              "--swap-forget-loss-distill", "1"],
     "attn + FFN LoRA, distill 1": ["--swap-forget-loss-distill", "1"],
     "attn + FFN LoRA, distill 3": ["--swap-forget-loss-distill", "3"],
+    # The demo's config misses the oracle goal's learn bar on seeds 0 and 1 (README, Benchmarks): a longer learn
+    # phase with a shorter forget phase, an annealed LR (cosine per phase, as the reference, ending at 1e-4), and that
+    # with a heavier retain term or a longer learn phase (`--no-demo-seed --seeds 0 1` runs the missed seeds only).
+    "demo, 800 learn + 200 forget steps": ["--swap-learn-length", "800steps", "--swap-forget-length", "200steps"],
+    "demo, cosine LR to 1e-4 per phase": ["--swap-min-lr", "1e-4"],
+    "demo, cosine LR to 1e-4 per phase, learn retain weight 2": ["--swap-min-lr", "1e-4",
+                                                                 "--swap-learn-loss-retain-weight", "2"],
+    "demo, cosine LR to 1e-4 per phase, 800 learn steps": ["--swap-min-lr", "1e-4", "--swap-learn-length", "800steps"],
 }
 ORACLE = "oracle (R∪L from scratch)"
 
@@ -84,8 +93,9 @@ def swap_report(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path,
 
 def run_swap(name: str, extra: list[str], roots: dict[str, Path], ckpt: Path, out: Path) -> dict:
     report, wall = swap_report(name, extra, roots, ckpt, out)
+    phases = report["metrics"]["phases"]
     return {**report["metrics"]["after"], "hmean": report.get("hmean", 0.0), "wall_s": wall,
-            "before": report["metrics"]["before"]}
+            "before": report["metrics"]["before"], "phase_ends": {p["name"]: p["after"] for p in phases}}
 
 
 def train_oracle(roots: dict[str, Path], out: Path, seed: int | None = None) -> tuple[Any, list[str], float]:
@@ -156,13 +166,20 @@ def one_seed(seed: int | None, methods: list[str], roots: dict[str, Path], out: 
         print(f"{label}: running {name} ...", flush=True)
         flags = {**METHODS, **SWEEP}[name]
         rows[name] = run_swap(name, [*flags, *seed_flags(seed)], roots, ckpt, out / f"seed{seed}")
+        print(f"{label}: {name}: {scores_line(rows[name])}", flush=True)
     print(f"{label}: running the oracle ...", flush=True)
     rows[ORACLE] = oracle(roots, out / f"seed{seed}", seed)
+    print(f"{label}: {ORACLE}: {scores_line(rows[ORACLE])}", flush=True)
     before = next(iter(rows.values()))["before"]
     rows[ORACLE]["hmean"] = swap_hmean(before, rows[ORACLE])
     for name in methods:
         rows[name]["targets"] = demo_targets(before, rows[name], rows[ORACLE]["learn"])
     return {"pretrained": before, "rows": rows}
+
+
+def scores_line(row: dict) -> str:
+    """One row's scores and wall time, printed as each run ends (a long sweep shows its progress)."""
+    return f"forget {row['forget']:.2f}  retain {row['retain']:.2f}  learn {row['learn']:.2f}  ({row['wall_s']:.0f} s)"
 
 
 def summary(per_seed: dict[str, dict]) -> dict[str, dict]:
@@ -184,17 +201,18 @@ def summary(per_seed: dict[str, dict]) -> dict[str, dict]:
 
 
 def table(per_seed: dict[str, dict], stats: dict[str, dict]) -> list[str]:
-    header = (f"{'method':<32}{'forget ↓ max':>13}{'retain drop ↓ mean/max':>24}{'learn ↑ mean/min':>18}"
+    width = max(32, *(len(name) + 2 for name in stats))  # sweep rows have long names
+    header = (f"{'method':<{width}}{'forget ↓ max':>13}{'retain drop ↓ mean/max':>24}{'learn ↑ mean/min':>18}"
               f"{'demo / oracle goal':>20}")
     lines = [header, "-" * len(header)]
     pre = [r["pretrained"] for r in per_seed.values()]
-    lines.append(f"{'pretrained (retain, forget)':<32}{min(p['forget'] for p in pre):>13.2f}"
+    lines.append(f"{'pretrained (retain, forget)':<{width}}{min(p['forget'] for p in pre):>13.2f}"
                  f"{statistics.fmean(p['retain'] for p in pre):>24.2f}")
     n = len(per_seed)
     for name, st in stats.items():
         met = st.get("seeds_meeting")
         goals = f"{met['demo']}/{n} , {met['oracle_goal']}/{n}" if met else ""
-        lines.append(f"{name:<32}{st['forget']['max']:>13.2f}"
+        lines.append(f"{name:<{width}}{st['forget']['max']:>13.2f}"
                      f"{st['retain_drop']['mean']:>15.2f} / {st['retain_drop']['max']:<6.2f}"
                      f"{st['learn']['mean']:>10.2f} / {st['learn']['min']:<6.2f}{goals:>16}")
     return lines
@@ -206,16 +224,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=[*METHODS, *SWEEP])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1],
                         help="pretraining (and swap) seeds besides the demo's own model")
+    parser.add_argument("--no-demo-seed", action="store_true",
+                        help="run only --seeds (e.g. the seeds a config misses), not the demo's own model")
     args = parser.parse_args()
     roots = prepare(per_class_train=1000, per_class_val=300)
     per_seed: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in [None, *args.seeds]:
+        for seed in [*([] if args.no_demo_seed else [None]), *args.seeds]:
             per_seed["demo" if seed is None else str(seed)] = one_seed(seed, args.methods, roots, Path(tmp))
     stats = summary(per_seed)
     lines = table(per_seed, stats)
     print("\n".join(lines))
-    command = "python bench/swap_quality.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/swap_quality.py", *sys.argv[1:]])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": command.strip(), "threads": os.environ.get("OMP_NUM_THREADS"),
                                           "seeds": list(per_seed), "per_seed": per_seed, "summary": stats,
