@@ -3,18 +3,19 @@
     custom_imports = dict(imports=['mmdet_swap'], allow_failed_imports=False)
     custom_hooks = [dict(type='SwapHook', forget=dict(classes=(...)), learn=dict(classes=(...), train=..., val=...))]
 
-Importing it registers ``SwapHook`` and ``SwapCocoDataset``, lets mmengine load its own local checkpoints
-under torch >= 2.6 (``weights_only`` with mmengine's types allowed), and routes mmcv's CPU path of
-``MultiScaleDeformableAttention`` to kswap's compiled kernel (``route_msda_to_kswap(False)`` restores mmcv's).
+Importing it registers ``SwapHook``, ``SwapTrainLoop``, ``SwapCocoDataset`` and ``SwapSampler`` and changes
+nothing else. A ``SwapHook`` run, from its start to its end, lets mmengine load its own local checkpoints under
+torch >= 2.6 (``local_checkpoint_loader``: ``weights_only`` with mmengine's types allowed) and routes mmcv's CPU
+path of ``MultiScaleDeformableAttention`` to kswap's compiled kernel (``msda_routed_to_kswap``); both are
+context managers for use outside a run, and ``route_msda_to_kswap(enabled)`` switches the kernel for good.
 """
 
-from .checkpoint import load_local_checkpoint, register_checkpoint_loader
+from .checkpoint import load_local_checkpoint, local_checkpoint_loader
 from .datasets import SwapCocoDataset
 from .hook import SwapHook
-from .msda import route_msda_to_kswap
+from .loop import SwapTrainLoop
+from .msda import msda_routed_to_kswap, route_msda_to_kswap
 from .sampler import SwapSampler
 
-register_checkpoint_loader()
-route_msda_to_kswap(True)
-
-__all__ = ["SwapCocoDataset", "SwapHook", "SwapSampler", "load_local_checkpoint", "route_msda_to_kswap"]
+__all__ = ["SwapCocoDataset", "SwapHook", "SwapSampler", "SwapTrainLoop", "load_local_checkpoint",
+           "local_checkpoint_loader", "msda_routed_to_kswap", "route_msda_to_kswap"]

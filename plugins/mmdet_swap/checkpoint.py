@@ -7,7 +7,9 @@ the safety off, the local loader allows exactly those types: anything else in a 
 
 from __future__ import annotations
 
+import contextlib
 import os.path as osp
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,13 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
         return torch.load(filename, map_location=map_location, weights_only=True)
 
 
-def register_checkpoint_loader() -> None:
-    """Serve local paths (``load_from``, ``resume``) with ``load_local_checkpoint``."""
+@contextlib.contextmanager
+def local_checkpoint_loader() -> Iterator[None]:
+    """Local paths (``load_from``, ``resume``) served by ``load_local_checkpoint`` inside the block (a
+    ``SwapHook`` run); mmengine's loader as it was after it."""
+    previous = CheckpointLoader._schemes[""]  # mmengine's load_from_local, unless someone replaced it
     CheckpointLoader.register_scheme(prefixes="", force=True)(load_local_checkpoint)
+    try:
+        yield
+    finally:
+        CheckpointLoader.register_scheme(prefixes="", force=True)(previous)

@@ -9,7 +9,9 @@ mmengine builds the model, wraps it and builds the optimizer before the first ho
 does the surgery and rebuilds what depends on it: LoRA on the encoder/decoder FFNs, grown class branches
 and denoising label embedding, everything else frozen, the model re-wrapped, an optimizer over the LoRA
 parameters only, and the config's train loop replaced by the swap's phases. ``after_load_checkpoint``
-maps the pretrained checkpoint onto the grown, LoRA-injected model and refuses one that does not fit.
+maps the pretrained checkpoint onto the grown, LoRA-injected model and refuses one that does not fit. From
+``before_run`` to ``after_run`` mmengine loads local checkpoints with ``weights_only`` (its own types allowed)
+and mmcv's CPU deformable attention runs on kswap's kernel; both are as they were after the run.
 
 Outputs and log keys are the core's (``kswap.export``): ``model_swapped.pth``, ``swap_adapter.safetensors``,
 ``swap/<set>`` per set score and ``swap/loss/<term>`` per phase-loss term.
@@ -17,6 +19,7 @@ Outputs and log keys are the core's (``kswap.export``): ``model_swapped.pth``, `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -57,9 +60,11 @@ from kswap import (
 )
 
 from .audit import PROBE_IMAGES, audit_detector
+from .checkpoint import local_checkpoint_loader
 from .detector import extend_dino_classes, make_swap_detector
 from .evaluation import SetScorer
 from .loop import SwapTrainLoop  # noqa: F401  (registers the loop the hook builds)
+from .msda import msda_routed_to_kswap
 
 SETS = ("forget", "retain", "learn")
 # The phase-loss terms in the message hub: mmengine's RuntimeInfoHook files train_step's outputs under "train/".
@@ -141,11 +146,15 @@ class SwapHook(Hook):
         self.session: SwapSession | None = None
         self.pretrained_buffers: dict[str, torch.Tensor] | None = None
         self._clock = time.perf_counter()
+        self._run_patches = contextlib.ExitStack()
 
     # -- surgery -------------------------------------------------------------------------------------------------
     def before_run(self, runner: Any) -> None:
         if not (runner._load_from or runner._resume):
             raise SwapConfigError("SwapHook edits a trained detector: set load_from to its checkpoint.")
+        # For this run only (after_run undoes them): the checkpoints load under torch >= 2.6, the kernel serves.
+        self._run_patches.enter_context(local_checkpoint_loader())
+        self._run_patches.enter_context(msda_routed_to_kswap())
         self._clock = time.perf_counter()
         self.runner = runner
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
@@ -176,6 +185,9 @@ class SwapHook(Hook):
         runner.logger.info(f"SwapHook: LoRA in {len(prepared.groups)} groups; classes {self.space.num_pretrained} -> "
                            f"{self.space.num_classes}; phases {[p.name for p in self.session.phases]} of "
                            f"{self.session.scheduler.phase_steps} steps")
+
+    def after_run(self, runner: Any) -> None:
+        self._run_patches.close()
 
     def _log(self, line: str) -> None:
         """The session's progress lines (``swap: ...``) in the run's log, its warnings as warnings."""

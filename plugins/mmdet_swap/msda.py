@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from mmcv.ops import multi_scale_deform_attn as mmcv_msda
 
@@ -27,3 +30,14 @@ def route_msda_to_kswap(enabled: bool = True) -> None:
     latter is replaced.
     """
     mmcv_msda.multi_scale_deformable_attn_pytorch = kswap_multi_scale_deformable_attn if enabled else _MMCV_PYTORCH
+
+
+@contextlib.contextmanager
+def msda_routed_to_kswap() -> Iterator[None]:
+    """mmcv's CPU path on kswap's kernel inside the block (a ``SwapHook`` run), as it was before after it."""
+    previous = mmcv_msda.multi_scale_deformable_attn_pytorch
+    route_msda_to_kswap(True)
+    try:
+        yield
+    finally:
+        mmcv_msda.multi_scale_deformable_attn_pytorch = previous

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 
 def test_mmcv_dino_layer_unchanged_when_routed_to_kswap():
     from mmcv.ops import MultiScaleDeformableAttention
 
-    import mmdet_swap
-    from mmdet_swap import msda
+    from mmdet_swap import msda, msda_routed_to_kswap
 
     torch.manual_seed(0)
     layer = MultiScaleDeformableAttention(embed_dims=256, num_heads=8, num_levels=4, num_points=4, batch_first=True,
@@ -29,14 +32,29 @@ def test_mmcv_dino_layer_unchanged_when_routed_to_kswap():
         out.square().sum().backward()
         return out.detach(), q.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
-    assert msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda.kswap_multi_scale_deformable_attn
-    ours = run()
-    mmdet_swap.route_msda_to_kswap(False)
-    try:
-        theirs = run()
-    finally:
-        mmdet_swap.route_msda_to_kswap(True)
+    msda.route_msda_to_kswap(False)
+    theirs = run()
+    with msda_routed_to_kswap():
+        assert msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda.kswap_multi_scale_deformable_attn
+        ours = run()
+    assert msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda._MMCV_PYTORCH  # as it was before
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-5)
     for name in theirs[2]:
         torch.testing.assert_close(ours[2][name], theirs[2][name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_import_changes_neither_mmcv_nor_mmengine():
+    """``import mmdet_swap`` (what custom_imports does) registers its classes and patches nothing: a SwapHook
+    run routes the kernel and the checkpoint loader for itself."""
+    code = textwrap.dedent("""
+        from mmcv.ops import multi_scale_deform_attn
+        from mmengine.runner.checkpoint import CheckpointLoader
+        before = (multi_scale_deform_attn.multi_scale_deformable_attn_pytorch, dict(CheckpointLoader._schemes))
+        import mmdet_swap
+        assert before == (multi_scale_deform_attn.multi_scale_deformable_attn_pytorch,
+                          dict(CheckpointLoader._schemes))
+        print("unchanged")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "unchanged" in out.stdout, out.stderr[-2000:]

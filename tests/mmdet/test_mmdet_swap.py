@@ -37,7 +37,7 @@ from kswap import (
     score_key,
     sum_task_loss,
 )
-from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint
+from mmdet_swap import SwapCocoDataset, SwapHook, load_local_checkpoint, local_checkpoint_loader, msda
 from mmdet_swap.evaluation import as_coco, coco_ap
 from mmdet_swap.loop import merge_batches
 
@@ -149,6 +149,14 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, swap_run, tmp_path):
     assert out.returncode == 0 and "loaded 5" in out.stdout, out.stderr[-2000:]
 
 
+def test_run_patches_end_with_the_run(swap_run):
+    """The checkpoint loader and the kernel routing a swap run sets up are as they were once it ended."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    assert CheckpointLoader._schemes[""] is not load_local_checkpoint
+    assert msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda._MMCV_PYTORCH
+
+
 def test_report_records_scoring_images_and_time(swap_run):
     """Each score row names the test images it read (every set: the union of the sets' test images, which the
     stock test files hold; forget_any: the forget images) and the report times scoring against the run."""
@@ -177,7 +185,8 @@ def test_before_is_the_untouched_pretrained_model(swap_run, pretrained_dino, tmp
         cfg.model.bbox_head.num_classes = len(DIGITS)
         cfg.test_dataloader.dataset.metainfo = dict(classes=tuple(DIGITS))
         cfg.load_from, cfg.work_dir = str(pretrained_dino), str(tmp_path / name)
-        metrics = Runner.from_cfg(cfg).test()
+        with local_checkpoint_loader():  # mmengine's own checkpoint under torch >= 2.6, without a SwapHook
+            metrics = Runner.from_cfg(cfg).test()
         assert abs(100 * metrics["coco/bbox_mAP"] - before[name]) <= 0.1, (name, metrics, before)
     assert before["learn"] == 0  # the pretrained model knows none of the new classes
 
@@ -403,8 +412,10 @@ class LoraProbe(Hook):
     value relative to ``1/sqrt(fan_in)`` and whether every B is zero; then stops the run."""
 
     seen: dict[str, float] = {}
+    routed = False
 
     def before_train(self, runner) -> None:
+        LoraProbe.routed = msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda.kswap_multi_scale_deformable_attn
         state = runner.model.state_dict()
         LoraProbe.seen = {k: float(v.abs().max()) * math.sqrt(v.shape[1]) for k, v in state.items() if "lora_A" in k}
         LoraProbe.seen["B"] = max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k)
@@ -417,8 +428,11 @@ def test_lora_init_follows_reference_init(glyphs, pretrained_dino, tmp_path, ref
     kaiming_uniform(a=sqrt(5)), bound 1/sqrt(fan_in). B = 0 either way."""
     cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "probe", lora=dict(reference_init=reference_init))
     cfg.custom_hooks.append(dict(type="LoraProbe"))
+    runner = Runner.from_cfg(cfg)
     with pytest.raises(StopSwap):
-        Runner.from_cfg(cfg).train()
+        runner.train()
+    runner.call_hook("after_run")  # as a run that ends: the swap's checkpoint loader and routing undone
+    assert LoraProbe.routed  # the run's deformable attention ran on kswap's kernel
     seen = dict(LoraProbe.seen)
     assert seen.pop("B") == 0 and seen
     largest = max(seen.values())
