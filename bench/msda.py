@@ -132,7 +132,7 @@ def encoder_layer_row(device: str, repeats: int) -> dict:
     """fwd+bwd ms of one stock DINO-4scale R50 encoder layer, op routed to kswap's kernel vs mmcv's grid_sample."""
     from mmdet.models.layers.transformer.deformable_detr_layers import DeformableDetrTransformerEncoderLayer
 
-    from mmdet_swap import route_msda_to_kswap  # importing mmdet_swap routes the op (custom_imports does this)
+    from mmdet_swap import msda_routed_to_kswap, route_msda_to_kswap
 
     torch.manual_seed(0)
     layer = DeformableDetrTransformerEncoderLayer(
@@ -162,10 +162,8 @@ def encoder_layer_row(device: str, repeats: int) -> dict:
             return time.perf_counter() - start
         return run
 
-    try:
+    with msda_routed_to_kswap():  # restores mmcv's own path after the rounds, which switch it per call
         med = interleaved_medians({"kswap kernel": step(True), "grid_sample (mmcv CPU path)": step(False)}, repeats)
-    finally:
-        route_msda_to_kswap(True)
     return {name: {"forward+backward": 1000 * t} for name, t in med.items()}
 
 
