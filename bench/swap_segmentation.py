@@ -40,7 +40,6 @@ from typing import Any
 import detectron2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.env import seed_all_rng
 from scipy.optimize import linear_sum_assignment
@@ -139,23 +138,12 @@ class GlyphMask2Former(MiniMask2Former):
             CrossAttention(cfg.MODEL.GLYPH.DIM) for _ in predictor.transformer_ffn_layers)
         self.criterion = MatchedCriterion(self.criterion.num_classes)
 
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat = self.backbone.patch(x)
-        b, _, h, w = feat.shape
-        tokens = feat.flatten(2).transpose(1, 2)
-        for stage in self.backbone.layers:
-            for block in stage.blocks:
-                tokens = block(tokens)
-        for layer in self.sem_seg_head.pixel_decoder.transformer.encoder.layers:
-            tokens = layer(tokens)
+    def _decode(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         predictor = self.sem_seg_head.predictor
-        queries = predictor.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
         for cross, layer in zip(predictor.transformer_cross_attention_layers, predictor.transformer_ffn_layers,
                                 strict=True):
             queries = layer(cross(queries, tokens))
-        class_logits = predictor.class_embed(queries)
-        masks = torch.einsum("bqc,bnc->bqn", predictor.mask_embed(queries), tokens).reshape(b, -1, h, w)
-        return class_logits, F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return queries
 
 
 def cache_key(*code: object, **settings: Any) -> str:

@@ -169,12 +169,16 @@ class MiniMask2Former(nn.Module):
         for layer in self.sem_seg_head.pixel_decoder.transformer.encoder.layers:
             tokens = layer(tokens)
         predictor = self.sem_seg_head.predictor
-        queries = predictor.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
-        for layer in predictor.transformer_ffn_layers:
-            queries = layer(queries)
+        queries = self._decode(predictor.query_feat.weight.unsqueeze(0).expand(b, -1, -1), tokens)
         class_logits = predictor.class_embed(queries)
         masks = torch.einsum("bqc,bnc->bqn", predictor.mask_embed(queries), tokens).reshape(b, -1, h, w)
         return class_logits, F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def _decode(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The transformer decoder's query updates (``tokens``: the pixel features, unused by this small one)."""
+        for layer in self.sem_seg_head.predictor.transformer_ffn_layers:
+            queries = layer(queries)
+        return queries
 
     def forward(self, batched_inputs: list[dict]):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
