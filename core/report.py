@@ -38,6 +38,15 @@ class SwapReport:
     audit: dict[str, Any] = field(default_factory=dict)
     # Seconds spent scoring the sets and running the swap (scoring included), summed over resumed runs.
     timing: dict[str, float] = field(default_factory=lambda: {"scoring_s": 0.0, "run_s": 0.0})
+    # The run clock: started with the report (created, or loaded by a resumed run); ``tick`` adds its time.
+    _clock: float = field(default_factory=time.perf_counter, init=False, repr=False, compare=False)
+
+    def tick(self) -> None:
+        """Add the wall time since the report was made or last ticked to ``timing["run_s"]`` (a host ticks before
+        saving its state and before writing the report, so a resumed run goes on adding)."""
+        now = time.perf_counter()
+        self.timing["run_s"] += now - self._clock
+        self._clock = now
 
     @contextlib.contextmanager
     def timed(self, key: str = "scoring_s") -> Iterator[None]:

@@ -25,7 +25,7 @@ from torch import nn
 from .config import LossWeights, SwapConfig
 from .data import InfiniteLoader
 from .errors import SwapConfigError
-from .export import write_adapter, write_merged_model
+from .export import score_key, write_adapter, write_merged_model
 from .heads import GrownRows, check_head_size, extend_head, hidden_new_classes, replace_module
 from .lora import LoraSnapshot, freeze_all_but_lora_, inject_lora, lora_groups
 from .losses import PhaseLoss, PhaseLossOutput, TaskLoss, default_loss_key, group_sparse_loss
@@ -34,6 +34,9 @@ from .phases import Phase, PhaseScheduler, plan_phases
 from .report import SwapReport
 
 logger = logging.getLogger(__name__)
+
+# What ``SwapHost.score`` returns: the per-set scores, or they and the images each read.
+Scored = Mapping[str, float] | tuple[Mapping[str, float] | None, Mapping[str, int]]
 
 
 class SwapHost(Protocol):
@@ -48,8 +51,11 @@ class SwapHost(Protocol):
         """Forward one batch per role (model in training mode) and return per role its task loss (a tensor or
         the host's loss dict)."""
 
-    def score(self) -> dict[str, float]:
-        """Per-set scores (``forget``, ``retain``, ``learn``) of the current model, in percent."""
+    def score(self, subsample: bool = False) -> Scored:
+        """Per-set scores (``forget``, ``retain``, ``learn``) of the current model, in percent: of the whole test
+        sets, or of a seeded subsample of each when ``subsample`` (the scores between phase ends). Either the
+        scores, or ``(scores, images)`` with the number of images each set's score read (the report says it); the
+        scores may be ``None`` on a process that does not hold them (a DDP rank other than the main one)."""
 
     def start_phase(self, phase: Phase) -> None:
         """Called before the first step of each phase: rebuild the optimizer or restart the LR schedule where
@@ -101,7 +107,9 @@ class SwapSession:
 
     A host without a loop of its own calls ``run``; a host with one (timm's script, mmengine's loop, a detectron2
     hook) uses the pieces ``run`` is made of: ``next_batches``, ``weights`` / ``phase_loss``, ``teacher``,
-    ``observe_forget_loss``, ``count_step``, the ``report``, ``state_dict`` / ``load_state_dict``.
+    ``observe_forget_loss``, ``begin`` and ``step_done`` (or, where the host decides when to score, their parts
+    ``count_step``, ``score_before`` / ``score_during`` / ``score_phase_end``), the ``report`` (its ``tick`` adds the
+    run's wall time), ``state_dict`` / ``load_state_dict`` and ``export``.
 
     Args:
         config: the swap config.
@@ -111,7 +119,8 @@ class SwapSession:
         metric: the per-set score's name (``top1``, ``bbox_mAP``, ``mIoU``).
         eval_interval: score the sets every this many steps as well (0: phase ends only).
         is_loss: selects the optimised terms of a host loss dict.
-        log: where progress lines go (the host's logger); default this module's logger.
+        log: ``log(level, message)`` puts the session's progress lines and warnings in the host's log (default:
+            this module's logger, prefixed ``swap:``).
     """
 
     config: SwapConfig
@@ -121,7 +130,7 @@ class SwapSession:
     metric: str = "top1"
     eval_interval: int = 0
     is_loss: Callable[[str], bool] = default_loss_key
-    log: Callable[[str], None] | None = None
+    log: Callable[[int, str], None] | None = None
 
     def __post_init__(self) -> None:
         self.phases = plan_phases(self.config)
@@ -132,9 +141,10 @@ class SwapSession:
         self.scheduler = PhaseScheduler(self.phases, lambda p: len(self.loaders[p.index]["retain"].loader),
                                         fingerprint=self.config.fingerprint())
         self.report = SwapReport(order=self.config.order.value, metric=self.metric, classes=dict(self.classes))
-        self._log = self.log or logger.info
+        self._log = self.log or (lambda level, message: logger.log(level, f"swap: {message}"))
         # The LoRA weights as the current phase started, when its loss distils towards that model.
         self._teacher: tuple[int, LoraSnapshot] | None = None
+        self._started: int | None = None  # the phase whose start the host was last told
 
     @property
     def done(self) -> bool:
@@ -145,10 +155,16 @@ class SwapSession:
         return self.scheduler.phase
 
     # -- the pieces of a step ------------------------------------------------------------------------------------
-    def next_batches(self) -> dict[str, Any]:
-        """One batch per loss role of the current phase (``host.start_phase`` first, at a phase's first step)."""
-        if self.scheduler.at_phase_start:
+    def start_phase(self) -> None:
+        """``host.start_phase`` at a phase's first step, once: ``next_batches`` calls it, a host whose hooks run
+        before the batch is drawn (detectron2's ``before_step``) may call it there."""
+        if self.scheduler.at_phase_start and self._started != self.phase.index:
+            self._started = self.phase.index
             self.host.start_phase(self.phase)
+
+    def next_batches(self) -> dict[str, Any]:
+        """One batch per loss role of the current phase (``start_phase`` first)."""
+        self.start_phase()
         return {role: next(it) for role, it in self.loaders[self.phase.index].items()}
 
     # ``phase`` (default: the current one) serves hosts that count a step before running it.
@@ -173,28 +189,69 @@ class SwapSession:
             self._teacher = (phase.index, LoraSnapshot(self.prepared.model))
         return self._teacher[1]
 
+    def awaits_forget_loss(self, phase: Phase | None = None) -> bool:
+        """Whether a phase has a forget role whose first task loss is not yet recorded (``observe_forget_loss``)."""
+        phase = phase or self.phase
+        return "forget" in phase.sources and phase.name not in self.report.forget_bounds
+
     def observe_forget_loss(self, forget_loss: float, phase: Phase | None = None) -> None:
         """Record the forget-set task loss of a forget phase's first step (a DDP host passes the mean over its
         ranks) against the bound: it resolves a relative bound, and an inactive bound is warned about."""
         phase = phase or self.phase
-        if "forget" not in phase.sources or phase.name in self.report.forget_bounds:
+        if not self.awaits_forget_loss(phase):
             return
         warning = self.report.start_forget_phase(phase.name, phase.loss, forget_loss)
         if warning:
-            logger.warning(warning)
-            self._log(f"swap: WARNING {warning}")
+            self._log(logging.WARNING, warning)
 
     def count_step(self) -> bool:
         """Count one optimizer step; ``True`` when it ended its phase."""
         return self.scheduler.step()
 
+    # -- scoring: before, between phase ends, at phase ends ---------------------------------------------------------
+    def score_before(self) -> dict[str, float] | None:
+        """Score the pretrained model (new classes hidden, LoRA still zero) as "before", unless a resumed run
+        already has it; returns the scores when it scored (``None`` off the process holding them)."""
+        if self.report.before is not None:
+            return None
+        with hidden_new_classes(self.prepared.model, self.prepared.grown):
+            scores, images = self._scored(subsample=False)
+        if scores is not None:
+            self.report.set_before(scores, images)
+            self._log(logging.INFO, f"before {_fmt(scores)}")
+        return scores
+
+    def score_during(self, phase: Phase, step: int) -> dict[str, float] | None:
+        """Score each set's subsample at ``step`` of ``phase`` (a point of the curve)."""
+        scores, images = self._scored(subsample=True)
+        if scores is not None:
+            self.report.record(step, phase.name, scores, images, subsample=self._is_subsample(images))
+        return scores
+
+    def score_phase_end(self, phase: Phase, step: int) -> dict[str, float] | None:
+        """Score the whole sets as ``phase`` ended at ``step`` (its "after")."""
+        scores, images = self._scored(subsample=False)
+        if scores is not None:
+            self.report.end_phase(phase.name, phase.kind.value, step, scores, images)
+            self._log(logging.INFO, f"after {phase.name} (step {step}) {_fmt(scores)}")
+        return scores
+
+    def _scored(self, subsample: bool) -> tuple[dict[str, float] | None, dict[str, int] | None]:
+        """``host.score(subsample)`` timed into the report, as (scores, images per set or ``None``)."""
+        with self.report.timed():
+            out = self.host.score(subsample)
+        scores, images = out if isinstance(out, tuple) else (out, None)
+        return (None if scores is None else dict(scores)), (None if images is None else dict(images))
+
+    def _is_subsample(self, images: Mapping[str, int] | None) -> bool:
+        """Whether a score read fewer images than the whole sets did (a set smaller than the subsample is whole)."""
+        whole = next((r["images"] for r in self.report.curve if "images" in r and not r["subsample"]), None)
+        return images is not None and whole is not None and any(images[s] < whole[s] for s in images)
+
     # -- a whole step, for a host without a loop of its own ------------------------------------------------------
     def begin(self) -> None:
-        """Score "before" (the pretrained model: new classes hidden, LoRA still zero) unless resumed."""
-        if self.report.before is None:
-            with hidden_new_classes(self.prepared.model, self.prepared.grown), self.report.timed():
-                self.report.set_before(self.host.score())
-            self._log(f"swap: before {_fmt(self.report.before)}")
+        """Score "before" unless resumed (``score_before``)."""
+        self.score_before()
 
     def loss(self) -> PhaseLossOutput:
         """The current step's loss: one batch per role of the current phase through the host's forward."""
@@ -204,40 +261,37 @@ class SwapSession:
         return out
 
     def step_done(self) -> dict[str, float] | None:
-        """Count the optimizer step; score at a phase end (and save) or every ``eval_interval`` steps.
+        """Count the optimizer step; score the whole sets at a phase end (then ``host.save``), or the subsamples
+        every ``eval_interval`` steps.
 
         Returns:
-            The scores when the sets were scored at this step, else ``None``.
+            The scores when the sets were scored at this step (``None`` otherwise, or off the process holding them).
         """
         phase = self.phase
         ended = self.count_step()
         step = self.scheduler.global_step
         if ended:
-            with self.report.timed():
-                scores = self.host.score()
-            self.report.end_phase(phase.name, phase.kind.value, step, scores)
-            self._log(f"swap: after {phase.name} (step {step}) {_fmt(scores)}")
+            scores = self.score_phase_end(phase, step)
             self.host.save(self.state_dict(), phase.name)
             return scores
         if self.eval_interval and step % self.eval_interval == 0:
-            with self.report.timed():
-                scores = self.host.score()
-            self.report.record(step, phase.name, scores)
-            return scores
+            return self.score_during(phase, step)
         return None
 
     def run(self, optimizer_step: Callable[[torch.Tensor], None]) -> SwapReport:
         """The whole swap in a plain loop; ``optimizer_step(loss)`` back-propagates and steps the optimizer."""
-        with self.report.timed("run_s"):
-            self.begin()
-            while not self.done:
-                optimizer_step(self.loss().total)
-                self.step_done()
+        self.begin()
+        while not self.done:
+            optimizer_step(self.loss().total)
+            self.step_done()
+        self.report.tick()
         return self.report
 
     # -- resume --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Position, loader positions, report and teacher: all a resume needs besides model and optimizer."""
+        """Position, loader positions, report and teacher: all a resume needs besides model and optimizer (the
+        report's run time ticked up to now)."""
+        self.report.tick()
         state = {"scheduler": self.scheduler.state_dict(), "report": self.report.to_dict(),
                  "loaders": [{role: it.state_dict() for role, it in roles.items()} for roles in self.loaders],
                  "config": self.config.to_dict()}
@@ -262,6 +316,7 @@ class SwapSession:
         if not self.report.phases:
             raise SwapConfigError("export() before any phase ended: run the swap first.")
         out = Path(out_dir)
+        self.report.tick()
         paths = self.report.write(out)
         paths["model"] = write_merged_model(self.prepared.model, out, **meta)
         paths["adapter"] = write_adapter(self.prepared.model, out, self.config, self.prepared.grown,
@@ -270,4 +325,5 @@ class SwapSession:
 
 
 def _fmt(scores: Mapping[str, float]) -> str:
-    return ", ".join(f"{s} {scores[s]:.2f}" for s in SETS)
+    """The scores as logged: ``swap/forget: 12.3456  swap/retain: ...``."""
+    return "  ".join(f"{score_key(s)}: {scores[s]:.4f}" for s in SETS)

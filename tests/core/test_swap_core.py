@@ -47,7 +47,7 @@ class DigitsHost:
         self.model.train()
         return {role: F.cross_entropy(self.model(x), y) for role, (x, y) in batches.items()}
 
-    def score(self):
+    def score(self, subsample=False):
         self.model.eval()
         with torch.no_grad():
             return {name: top1_accuracy(self.model(_subset(*self.test, ids)[0]), _subset(*self.test, ids)[1])
@@ -82,7 +82,7 @@ def pretrained(digits):
     return model.eval()
 
 
-def _swap(digits, pretrained, steps=150):
+def _swap(digits, pretrained, steps=150, host_type=DigitsHost, **session_kwargs):
     x, y = digits
     cfg = SwapConfig.preset("classification", forget=[0], learn=["eight", "nine"], learn_length=f"{steps}steps",
                             forget_length=f"{steps}steps", lora=LoraSettings(targets="timm_vit"))
@@ -94,8 +94,9 @@ def _swap(digits, pretrained, steps=150):
         y_joint[y == old] = space.id_of(name)
     model = copy.deepcopy(pretrained)
     prepared = prepare_model(model, cfg, "head", space.num_pretrained, len(space.new))
-    host = DigitsHost(model, (x[:1400], y_joint[:1400]), (x[1400:], y_joint[1400:]), sets, cfg)
-    return SwapSession(cfg, host, prepared, classes={s: [space.names[i] for i in ids] for s, ids in sets.items()})
+    host = host_type(model, (x[:1400], y_joint[:1400]), (x[1400:], y_joint[1400:]), sets, cfg)
+    return SwapSession(cfg, host, prepared, classes={s: [space.names[i] for i in ids] for s, ids in sets.items()},
+                       **session_kwargs)
 
 
 def test_plain_pytorch_host_swaps_knowledge(digits, pretrained, tmp_path):
@@ -152,6 +153,48 @@ def test_session_resumes_mid_phase_exactly(digits, pretrained):
     assert resumed.report.to_dict()["metrics"] == whole.report.to_dict()["metrics"]
     for key, value in whole.prepared.model.state_dict().items():
         torch.testing.assert_close(resumed.prepared.model.state_dict()[key], value)
+
+
+class CountingHost(DigitsHost):
+    """Says how many images each score read: the whole test sets, or their first ``limit`` images when asked for a
+    subsample; ``main=False`` plays a DDP rank that does not hold the scores."""
+
+    limit, main = 20, True
+
+    def score(self, subsample=False):
+        self.model.eval()
+        scores, images = {}, {}
+        with torch.no_grad():
+            for name, ids in self.sets.items():
+                x, y = _subset(*self.test, ids)
+                x, y = (x[: self.limit], y[: self.limit]) if subsample else (x, y)
+                scores[name], images[name] = top1_accuracy(self.model(x), y), len(y)
+        return (scores if self.main else None), images
+
+
+def _counted_swap(digits, pretrained, **host_attrs):
+    session = _swap(digits, pretrained, steps=6, host_type=CountingHost, eval_interval=4)
+    vars(session.host).update(host_attrs)
+    session.run(session.host.optimizer_step)
+    return session
+
+
+def test_the_report_says_what_each_score_read_and_what_scoring_cost(digits, pretrained):
+    session = _counted_swap(digits, pretrained)
+    whole = {name: len(_subset(*session.host.test, ids)[1]) for name, ids in session.host.sets.items()}
+    assert min(whole.values()) > CountingHost.limit
+    rows = [(r["step"], r["phase"], r["images"], r["subsample"]) for r in session.report.curve]
+    assert rows == [(0, "before", whole, False), (4, "0_learn", {s: 20 for s in whole}, True),
+                    (6, "0_learn", whole, False), (8, "1_forget", {s: 20 for s in whole}, True),
+                    (12, "1_forget", whole, False)]
+    assert 0 < session.report.timing["scoring_s"] < session.report.timing["run_s"]
+
+    # A subsample as large as the sets is the whole sets; a process without the scores records none.
+    session = _counted_swap(digits, pretrained, limit=10**6)
+    assert [r["subsample"] for r in session.report.curve] == [False] * 5
+    session = _counted_swap(digits, pretrained, main=False)
+    assert session.report.before is None and not session.report.curve and not session.report.phases
+    assert set(session.host.saved) == {"0_learn", "1_forget"}
 
 
 def test_infinite_loader_cycles_and_sets_epochs():
