@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -249,6 +250,19 @@ def build_mmdet(work: Path, model: str) -> StepPair:
 
 # -- detectron2 -----------------------------------------------------------------------------------------------------
 
+class RoleLoaders:
+    """The host side of a swap session that only draws batches: its role loaders, nothing to do at a phase start."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def role_loader(self, phase: Any, role: str, sets: tuple[str, ...]) -> Any:
+        return self.loader.role_loader(sets)
+
+    def start_phase(self, phase: Any) -> None:
+        pass
+
+
 def build_detectron2(work: Path, model: str) -> StepPair:
     """The swap trainer's model and optimizer; detectron2's SimpleTrainer step over a role-tagged forget-phase
     batch from SwapDataLoader against the same step over the same samples untagged."""
@@ -257,7 +271,7 @@ def build_detectron2(work: Path, model: str) -> StepPair:
 
     from detectron2_swap import SwapDataLoader, SwapPlan
     from detectron2_swap.model import ROLE_KEY
-    from kswap import PhaseKind, PhaseScheduler
+    from kswap import Order, PreparedModel, SwapSession
 
     from swap_testing.d2_models import glyph_cfg, make_trainer_classes, swap_glyphs, write_glyph_spec
 
@@ -270,7 +284,10 @@ def build_detectron2(work: Path, model: str) -> StepPair:
     plan = SwapPlan.from_cfg(cfg)
     batch = cfg.SWAP.IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH
     loader = SwapDataLoader(plan, lambda datasets: swap_trainer.users_train_loader(cfg, datasets, batch))
-    loader.bind(PhaseScheduler([p for p in plan.phases if p.kind is PhaseKind.FORGET]))
+    # A session whose first phase forgets, outside a trainer: the loader's role batches are all it needs.
+    state = net.swap_state
+    loader.bind(SwapSession(dataclasses.replace(plan.config, order=Order.FORGET_THEN_LEARN), RoleLoaders(loader),
+                            PreparedModel(net, state.grown, state.groups, state.adapted)))
     swap_batch = next(iter(loader))
     plain_batch = [{k: v for k, v in sample.items() if k != ROLE_KEY} for sample in swap_batch]
     net.train()

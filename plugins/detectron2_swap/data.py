@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 
-from kswap import PhaseScheduler
+from kswap import SwapSession
 
 from .model import ROLE_KEY
 from .plan import SOURCE_KEY, SwapPlan, swap_dataset_name
@@ -58,40 +58,62 @@ class DetectionRoleLoader:
                                             total_batch_size=self.total_batch_size, num_workers=self.num_workers)
 
 
+class RoleBatches:
+    """A role's batches: the user's loader over the role's datasets, each sample's targets moved into the joint
+    label space and restricted to the role's classes.
+
+    Args:
+        sources: the sets the role draws from (``("retain", "learn")``).
+        loader: the user's train loader over the role's swap datasets (``swap_dataset_name``).
+        tables: per source dataset, its label table (``SwapPlan.register_role_datasets``).
+        ignore: the label of pixels outside the role's classes.
+    """
+
+    def __init__(self, sources: tuple[str, ...], loader: Iterable[list[dict]], tables: dict[str, np.ndarray],
+                 ignore: int) -> None:
+        self.sources = sources
+        self.loader = loader
+        self.tables = tables
+        self.ignore = ignore
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        for batch in self.loader:
+            yield [remap_sample(sample, self.tables[sample[SOURCE_KEY]], self.ignore) for sample in batch]
+
+
 class SwapDataLoader:
-    """An endless iterable of training batches that follows the swap's phases.
+    """The trainer's data loader during a swap: each step one batch per loss role of the swap session's current
+    phase, every sample tagged with its role.
 
     Args:
         plan: the swap plan (datasets, label tables, the ignore label of the targets).
         build_loader: builds the user's train loader over the given dataset names.
 
-    ``bind`` gives it the scheduler whose current phase decides the roles of the next batch; role loaders are
-    built the first time a phase needs them.
+    ``role_loader`` builds a role's loader for the session; ``bind`` gives the session (a ``SwapHook`` binds its
+    own) whose ``next_batches`` the trainer's steps draw.
     """
 
     def __init__(self, plan: SwapPlan, build_loader: BuildLoader) -> None:
         self.plan = plan
         self.build_loader = build_loader
-        self.scheduler: PhaseScheduler | None = None
-        self._roles: dict[tuple[str, ...], Iterator[list[dict]]] = {}
+        self.session: SwapSession | None = None
 
-    def bind(self, scheduler: PhaseScheduler) -> None:
-        self.scheduler = scheduler
+    def bind(self, session: SwapSession) -> None:
+        self.session = session
 
-    def _role_batches(self, sources: tuple[str, ...]) -> Iterator[list[dict]]:
+    def role_loader(self, sources: tuple[str, ...]) -> RoleBatches:
+        """The batches of a role that draws from ``sources`` (set names), from the user's loader."""
         tables = self.plan.register_role_datasets(sources)
-        for batch in self.build_loader(tuple(swap_dataset_name(d, sources) for d in tables)):
-            yield [remap_sample(sample, tables[sample[SOURCE_KEY]], self.plan.ignore_value) for sample in batch]
+        loader = self.build_loader(tuple(swap_dataset_name(d, sources) for d in tables))
+        return RoleBatches(sources, loader, tables, self.plan.ignore_value)
 
     def __iter__(self) -> Iterator[list[dict]]:
-        if self.scheduler is None:
-            raise RuntimeError("SwapDataLoader: bind(scheduler) before iterating.")
-        while not self.scheduler.done:
+        if self.session is None:
+            raise RuntimeError("SwapDataLoader: a SwapHook binds it to its swap session before training.")
+        while not self.session.done:
             batch: list[dict[str, Any]] = []
-            for role, sources in self.scheduler.phase.sources.items():
-                if sources not in self._roles:
-                    self._roles[sources] = self._role_batches(sources)
-                for sample in next(self._roles[sources]):
+            for role, samples in self.session.next_batches().items():
+                for sample in samples:
                     sample[ROLE_KEY] = role
                     batch.append(sample)
             yield batch

@@ -2,13 +2,14 @@
 
 The model keeps its class, module tree and state-dict keys (LoRA keys are added, peft keeps base weights under
 ``base_layer``): it becomes an instance of a subclass whose training ``forward`` takes a batch of samples tagged
-with their loss role and returns the phase loss as the only entry of its loss dict (detectron2 sums every
-value), logging each term through the event storage.
+with their loss role and returns the phase loss (``swap_state.loss``, the swap session's, set by ``SwapHook``) as
+the only entry of its loss dict (detectron2 sums every value), logging each term through the event storage.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,18 +18,16 @@ from torch import nn
 
 from kswap import (
     GrownRows,
-    LossWeights,
-    PhaseLoss,
     SwapConfigError,
     check_head_size,
     extend_head,
     freeze_all_but_lora_,
-    group_sparse_loss,
     inject_lora,
     lora_groups,
     loss_key,
     replace_module,
 )
+from kswap.losses import PhaseLossOutput, TaskLoss
 
 from .plan import SwapPlan
 
@@ -42,12 +41,14 @@ HEAD_CANDIDATES = (("sem_seg_head.predictor.class_embed", 1), ("sem_seg_head.pre
 
 @dataclass
 class SwapModelState:
-    """What the swap keeps on the model: the LoRA groups, the grown rows and the current phase's weights."""
+    """What the swap keeps on the model: the LoRA groups and layers, the grown rows, and the phase loss of per-role
+    task losses (``SwapSession.phase_loss``, given by the ``SwapHook`` that drives the swap)."""
 
     groups: dict[str, list[nn.Parameter]]
     grown: dict[str, GrownRows]
-    weights: LossWeights
+    adapted: list[str]
     class_names: tuple[str, ...] = field(default=())
+    loss: Callable[[Mapping[str, TaskLoss]], PhaseLossOutput] | None = None
 
 
 def every_term(key: str) -> bool:
@@ -64,9 +65,12 @@ class SwapModelMixin:
         roles = [x.get(ROLE_KEY) for x in batched_inputs]
         if not self.training or None in roles:  # inference, or a plain training batch of the same model
             return super().forward(batched_inputs)
+        if self.swap_state.loss is None:
+            raise RuntimeError("A swap batch reached a model without a swap session: register the SwapHook that "
+                               "drives the swap (SwapTrainerMixin does) before training.")
         task = {role: super(SwapModelMixin, self).forward([x for x in batched_inputs if x[ROLE_KEY] == role])
                 for role in dict.fromkeys(roles)}
-        out = PhaseLoss(self.swap_state.weights, is_loss=every_term)(task, gs=group_sparse_loss(self.swap_state.groups))
+        out = self.swap_state.loss(task)
         bad = [role for role in task if not torch.isfinite(out.terms[f"{role}/task"])]
         if bad:
             raise FloatingPointError(
@@ -137,8 +141,7 @@ def prepare_swap_model(model: nn.Module, plan: SwapPlan, head_name: str = "", tr
     if not isinstance(model, SwapModelMixin):
         model.__class__ = type(f"Swap{base.__name__}", (SwapModelMixin, base), {})
     groups = lora_groups(model, plan.config.lora.group_by)
-    model.swap_state = SwapModelState(groups=groups, grown=grown, weights=plan.phases[0].loss,
-                                      class_names=plan.space.names)
+    model.swap_state = SwapModelState(groups=groups, grown=grown, adapted=adapted, class_names=plan.space.names)
     rows = grown[f"{name}.weight"]
     total = sum(p.numel() for p in model.parameters())
     logger.info(f"Swap: LoRA rank {plan.config.lora.rank} on {len(adapted)} linear layers in {len(groups)} groups, "

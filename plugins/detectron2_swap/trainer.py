@@ -78,7 +78,6 @@ class SwapTrainerMixin:
         self.swap_user_cfg = cfg  # what config_swapped.yaml is written from: the user's SOLVER, not the swap's
         total = sum(p.length.steps for p in self.swap_plan.phases)
         super().__init__(_with(cfg, {"SOLVER.MAX_ITER": total, **solver_overrides(cfg)}))
-        self.data_loader.bind(self.swap_hook.scheduler)
         self._log_solver()
 
     @classmethod
@@ -118,6 +117,7 @@ class SwapTrainerMixin:
         self.swap_hook = SwapHook(
             self.swap_plan,
             model,
+            self.data_loader,
             score=lambda subsample: self.swap_scorer(self.model, subsample=subsample),
             checkpointer=self.checkpointer,
             out_dir=cfg.OUTPUT_DIR,

@@ -241,7 +241,8 @@ def test_a_relative_forgetting_bound_is_resolved_from_the_measured_loss(glyph_sp
     assert bound["relative"] and bound["active"]
     assert bound["measured_forget_loss"] == pytest.approx(first_forget_loss)
     assert bound["bnd"] == pytest.approx(3 * first_forget_loss)
-    weights = trainer.model.swap_state.weights  # what the model's loss used after the first forget step
+    session = trainer.swap_hook.session
+    weights = session.weights(session.phases[1])  # what the model's loss used after the first forget step
     assert not weights.bnd_relative and weights.bnd == pytest.approx(bound["bnd"])
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 

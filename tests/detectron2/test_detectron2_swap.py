@@ -34,7 +34,16 @@ from detectron2_swap import (
     per_class_iou,
     swap_config_from_cfg,
 )
-from kswap import PRESETS, CheckpointMismatchError, SwapConfig, SwapConfigError, config_fields, lora_state_dict
+from kswap import (
+    PRESETS,
+    CheckpointMismatchError,
+    PhaseLoss,
+    SwapConfig,
+    SwapConfigError,
+    config_fields,
+    group_sparse_loss,
+    lora_state_dict,
+)
 
 from swap_testing.d2_models import (
     DIGITS,
@@ -131,6 +140,13 @@ def test_a_phase_length_in_epochs_is_refused():
 
 # -- Mask2Former preset -----------------------------------------------------------------------------------------
 
+def give_phase_loss(model: torch.nn.Module, cfg: CfgNode, phase: int) -> torch.nn.Module:
+    """The loss of the plan's ``phase`` on a prepared model, as a ``SwapHook``'s session gives it."""
+    weights = SwapPlan.from_cfg(cfg).phases[phase].loss
+    model.swap_state.loss = lambda task: PhaseLoss(weights)(task, gs=group_sparse_loss(model.swap_state.groups))
+    return model
+
+
 def test_mask2former_preset_on_a_model_with_its_names(glyph_spec, tmp_path):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path), meta="MiniMask2Former"), tmp_path / "m2f.pth", learn=3, forget=3)
     plain = build_model(cfg)
@@ -166,13 +182,17 @@ def test_mask2former_preset_on_a_model_with_its_names(glyph_spec, tmp_path):
     sample = {"image": torch.zeros(3, 64, 64), "sem_seg": torch.zeros(64, 64, dtype=torch.long), "height": 64,
               "width": 64}
     model.train()
-    losses = model([{**sample, ROLE_KEY: "retain"}, {**sample, ROLE_KEY: "learn"}])
+    batch = [{**sample, ROLE_KEY: "retain"}, {**sample, ROLE_KEY: "learn"}]
+    with pytest.raises(RuntimeError, match="register the SwapHook"):
+        model(batch)  # the phase loss is the swap session's: a SwapHook gives it
+    give_phase_loss(model, cfg, phase=0)
+    losses = model(batch)
     assert set(losses) == {"loss_swap"} and torch.isfinite(losses["loss_swap"])
     losses["loss_swap"].backward()
     assert all((p.grad is not None) == (".lora_" in n) for n, p in model.named_parameters())
 
     trainer = run_swap(cfg)  # the whole trainer runs on it too
-    assert [p["name"] for p in trainer.swap_hook.report.phases] == ["0_learn", "1_forget"]
+    assert [p["name"] for p in trainer.swap_hook.session.report.phases] == ["0_learn", "1_forget"]
 
 
 # -- end to end -------------------------------------------------------------------------------------------------
@@ -234,13 +254,14 @@ def test_swap_semantic_segmentor_end_to_end(glyph_spec, d2_pretrained, tmp_path)
 def test_every_order_runs_its_phases(glyph_spec, d2_pretrained, tmp_path, order, kinds):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=3, forget=3, ORDER=order)
     trainer = run_swap(cfg)
-    assert [p["kind"] for p in trainer.swap_hook.report.phases] == kinds
+    session = trainer.swap_hook.session
+    assert [p["kind"] for p in session.report.phases] == kinds
     assert trainer.iter == 3 * len(kinds)  # detectron2 leaves iter at max_iter after training
-    # Each phase's roles, as the plan says: a forget phase after a learn phase retains R ∪ L.
-    roles = {sources for sources in trainer.data_loader._roles}
-    assert roles == {tuple(s) for p in trainer.swap_plan.phases for s in p.sources.values()}
+    # Each phase's role loaders draw from the sets the plan says: a forget phase after a learn phase retains R ∪ L.
+    drawn = [{role: it.loader.sources for role, it in roles.items()} for roles in session.loaders]
+    assert drawn == [dict(p.sources) for p in trainer.swap_plan.phases]
     if order == "learn_forget_learn":
-        assert ("retain", "learn") in roles
+        assert drawn[1]["retain"] == ("retain", "learn")
 
 
 def test_chain_from_iter_restarts_the_next_phase_from_that_iteration(glyph_spec, d2_pretrained, tmp_path):
@@ -300,12 +321,11 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path
     test_mapper = DatasetMapper(is_train=False, augmentations=[instantiate(resize)], image_format="BGR")
     scorer = SetScorer(plan, lambda name: build_detection_test_loader(get_detection_dataset_dicts([name]),
                                                                       mapper=test_mapper))
-    hook = SwapHook(plan, model, out_dir=tmp_path, score=lambda subsample: scorer(model, subsample=subsample),
+    hook = SwapHook(plan, model, loader, out_dir=tmp_path, score=lambda subsample: scorer(model, subsample=subsample),
                     checkpointer=SwapCheckpointer(model, str(tmp_path), grown=model.swap_state.grown, trainer=trainer))
-    loader.bind(hook.scheduler)
     trainer.register_hooks([hook])
-    trainer.train(0, hook.scheduler.total_steps)
-    assert [p["name"] for p in hook.report.phases] == ["0_learn", "1_forget"]
+    trainer.train(0, hook.session.scheduler.total_steps)
+    assert [p["name"] for p in hook.session.report.phases] == ["0_learn", "1_forget"]
     assert (tmp_path / "model_swap_1_forget.pth").exists() and (tmp_path / "model_swapped.pth").exists()
 
 
@@ -337,9 +357,10 @@ def test_resume_continues_the_phase(glyph_spec, d2_pretrained, tmp_path):
     trainer = SwapTrainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 12
-    assert trainer.swap_hook.scheduler.phase.name == "1_forget" and trainer.swap_hook.scheduler.step_in_phase == 4
+    session = trainer.swap_hook.session
+    assert session.phase.name == "1_forget" and session.scheduler.step_in_phase == 4
     assert trainer.scheduler.last_epoch == swap_state["lr_scheduler"]["last_epoch"]  # the forget phase's schedule
-    assert trainer.model.swap_state.weights == trainer.swap_plan.phases[1].loss
+    assert session.weights() == trainer.swap_plan.phases[1].loss
     for key, value in lora_state_dict(trainer.model).items():
         torch.testing.assert_close(value, saved["model"][key], rtol=0, atol=0)
     steps = []
@@ -434,7 +455,8 @@ def test_swap_learns_a_class_from_real_voc_photos(glyph_spec, d2_pretrained, lab
     cfg.SWAP.DATASETS.LEARN = cfg.SWAP.DATASETS.LEARN_TEST = (labelme_voc,)
     cfg.SWAP.IMS_PER_BATCH = 2
     trainer = run_swap(cfg)
-    before, after_learn = trainer.swap_hook.report.before, trainer.swap_hook.report.phases[0]["after"]
+    report = trainer.swap_hook.session.report
+    before, after_learn = report.before, report.phases[0]["after"]
     assert after_learn["learn"] > before["learn"] + 10
 
 
@@ -472,7 +494,8 @@ def test_disabled_swap_is_the_users_trainer_and_a_missing_swap_node_is_named(gly
 
 
 def test_a_batch_without_target_pixels_is_named(glyph_spec, tmp_path):
-    model = SwapTrainer.build_model(swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth"))
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth")
+    model = give_phase_loss(SwapTrainer.build_model(cfg), cfg, phase=1)
     sample = {"image": torch.zeros(3, 64, 64), "height": 64, "width": 64, ROLE_KEY: "forget",
               "sem_seg": torch.full((64, 64), 255, dtype=torch.long)}  # every pixel ignored
     with pytest.raises(FloatingPointError, match=r"The \['forget'\] task loss of this batch is not finite"):
