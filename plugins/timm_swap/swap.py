@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from kswap import (
-    MODEL_FILE,
     PRESETS,
     AuditSettings,
     ConfigField,
@@ -40,17 +38,13 @@ from kswap import (
     config_fields,
     config_from_fields,
     distillation_loss,
-    hidden_new_classes,
     imprinted_rows,
     loss_key,
     prepare_model,
     score_key,
-    write_adapter,
-    write_merged_model,
 )
 from kswap.audit import few_shot_indices
 from kswap.data import drawn_indices
-from kswap.metrics import SETS
 
 from .audit import audit_classifier
 from .context import Step, TrainContext
@@ -145,7 +139,6 @@ class SwapPlugin:
         self.eval_loaders: dict[str, Any] = {}
         # Periodic scores (--swap-eval-interval) read a seeded subsample of each set (--swap-eval-images).
         self.periodic_loaders: dict[str, Any] = {}
-        self._clock = time.perf_counter()
         self.session: SwapSession | None = None
         self._ctx: TrainContext | None = None
 
@@ -295,7 +288,7 @@ class SwapPlugin:
                     name: loader(Subset(d, drawn_indices(len(d), args.swap_eval_images, args.seed)))
                     for name, d in sets.items()}
         self._ctx = ctx
-        self.session = SwapSession(self.config, self, self.prepared, metric="top1",
+        self.session = SwapSession(self.config, self, self.prepared, metric="top1", log=self._log,
                                    classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
         ctx.total_steps = self.session.scheduler.total_steps
         if ctx.is_main:
@@ -315,6 +308,20 @@ class SwapPlugin:
             concat([self.train_sets[s] for s in sets]), args.batch_size * args.grad_accum_steps, shuffle=True,
             seed=args.seed + 1000 * phase.index + list(phase.sources).index(role), rank=ctx.rank,
             world_size=ctx.world_size, workers=args.workers, pin_memory=args.pin_mem)
+
+    def score(self, subsample: bool = False) -> tuple[dict[str, float], dict[str, int]]:
+        """Per-set top-1 of the whole test sets, or of their subsamples; and the images each score read."""
+        ctx = self._ctx
+        loaders = self.periodic_loaders if subsample else self.eval_loaders
+        return ({name: evaluate_top1(ctx.model, loader, ctx.device) for name, loader in loaders.items()},
+                {name: len(loader.dataset) for name, loader in loaders.items()})
+
+    def _log(self, level: int, message: str) -> None:
+        """The session's lines on the main process's console, its warnings as log records."""
+        if level >= logging.WARNING:
+            _logger.warning(message)
+        elif self._ctx.is_main:
+            tqdm.write(f"swap: {message}")
 
     def start_phase(self, phase: Phase) -> None:
         # The optimizer reset and LR schedule of a phase start ride on its first Step (train_steps).
@@ -371,37 +378,19 @@ class SwapPlugin:
         return {"loss": out.total, **{loss_key(k): v for k, v in out.terms.items() if k != "total"}}
 
     # -- evaluation and report -----------------------------------------------------------------------------------
-    def _scores(self, ctx: TrainContext, subsample: bool = False) -> tuple[dict[str, float], dict[str, int]]:
-        """Per-set top-1 of the whole test sets, or of their subsamples; and the images each score read."""
-        loaders = self.periodic_loaders if subsample else self.eval_loaders
-        with self.session.report.timed():
-            scores = {name: evaluate_top1(ctx.model, loader, ctx.device) for name, loader in loaders.items()}
-        return scores, {name: len(loader.dataset) for name, loader in loaders.items()}
-
-    def _tick(self) -> None:
-        """Add the wall time since the last tick to the report's run time."""
-        now = time.perf_counter()
-        self.session.report.timing["run_s"] += now - self._clock
-        self._clock = now
-
     @hookimpl
     def on_period_start(self, ctx: TrainContext, step: Step) -> None:
-        if step.global_step == 0 and self.session.report.before is None:
-            # The pretrained model's scores: the new head rows (xavier) must not take the argmax.
-            with hidden_new_classes(ctx.model, self.prepared.grown):
-                self.session.report.set_before(*self._scores(ctx))
-            if ctx.is_main:
-                tqdm.write("swap: before " + _fmt(self.session.report.before))
+        if step.global_step == 0:
+            self.session.score_before()  # unless resumed
 
     @hookimpl
     def after_step(self, ctx: TrainContext, step: Step, losses: dict[str, float]) -> None:
         phase = self.session.phases[step.period_index]
-        if "forget" in phase.roles and phase.name not in self.session.report.forget_bounds:
+        if self.session.awaits_forget_loss(phase):
             self._observe_forget_loss(ctx, phase, losses[loss_key("forget/task")])
         interval = ctx.args.swap_eval_interval
         if interval and (step.global_step + 1) % interval == 0 and not step.ends_period:
-            scores, images = self._scores(ctx, subsample=True)
-            self.session.report.record(step.global_step + 1, step.period, scores, images, subsample=True)
+            scores = self.session.score_during(phase, step.global_step + 1)
             ctx.log({score_key(k): v for k, v in scores.items()}, step.global_step + 1)
 
     def _observe_forget_loss(self, ctx: TrainContext, phase: Phase, forget_loss: float) -> None:
@@ -415,15 +404,12 @@ class SwapPlugin:
 
     @hookimpl
     def evaluate(self, ctx: TrainContext, step: Step) -> dict[str, float]:
-        scores, images = self._scores(ctx)
-        phase = self.session.phases[step.period_index]
-        self.session.report.end_phase(phase.name, phase.kind.value, step.global_step + 1, scores, images)
+        scores = self.session.score_phase_end(self.session.phases[step.period_index], step.global_step + 1)
         return {score_key(k): v for k, v in scores.items()}
 
     @hookimpl
     def state_dict(self, ctx: TrainContext) -> dict[str, Any]:
-        self._tick()
-        return {"swap": self.session.state_dict()}
+        return {"swap": self.session.state_dict()}  # the report's run time ticked: a resume goes on adding
 
     @hookimpl
     def load_state_dict(self, ctx: TrainContext, state: dict[str, Any]) -> None:
@@ -431,22 +417,18 @@ class SwapPlugin:
         if saved is None:
             raise SwapConfigError(f"--resume {ctx.args.resume} is not a swap run (no swap state in it).")
         self.session.load_state_dict(saved)
-        self._clock = time.perf_counter()
 
     @hookimpl
     def on_train_end(self, ctx: TrainContext) -> None:
         if not ctx.is_main:
             return
-        self._tick()
         if ctx.args.swap_audit:
             self.session.report.audit = self._audit(ctx)
-        paths = self.session.report.write(ctx.output_dir)
-        write_merged_model(ctx.model, ctx.output_dir, class_names=list(self.space.names),
-                           num_classes=self.space.num_classes, arch=ctx.args.model)
-        write_adapter(ctx.model, ctx.output_dir, self.config, self.prepared.grown, self.session.report.classes)
+        paths = self.session.export(ctx.output_dir, class_names=list(self.space.names),
+                                    num_classes=self.space.num_classes, arch=ctx.args.model)
         (ctx.output_dir / "class_names.json").write_text(json.dumps(list(self.space.names), indent=1))
         tqdm.write("\n" + self.session.report.to_markdown())
-        tqdm.write(f"swap: report {paths['md']}, merged model {ctx.output_dir / MODEL_FILE} "
+        tqdm.write(f"swap: report {paths['md']}, merged model {paths['model']} "
                    f"(timm.create_model('{ctx.args.model}', num_classes={self.space.num_classes}, "
                    "checkpoint_path=...))")
 
@@ -459,7 +441,3 @@ class SwapPlugin:
         sets = {"train": self.train_sets, "test": {name: loader.dataset for name, loader in self.eval_loaders.items()}}
         return audit_classifier(ctx.model, self.prepared.grown, sets, self.sets["forget"], settings, ctx.device,
                                 args.validation_batch_size or args.batch_size)
-
-
-def _fmt(scores: dict[str, float]) -> str:
-    return ", ".join(f"{s} {scores[s]:.2f}" for s in SETS)
