@@ -4,7 +4,8 @@ The core is framework-free. The flow a host follows:
 
 1. ``SwapConfig`` (or ``SwapConfig.preset(task)``) and ``LabelSpace.for_config`` resolve the class sets;
 2. ``prepare_model`` checks and grows the head (``extend_head``), injects LoRA (``inject_lora``), freezes the rest
-   and finds the group-sparsity groups (``lora_groups``);
+   and finds the group-sparsity groups (``lora_groups``); ``adapt_model`` does the last three for a host that grows
+   its heads itself, and ``adapt_checkpoint`` fits a pretrained checkpoint to the prepared model;
 3. ``SwapSession`` drives the swap behind a ``SwapHost`` (a role's loader, task losses, scores, phase start, save):
    ``plan_phases`` / ``PhaseScheduler`` walk the phases, ``PhaseLoss`` combines the host's task losses with the
    forget bound checked (and resolved, when relative) by ``SwapReport.start_forget_phase``, "before" is scored
@@ -69,7 +70,15 @@ from .losses import (
 from .metrics import AccuracyMeter, swap_hmean, top1_accuracy
 from .phases import Phase, PhaseKind, PhaseScheduler, plan_phases
 from .report import SwapReport
-from .session import PreparedModel, SwapHost, SwapSession, prepare_model
+from .session import (
+    PERIODIC_SCORE_IMAGES,
+    PreparedModel,
+    SwapHost,
+    SwapSession,
+    adapt_checkpoint,
+    adapt_model,
+    prepare_model,
+)
 
 __version__ = "0.1.0"
 
@@ -77,9 +86,11 @@ __all__ = [
     "ADAPTER_FILE", "MODEL_FILE", "ConfigField", "config_fields", "config_from_fields", "loss_key", "score_key",
     "write_adapter", "write_merged_model",
     "AccuracyMeter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "GrownRows",
-    "InfiniteLoader", "LabelSpace", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "PRESETS", "Phase",
-    "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
-    "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "atomic_save",
+    "InfiniteLoader", "LabelSpace", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "PERIODIC_SCORE_IMAGES",
+    "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel",
+    "ResumableSampler",
+    "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "adapt_checkpoint",
+    "adapt_model", "atomic_save",
     "atomic_write_text", "bounded_forget_loss", "check_head_size", "distillation_loss", "discover_groups",
     "drawn_indices", "extend_embedding", "extend_head", "freeze_all_but_lora_", "group_sparse_loss",
     "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",

@@ -77,7 +77,7 @@ class LossWeights:
             phase (``bnd=3`` ascends until that loss has tripled) instead of an absolute value (the reference).
         distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
             start (``distillation_loss``): in a forget phase it protects what the learn phase just taught.
-            0 is the reference.
+            0 is the reference. timm only: mmdet and detectron2 refuse a non-zero weight.
     """
 
     retain_weight: float = 1.0
@@ -264,6 +264,14 @@ class SwapConfig:
         if unknown:
             raise SwapConfigError(f"Unknown swap config keys {sorted(unknown)}; known keys: {sorted(known)}.")
         return cls(**data)
+
+    def refuse_distillation(self, host: str) -> None:
+        """Raise ``SwapConfigError`` when a distillation weight is set for a host that gives no distillation term
+        (the weight would be silently left out of the loss)."""
+        named = [f"{name}.distill" for name in ("learn_loss", "forget_loss") if getattr(self, name).distill]
+        if named:
+            raise SwapConfigError(f"{host} has no distillation term: set {' and '.join(named)} to 0 (distillation "
+                                  "towards the phase-start model is implemented for timm classification).")
 
     def fingerprint(self) -> str:
         """A short hash of the config, stored in checkpoints so a resume with another config is refused."""

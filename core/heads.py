@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import SwapConfigError
+from .errors import CheckpointMismatchError, SwapConfigError
 
 
 def sigmoid_prior_bias(prior_prob: float = 0.01) -> float:
@@ -176,6 +176,23 @@ def grow_checkpoint_rows(state: dict[str, torch.Tensor], model_state: dict[str, 
             state[key] = _grown(state[key], n_new, rows.trailing, new_rows)
             done.append(key)
     return done
+
+
+def check_checkpoint_rows(state: Mapping[str, torch.Tensor], grown: Mapping[str, GrownRows], hint: str = "") -> None:
+    """Refuse a checkpoint whose class rows are neither the pretrained nor the grown count, naming the pretrained
+    size (a shape check after growing would compare it with the grown head's, which means nothing to the user).
+
+    Args:
+        hint: the host's way to fix it, appended to the message.
+    """
+    for key, rows in grown.items():
+        if key not in state or state[key].shape[0] in (rows.old, rows.new):  # pretrained, or a swap's own
+            continue
+        classes = rows.old - rows.trailing
+        trailing = f"{classes} + {rows.trailing} trailing = " if rows.trailing else ""
+        raise CheckpointMismatchError(
+            f"The checkpoint's {key} has {state[key].shape[0]} rows, but the pretrained label space has {classes} "
+            f"classes ({trailing}{rows.old} rows). {hint}".rstrip())
 
 
 def _hide_rows_hook(dim: int, rows: GrownRows):

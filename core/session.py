@@ -26,14 +26,26 @@ from .config import LossWeights, SwapConfig
 from .data import InfiniteLoader
 from .errors import SwapConfigError
 from .export import score_key, write_adapter, write_merged_model
-from .heads import GrownRows, check_head_size, extend_head, hidden_new_classes, replace_module
-from .lora import LoraSnapshot, freeze_all_but_lora_, inject_lora, lora_groups
+from .heads import (
+    GrownRows,
+    check_checkpoint_rows,
+    check_head_size,
+    extend_head,
+    grow_checkpoint_rows,
+    hidden_new_classes,
+    replace_module,
+)
+from .lora import LoraSnapshot, freeze_all_but_lora_, inject_lora, lora_groups, validate_lora_state
 from .losses import PhaseLoss, PhaseLossOutput, TaskLoss, default_loss_key, group_sparse_loss
 from .metrics import SETS
 from .phases import Phase, PhaseScheduler, plan_phases
 from .report import SwapReport
 
 logger = logging.getLogger(__name__)
+
+# The default subsample of each set for scores between phase ends: they are a curve to watch, not the result; a few
+# hundred images per set show its trend at a fraction of a whole-set pass.
+PERIODIC_SCORE_IMAGES = 200
 
 # What ``SwapHost.score`` returns: the per-set scores, or they and the images each read.
 Scored = Mapping[str, float] | tuple[Mapping[str, float] | None, Mapping[str, int]]
@@ -93,10 +105,34 @@ def prepare_model(model: nn.Module, config: SwapConfig, head: str, num_pretraine
     check_head_size(rows, num_pretrained, trailing_rows, where=f"classifier {head}")
     replace_module(model, head, extend_head(old, num_new, trailing_rows=trailing_rows, **head_kwargs))
     grow = GrownRows(rows, rows + num_new, trailing_rows)
-    grown = {f"{head}.{p}": grow for p in ("weight", "bias") if getattr(old, p, None) is not None}
+    return adapt_model(model, config, {f"{head}.{p}": grow for p in ("weight", "bias")
+                                       if getattr(old, p, None) is not None})
+
+
+def adapt_model(model: nn.Module, config: SwapConfig, grown: dict[str, GrownRows]) -> PreparedModel:
+    """Inject LoRA, freeze everything else and find the groups: ``prepare_model`` after a host grew its heads
+    itself (DINO's per-layer class branches, Mask2Former's class weights), ``grown`` saying how."""
     adapted = inject_lora(model, config.lora)
     freeze_all_but_lora_(model)
     return PreparedModel(model, grown, lora_groups(model, config.lora.group_by), adapted)
+
+
+def adapt_checkpoint(state: Mapping[str, torch.Tensor], model: nn.Module, grown: Mapping[str, GrownRows],
+                     hint: str = "") -> dict[str, torch.Tensor]:
+    """A pretrained (or resumed) checkpoint's state dict for a prepared model: a DDP wrapper's ``module.`` prefix
+    stripped, the class rows grown as the heads were, mapped to the LoRA-injected keys and checked to fit.
+
+    Args:
+        hint: how the host's user points at the right checkpoint, for the error on class rows of another size.
+
+    Raises:
+        CheckpointMismatchError: class rows of another label space; a key other than LoRA's missing, unexpected
+            or of another shape.
+    """
+    plain = {k.removeprefix("module."): v for k, v in state.items()}
+    check_checkpoint_rows(plain, grown, hint)
+    grow_checkpoint_rows(plain, model.state_dict(), dict(grown))
+    return validate_lora_state(model, plain)
 
 
 @dataclass
@@ -325,5 +361,6 @@ class SwapSession:
 
 
 def _fmt(scores: Mapping[str, float]) -> str:
-    """The scores as logged: ``swap/forget: 12.3456  swap/retain: ...``."""
-    return "  ".join(f"{score_key(s)}: {scores[s]:.4f}" for s in SETS)
+    """The scores as logged: ``swap/forget: 12.3456  swap/retain: ...``, the three sets first, then any extra."""
+    ordered = [*SETS, *(k for k in scores if k not in SETS)]
+    return "  ".join(f"{score_key(k)}: {scores[k]:.4f}" for k in ordered)

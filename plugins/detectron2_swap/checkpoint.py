@@ -22,12 +22,14 @@ from torch import nn
 from kswap import (
     CheckpointMismatchError,
     GrownRows,
+    adapt_checkpoint,
     atomic_save,
     atomic_write_text,
-    grow_checkpoint_rows,
-    validate_lora_state,
 )
 from kswap.lora import LORA_KEY
+
+CLASS_ROWS_HINT = ("Set MODEL.WEIGHTS to the model trained on those classes, or list the classes it was trained "
+                   "with (the stuff_classes of the pretrained dataset, DATASETS.TRAIN[0]).")
 
 
 class SwapCheckpointer(DetectionCheckpointer):
@@ -70,10 +72,7 @@ class SwapCheckpointer(DetectionCheckpointer):
         # renames every pixel-decoder key of a state dict without it: the dict rebuilt here keeps it.
         metadata = getattr(state, "_metadata", None)
         self._convert_ndarray_to_tensor(state)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        self._check_class_rows(state)
-        grow_checkpoint_rows(state, self.model.state_dict(), self.grown)
-        mapped = OrderedDict(validate_lora_state(self.model, state))
+        mapped = OrderedDict(adapt_checkpoint(state, self.model, self.grown, hint=CLASS_ROWS_HINT))
         if metadata is not None:
             mapped._metadata = metadata
         checkpoint["model"] = mapped
@@ -88,21 +87,6 @@ class SwapCheckpointer(DetectionCheckpointer):
                 "the checkpoint as torch.save wrote it (its state dict's _metadata intact)."
             )
         return incompatible._replace(missing_keys=[])
-
-    def _check_class_rows(self, state: dict[str, Any]) -> None:
-        """Refuse a head sized for another label space, naming the pretrained size (a shape check after growing
-        would compare it with the grown head)."""
-        for key, rows in self.grown.items():
-            if key not in state or state[key].shape[0] in (rows.old, rows.new):  # pretrained, or a swap's own
-                continue
-            classes = rows.old - rows.trailing
-            trailing = f"{classes} + {rows.trailing} trailing = " if rows.trailing else ""
-            raise CheckpointMismatchError(
-                f"The checkpoint's {key} has {state[key].shape[0]} rows, but the pretrained label space has "
-                f"{classes} classes ({trailing}{rows.old} rows). Set MODEL.WEIGHTS to the model trained "
-                "on those classes, or list the classes it was trained with (the stuff_classes of the pretrained "
-                "dataset, DATASETS.TRAIN[0])."
-            )
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:

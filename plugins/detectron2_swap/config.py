@@ -19,6 +19,7 @@ from typing import Any
 from detectron2.config import CfgNode as CN
 
 from kswap import (
+    PERIODIC_SCORE_IMAGES,
     AuditSettings,
     ConfigField,
     PhaseLength,
@@ -30,9 +31,6 @@ from kswap import (
 
 # cfg.SWAP.SOLVER.LR_SCHEDULER_NAME of the reference's constant LR (detectron2 has no scheduler of that name).
 CONSTANT_LR = "Constant"
-# cfg.SWAP.EVAL_IMAGES: periodic scores are a curve to watch, not the result; a few hundred images per set show its
-# trend at a fraction of a whole-set pass.
-PERIODIC_SCORE_IMAGES = 200
 
 
 # Keys of detectron2_swap before it named the settings as kswap does: a YAML or opts naming one fails with the new

@@ -2,14 +2,14 @@
 
 The session walks the phases: at a phase's first step the hook starts it (the phase's fresh optimizer and LR
 schedule, as the reference segmentation recipe), the trainer's ``SwapDataLoader`` draws each step's role batches
-from the session, and the model's loss is its phase loss. The hook scores the sets before the swap, every ``eval_period``
-iterations (a seeded subsample of each set) and at each phase end (the whole sets, then a checkpoint), records
-the first forget loss of a forget phase against the bound (the mean over the processes), and keeps the session's
-state (phase position, report, the phase's LR schedule) in the trainer's checkpoints, so ``--resume`` continues
-the phase. After the last phase it writes the report, the merged plain model, the LoRA adapter alone and the
-sets' joint-label test data for detectron2's stock evaluation, then runs the unlearning audit when given one (on
-copies, after the outputs are written) and adds it to the report. Scores are logged as ``swap/<set>``, the loss
-terms (``model.py``) as ``swap/loss/<term>``.
+from the session, and the model's loss is its phase loss. The hook scores the sets before the swap, every
+``eval_period`` iterations (a seeded subsample of each set) and at each phase end (the whole sets, then a
+checkpoint), records the first forget loss of a forget phase against the bound (the mean over the processes), and
+keeps the session's state (phase position, report, the phase's LR schedule) in the trainer's checkpoints, so
+``--resume`` continues the phase. After the last phase it writes the report, the merged plain model, the LoRA
+adapter alone and the sets' joint-label test data for detectron2's stock evaluation, then runs the unlearning audit
+when given one (on copies, after the outputs are written) and adds it to the report. Scores are logged as
+``swap/<set>``, the loss terms (``model.py``) as ``swap/loss/<term>``.
 """
 
 from __future__ import annotations

@@ -19,11 +19,9 @@ from torch import nn
 from kswap import (
     GrownRows,
     SwapConfigError,
+    adapt_model,
     check_head_size,
     extend_head,
-    freeze_all_but_lora_,
-    inject_lora,
-    lora_groups,
     loss_key,
     replace_module,
 )
@@ -134,17 +132,17 @@ def prepare_swap_model(model: nn.Module, plan: SwapPlan, head_name: str = "", tr
     with ``SwapCheckpointer`` (which grows and maps the checkpoint the same way).
     """
     name, _, trailing = find_class_head(model, head_name, trailing_rows)
-    grown = extend_classes(model, name, trailing, plan.space.num_pretrained, len(plan.space.new))
-    adapted = inject_lora(model, plan.config.lora)
-    trainable = freeze_all_but_lora_(model)
+    prepared = adapt_model(model, plan.config,
+                           extend_classes(model, name, trailing, plan.space.num_pretrained, len(plan.space.new)))
     base = type(model)
     if not isinstance(model, SwapModelMixin):
         model.__class__ = type(f"Swap{base.__name__}", (SwapModelMixin, base), {})
-    groups = lora_groups(model, plan.config.lora.group_by)
-    model.swap_state = SwapModelState(groups=groups, grown=grown, adapted=adapted, class_names=plan.space.names)
-    rows = grown[f"{name}.weight"]
+    model.swap_state = SwapModelState(groups=prepared.groups, grown=prepared.grown, adapted=prepared.adapted,
+                                      class_names=plan.space.names)
+    rows = prepared.grown[f"{name}.weight"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info(f"Swap: LoRA rank {plan.config.lora.rank} on {len(adapted)} linear layers in {len(groups)} groups, "
-                f"{trainable} trainable parameters of {total}; {name} grown from {rows.old} to {rows.new} outputs "
-                "(new rows frozen).")
+    logger.info(f"Swap: LoRA rank {plan.config.lora.rank} on {len(prepared.adapted)} linear layers in "
+                f"{len(prepared.groups)} groups, {trainable} trainable parameters of {total}; {name} grown from "
+                f"{rows.old} to {rows.new} outputs (new rows frozen).")
     return model

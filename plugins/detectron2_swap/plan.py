@@ -51,6 +51,7 @@ class SwapPlan:
 
     def __post_init__(self) -> None:
         self.space.resolve(self.config)  # unknown or overlapping classes fail here
+        self.config.refuse_distillation("detectron2_swap (cfg.SWAP.*_LOSS.DISTILL)")
         for kind, by_set in (("train", self.train), ("test", self.test)):
             for name in SETS:
                 if not by_set.get(name):

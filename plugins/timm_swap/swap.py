@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from kswap import (
+    PERIODIC_SCORE_IMAGES,
     PRESETS,
     AuditSettings,
     ConfigField,
@@ -64,9 +65,6 @@ from .hookspecs import hookimpl
 
 _logger = logging.getLogger(__name__)
 
-# Periodic scores are a curve to watch, not the result: a few hundred images per set show its trend at a fraction
-# of a whole-set pass.
-PERIODIC_SCORE_IMAGES = 200
 # Images per new class whose mean feature imprints its head row (--swap-head-init imprint): the mean of a few
 # dozen is stable, and the pass stays cheap before training on ImageNet-sized learn sets.
 IMPRINT_IMAGES = 64

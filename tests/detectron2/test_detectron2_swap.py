@@ -502,6 +502,13 @@ def test_a_batch_without_target_pixels_is_named(glyph_spec, tmp_path):
         model([sample])
 
 
+def test_distillation_is_refused_before_a_model_is_built(glyph_spec, tmp_path):
+    # The model's loss has no distillation term: a weight for one is refused, not silently left out.
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth", FORGET_LOSS__DISTILL=0.5)
+    with pytest.raises(SwapConfigError, match=r"no distillation term: set forget_loss.distill to 0"):
+        SwapTrainer(cfg)
+
+
 def test_wrong_head_size_is_refused(glyph_spec, d2_pretrained, tmp_path):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path), num_classes=6), d2_pretrained)
     with pytest.raises(SwapConfigError, match="has 6 outputs, but 5 pretrained classes need"):
