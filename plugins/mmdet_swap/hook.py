@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -41,22 +40,15 @@ from kswap import (
     AuditSettings,
     LabelSpace,
     Phase,
-    PreparedModel,
     SwapConfig,
     SwapConfigError,
     SwapSession,
+    adapt_checkpoint,
+    adapt_model,
     atomic_write_text,
     check_head_size,
-    freeze_all_but_lora_,
-    grow_checkpoint_rows,
-    hidden_new_classes,
-    inject_lora,
-    lora_groups,
     loss_key,
     score_key,
-    validate_lora_state,
-    write_adapter,
-    write_merged_model,
 )
 
 from .audit import PROBE_IMAGES, audit_detector
@@ -134,6 +126,7 @@ class SwapHook(Hook):
                                   "with the new classes' COCO files.")
         classes = {name: spec.get("classes") or None for name, spec in self.specs.items()}
         self.config = SwapConfig.preset("detection", **classes, **settings)
+        self.config.refuse_distillation("SwapHook (learn_loss / forget_loss distill)")
         self.batch_size = batch_size
         self.checkpoint_interval = checkpoint_interval
         self.out_dir = out_dir
@@ -145,7 +138,6 @@ class SwapHook(Hook):
                 raise SwapConfigError(f"SwapHook: audit has no {sorted(unknown)}; it takes {known}.")
         self.session: SwapSession | None = None
         self.pretrained_buffers: dict[str, torch.Tensor] | None = None
-        self._clock = time.perf_counter()
         self._run_patches = contextlib.ExitStack()
 
     # -- surgery -------------------------------------------------------------------------------------------------
@@ -155,7 +147,6 @@ class SwapHook(Hook):
         # For this run only (after_run undoes them): the checkpoints load under torch >= 2.6, the kernel serves.
         self._run_patches.enter_context(local_checkpoint_loader())
         self._run_patches.enter_context(msda_routed_to_kswap())
-        self._clock = time.perf_counter()
         self.runner = runner
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         pretrained = runner.train_loop.dataloader.dataset.metainfo["classes"]
@@ -164,9 +155,7 @@ class SwapHook(Hook):
         check_head_size(model.bbox_head.num_classes, self.space.num_pretrained, where="bbox_head")
         # Not kswap.prepare_model: DINO has one class branch per decoder layer and a denoising label embedding.
         self.grown = extend_dino_classes(model, len(self.space.new))
-        adapted = inject_lora(model, self.config.lora)
-        freeze_all_but_lora_(model)
-        prepared = PreparedModel(model, self.grown, lora_groups(model, self.config.lora.group_by), adapted)
+        prepared = adapt_model(model, self.config, self.grown)
         # A function, not a bound method: merge_and_export deep-copies the model, which would copy the hook too.
         make_swap_detector(model, lambda task: self.session.phase_loss(task))
         model.dataset_meta = {**(getattr(model, "dataset_meta", None) or {}), "classes": self.space.names}
@@ -179,7 +168,8 @@ class SwapHook(Hook):
             runner.logger.warning("SwapHook: restart_lr_schedule has no effect: the swap keeps the LR constant.")
         self._build_data(runner)
         self.session = SwapSession(
-            self.config, self, prepared, metric="bbox_mAP", log=self._log,
+            self.config, self, prepared, metric="bbox_mAP",
+            log=lambda level, message: runner.logger.log(level, f"SwapHook: {message}"),
             classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
         runner._train_loop = LOOPS.build(dict(type="SwapTrainLoop", swap=self), default_args=dict(runner=runner))
         runner.logger.info(f"SwapHook: LoRA in {len(prepared.groups)} groups; classes {self.space.num_pretrained} -> "
@@ -188,14 +178,6 @@ class SwapHook(Hook):
 
     def after_run(self, runner: Any) -> None:
         self._run_patches.close()
-
-    def _log(self, line: str) -> None:
-        """The session's progress lines (``swap: ...``) in the run's log, its warnings as warnings."""
-        text = line.removeprefix("swap: ")
-        if text.startswith("WARNING "):
-            self.runner.logger.warning("SwapHook: " + text.removeprefix("WARNING "))
-        else:
-            self.runner.logger.info("SwapHook: " + text)
 
     def _lora_optim_wrapper(self, runner: Any) -> Any:
         """The config's optimizer and wrapper type over the trainable (LoRA) parameters only."""
@@ -209,10 +191,9 @@ class SwapHook(Hook):
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         """Map the checkpoint onto the grown, LoRA-injected model (refusing one that does not fit); on resume,
         restore the swap's position, data order and report."""
-        state = checkpoint["state_dict"]
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        grow_checkpoint_rows(state, self.model.state_dict(), self.grown)
-        checkpoint["state_dict"] = validate_lora_state(self.model, state)
+        checkpoint["state_dict"] = adapt_checkpoint(
+            checkpoint["state_dict"], self.model, self.grown,
+            hint="Set load_from to the detector trained on those classes (the train dataset's metainfo classes).")
         saved = checkpoint.get("swap")
         if saved is not None:  # resume: the report's run time goes on from the saved one
             torch.set_rng_state(saved["rng"])  # DINO's denoising queries draw from it
@@ -222,19 +203,15 @@ class SwapHook(Hook):
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         """The session's state plus what mmdet needs besides: the global RNG (denoising noise) and, for the
         audit, the pretrained buffers."""
-        self._tick()
+        # The session's report ticks its run time: a resumed run goes on adding.
         checkpoint["swap"] = {**self.session.state_dict(), "rng": torch.get_rng_state()}
         if self.pretrained_buffers is not None:
             checkpoint["swap"]["pretrained_buffers"] = self.pretrained_buffers
 
-    def _tick(self) -> None:
-        """Add the wall time since the last tick to the report's run time."""
-        now = time.perf_counter()
-        self.session.report.timing["run_s"] += now - self._clock
-        self._clock = now
-
-    def save(self, runner: Any) -> None:
-        """A resumable checkpoint; ``last_checkpoint`` moves to it only once it is completely written."""
+    def save(self, state: dict[str, Any] | None = None, tag: str = "") -> None:
+        """A resumable checkpoint (the session's ``state`` goes in through ``before_save_checkpoint``);
+        ``last_checkpoint`` moves to it only once it is completely written."""
+        runner = self.runner
         name = f"iter_{runner.train_loop.iter}.pth"
         runner.save_checkpoint(runner.work_dir, name, save_optimizer=True, save_param_scheduler=False)
         if runner.rank == 0:
@@ -242,7 +219,7 @@ class SwapHook(Hook):
 
     def after_step(self, runner: Any) -> None:
         if self.checkpoint_interval and runner.train_loop.iter % self.checkpoint_interval == 0:
-            self.save(runner)
+            self.save()
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _dataset_cfg(self, runner: Any, name: str, split: str, every_object: bool = False) -> dict:
@@ -290,18 +267,14 @@ class SwapHook(Hook):
         return loader
 
     # -- phases, evaluation, outputs -----------------------------------------------------------------------------
-    def scores(self) -> tuple[dict[str, float], dict[str, int]]:
-        """The per-set scores of the model and the test images each read (timed into the report)."""
-        with self.session.report.timed():
-            return self.scorer(self.model), self.scorer.images_per_score()
+    def score(self, subsample: bool = False) -> tuple[dict[str, float], dict[str, int]]:
+        """The per-set scores of the model over the sets' whole test images, and the images each read."""
+        return self.scorer(self.model), self.scorer.images_per_score()
 
     def before_swap(self, runner: Any) -> None:
-        report = self.session.report
-        if report.before is None:
-            # The pretrained model's scores: the grown classes' outputs hidden, LoRA still zero.
-            with hidden_new_classes(self.model, self.grown):
-                report.set_before(*self.scores())
-            self._log_scores(runner, "before", report.before)
+        scores = self.session.score_before()
+        if scores is not None:
+            self.log_scores(runner, scores)
             if self.audit is not None:
                 # Frozen weights stay as loaded, but a config without norm_eval moves BatchNorm statistics while
                 # the swap trains: the audit's pretrained row needs them as they were.
@@ -318,18 +291,10 @@ class SwapHook(Hook):
             del hub[key]
         runner.logger.info(f"SwapHook: phase {phase.name} ({self.session.scheduler.phase_steps[phase.index]} steps)")
 
-    def end_phase(self, runner: Any, phase: Phase) -> None:
-        scores, images = self.scores()
-        self.session.report.end_phase(phase.name, phase.kind.value, self.session.scheduler.global_step, scores,
-                                      images)
-        self._log_scores(runner, f"after {phase.name}", scores)
-        self.save(runner)
-
-    def _log_scores(self, runner: Any, when: str, scores: Mapping[str, float]) -> None:
-        """The per-set scores under ``swap/<set>``, at the current step: in the log, the message hub and the
-        visualizer's backends (the file LoggerHook writes the training scalars to, TensorBoard, ...)."""
+    def log_scores(self, runner: Any, scores: Mapping[str, float]) -> None:
+        """The per-set scores under ``swap/<set>``, at the current step, in the message hub and the visualizer's
+        backends (the file LoggerHook writes the training scalars to, TensorBoard, ...); the session logs the line."""
         logged = {score_key(k): v for k, v in scores.items()}
-        runner.logger.info(f"SwapHook: {when} " + "  ".join(f"{k}: {v:.4f}" for k, v in logged.items()))
         runner.message_hub.update_scalars(logged)
         runner.visualizer.add_scalars(logged, step=runner.iter, file_path=f"{runner.timestamp}.json")
 
@@ -338,13 +303,10 @@ class SwapHook(Hook):
             return
         out = Path(self.out_dir or runner.work_dir)
         report = self.session.report
-        self._tick()
         if self.audit is not None:
             report.audit = self._audit(runner)
-        paths = report.write(out)
-        meta = {"dataset_meta": {"classes": list(self.space.names)}, "kswap": {"report": str(paths["json"])}}
-        model = write_merged_model(self.model, out, meta=json.loads(json.dumps(meta)))
-        write_adapter(self.model, out, self.config, self.grown, report.classes)
+        meta = {"dataset_meta": {"classes": list(self.space.names)}, "kswap": {"report": str(out / "swap_report.json")}}
+        model = self.session.export(out, meta=meta)["model"]
         self._write_stock_test_configs(runner, out)
         runner.logger.info("\n" + report.to_markdown())
         runner.logger.info(f"SwapHook: score {model} with mmdet's tools/test.py "

@@ -44,8 +44,8 @@ class SwapTrainLoop(BaseLoop):
     phase, merged into one ``train_step``.
 
     The runner's hooks are called as by mmengine's loops (``before/after_train``, one ``before/after_train_epoch``
-    around the whole swap, ``before/after_train_iter``); the swap hook scores the three sets before the swap and
-    at phase ends, saves and writes the outputs.
+    around the whole swap, ``before/after_train_iter``); the session scores the three sets (the swap hook's
+    ``score``) before the swap and at phase ends, where the hook saves; the hook writes the outputs.
     """
 
     def __init__(self, runner: Any, swap: SwapHook) -> None:
@@ -98,10 +98,11 @@ class SwapTrainLoop(BaseLoop):
             self._observe_forget_loss(phase, outputs)
             runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
             self._iter += 1
-            if session.count_step():
-                swap.end_phase(runner, phase)
+            scores = session.step_done()  # at a phase end: the sets scored, then the hook's save
+            if scores is not None:
+                swap.log_scores(runner, scores)
                 restart_iter_timers(runner)
-            elif not session.done:
+            if not (session.done or session.scheduler.at_phase_start):  # within a phase
                 swap.after_step(runner)
         runner.call_hook("after_train_epoch")
         runner.call_hook("after_train")
@@ -111,7 +112,7 @@ class SwapTrainLoop(BaseLoop):
     def _observe_forget_loss(self, phase: Phase, outputs: Mapping[str, torch.Tensor]) -> None:
         """The forget loss of a forget phase's first step, its mean over the ranks (every rank resolves the same
         relative bound), to the session's bound check."""
-        if "forget" not in phase.sources or phase.name in self.session.report.forget_bounds:
+        if not self.session.awaits_forget_loss(phase):
             return
         measured = outputs[loss_key("forget/task")].detach().clone().float()
         all_reduce(measured, op="mean")

@@ -479,6 +479,9 @@ def test_hook_takes_every_swap_setting():
     assert hook.config.forget_loss.beta == 0.5 and hook.config.forget_loss.bnd == 15
     assert not hook.config.forget_retains_learned and hook.config.reset_optimizer_between_phases
     assert SwapHook(forget=dict(classes=("0",)), learn=LEARN_SPEC).config.retain is None
+    # The detector's loss has no distillation term: a weight for one is refused, not silently left out.
+    with pytest.raises(SwapConfigError, match=r"no distillation term: set forget_loss.distill to 0"):
+        SwapHook(forget=["0"], learn=LEARN_SPEC, forget_loss=dict(distill=1.0))
 
 
 class OptimizerProbe(Hook):
