@@ -270,8 +270,7 @@ def build_detectron2(work: Path, model: str) -> StepPair:
     from detectron2.utils.events import EventStorage
 
     from detectron2_swap import SwapDataLoader, SwapPlan
-    from detectron2_swap.model import ROLE_KEY
-    from kswap import Order, PreparedModel, SwapSession
+    from kswap import ROLE_KEY, Order, PreparedModel, SwapSession
 
     from swap_testing.d2_models import glyph_cfg, make_trainer_classes, swap_glyphs, write_glyph_spec
 

@@ -27,7 +27,7 @@ from .config import (
     config_fields,
     config_from_fields,
 )
-from .data import InfiniteLoader, ResumableSampler, drawn_indices
+from .data import ROLE_KEY, InfiniteLoader, ResumableSampler, drawn_indices, merge_role_batches, role_rows
 from .errors import CheckpointMismatchError, SwapConfigError
 from .export import ADAPTER_FILE, MODEL_FILE, loss_key, score_key, write_adapter, write_merged_model
 from .groups import discover_groups
@@ -83,18 +83,17 @@ from .session import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTER_FILE", "MODEL_FILE", "ConfigField", "config_fields", "config_from_fields", "loss_key", "score_key",
-    "write_adapter", "write_merged_model",
-    "AccuracyMeter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "GrownRows",
-    "InfiniteLoader", "LabelSpace", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "PERIODIC_SCORE_IMAGES",
-    "PRESETS", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel",
-    "ResumableSampler",
-    "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "TARGET_PRESETS", "adapt_checkpoint",
-    "adapt_model", "atomic_save",
-    "atomic_write_text", "bounded_forget_loss", "check_head_size", "distillation_loss", "discover_groups",
-    "drawn_indices", "extend_embedding", "extend_head", "freeze_all_but_lora_", "group_sparse_loss",
-    "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
-    "load_lora_model_state", "lora_groups", "lora_state_dict", "matching_linears", "merge_and_export", "plan_phases",
-    "prepare_model", "pretrained_model", "reinit_lora_", "replace_module", "run_audit", "sigmoid_prior_bias",
-    "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
+    "ADAPTER_FILE", "MODEL_FILE", "PERIODIC_SCORE_IMAGES", "PRESETS", "ROLE_KEY", "TARGET_PRESETS", "AccuracyMeter",
+    "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "ConfigField", "GrownRows",
+    "InfiniteLoader", "LabelSpace", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "Phase", "PhaseKind",
+    "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
+    "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "adapt_checkpoint", "adapt_model",
+    "atomic_save", "atomic_write_text", "bounded_forget_loss", "check_head_size", "config_fields",
+    "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "extend_embedding",
+    "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes",
+    "imprinted_rows", "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict",
+    "loss_key", "matching_linears", "merge_and_export", "merge_role_batches", "plan_phases", "prepare_model",
+    "pretrained_model", "reinit_lora_", "replace_module", "role_rows", "run_audit", "score_key",
+    "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy",
+    "validate_lora_state", "write_adapter", "write_merged_model",
 ]

@@ -1,13 +1,19 @@
-"""Data plumbing shared by the hosts: a seeded, shardable, resumable sampler and a loader that never runs out."""
+"""Data plumbing shared by the hosts: a seeded, shardable, resumable sampler, a loader that never runs out, and
+the role tags of a merged batch."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import Sampler
+
+T = TypeVar("T")
+
+# Where a host's sample of a merged batch carries its loss role (``retain``, ``learn``, ``forget``).
+ROLE_KEY = "swap_role"
 
 
 class ResumableSampler(Sampler[int]):
@@ -113,3 +119,25 @@ def drawn_indices(n: int, limit: int, seed: int = 0) -> list[int]:
     if n <= limit:
         return list(range(n))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
+def merge_role_batches(batches: Mapping[str, Sequence[T]], tag: Callable[[T, str], None]) -> list[T]:
+    """The samples of one batch per loss role as one batch, in role order, each tagged by ``tag(sample, role)``
+    (the host's way to put ``ROLE_KEY`` on a sample), so the model runs one step over them."""
+    merged = []
+    for role, samples in batches.items():
+        for sample in samples:
+            tag(sample, role)
+            merged.append(sample)
+    return merged
+
+
+def role_rows(roles: Sequence[str | None]) -> dict[str, list[int]] | None:
+    """Per loss role, in order of first appearance, the rows of a merged batch that carry it; ``None`` when a row
+    carries none (a plain batch of the same model, which its own loss serves)."""
+    if None in roles:
+        return None
+    rows: dict[str, list[int]] = {}
+    for i, role in enumerate(roles):
+        rows.setdefault(role, []).append(i)
+    return rows

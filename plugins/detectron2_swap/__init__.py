@@ -16,13 +16,15 @@ and a ``SWAP:`` block in the YAML (``ENABLED: True``, class names, ``DATASETS``,
 ``enable_msda_fallback()`` lets Mask2Former run where its CUDA op was never built.
 """
 
+from kswap import ROLE_KEY
+
 from .audit import SegmentationAudit
 from .checkpoint import SwapCheckpointer
 from .config import add_swap_config, audit_settings_from_cfg, swap_config_from_cfg
 from .data import DetectionRoleLoader, SwapDataLoader, remap_sample
 from .evaluation import SetScorer, SetSemSegEvaluator, per_class_iou, score_sets
 from .hook import SwapHook
-from .model import ROLE_KEY, SwapModelMixin, extend_classes, find_class_head, prepare_swap_model
+from .model import SwapModelMixin, extend_classes, find_class_head, prepare_swap_model
 from .msda import enable_msda_fallback
 from .plan import SwapPlan, label_table
 from .trainer import SwapTrainerMixin, write_swapped_config

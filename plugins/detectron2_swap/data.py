@@ -9,15 +9,13 @@ target classes (``SwapPlan.target_sets``), so any mapper that returns ``sem_seg`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import numpy as np
 import torch
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 
-from kswap import SwapSession
+from kswap import ROLE_KEY, SwapSession, merge_role_batches
 
-from .model import ROLE_KEY
 from .plan import SOURCE_KEY, SwapPlan, swap_dataset_name
 
 BuildLoader = Callable[[tuple[str, ...]], Iterable[list[dict]]]
@@ -81,6 +79,10 @@ class RoleBatches:
             yield [remap_sample(sample, self.tables[sample[SOURCE_KEY]], self.ignore) for sample in batch]
 
 
+def tag_role(sample: dict, role: str) -> None:
+    sample[ROLE_KEY] = role
+
+
 class SwapDataLoader:
     """The trainer's data loader during a swap: each step one batch per loss role of the swap session's current
     phase, every sample tagged with its role.
@@ -111,9 +113,4 @@ class SwapDataLoader:
         if self.session is None:
             raise RuntimeError("SwapDataLoader: a SwapHook binds it to its swap session before training.")
         while not self.session.done:
-            batch: list[dict[str, Any]] = []
-            for role, samples in self.session.next_batches().items():
-                for sample in samples:
-                    sample[ROLE_KEY] = role
-                    batch.append(sample)
-            yield batch
+            yield merge_role_batches(self.session.next_batches(), tag_role)

@@ -17,6 +17,7 @@ from detectron2.utils import events
 from torch import nn
 
 from kswap import (
+    ROLE_KEY,
     GrownRows,
     SwapConfigError,
     adapt_model,
@@ -24,6 +25,7 @@ from kswap import (
     extend_head,
     loss_key,
     replace_module,
+    role_rows,
 )
 from kswap.losses import PhaseLossOutput, TaskLoss
 
@@ -32,7 +34,6 @@ from .plan import SwapPlan
 # Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
 logger = logging.getLogger(f"detectron2.{__name__}")
 
-ROLE_KEY = "swap_role"
 # Mask2Former's classifier ends with a "no object" row; a SemanticSegmentor's 1x1 predictor has one row a class.
 HEAD_CANDIDATES = (("sem_seg_head.predictor.class_embed", 1), ("sem_seg_head.predictor", 0))
 
@@ -60,14 +61,14 @@ class SwapModelMixin:
     swap_state: SwapModelState
 
     def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor] | list[dict]:
-        roles = [x.get(ROLE_KEY) for x in batched_inputs]
-        if not self.training or None in roles:  # inference, or a plain training batch of the same model
+        rows = role_rows([x.get(ROLE_KEY) for x in batched_inputs])
+        if not self.training or rows is None:  # inference, or a plain training batch of the same model
             return super().forward(batched_inputs)
         if self.swap_state.loss is None:
             raise RuntimeError("A swap batch reached a model without a swap session: register the SwapHook that "
                                "drives the swap (SwapTrainerMixin does) before training.")
-        task = {role: super(SwapModelMixin, self).forward([x for x in batched_inputs if x[ROLE_KEY] == role])
-                for role in dict.fromkeys(roles)}
+        task = {role: super(SwapModelMixin, self).forward([batched_inputs[i] for i in ids])
+                for role, ids in rows.items()}
         out = self.swap_state.loss(task)
         bad = [role for role in task if not torch.isfinite(out.terms[f"{role}/task"])]
         if bad:

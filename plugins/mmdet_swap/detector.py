@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kswap import (
+    ROLE_KEY,
     GrownRows,
     PhaseLossOutput,
     extend_embedding,
@@ -32,9 +33,9 @@ from kswap import (
     loss_key,
     sigmoid_prior_bias,
 )
+from kswap.data import role_rows
 from kswap.losses import TaskLoss
 
-ROLE_KEY = "swap_role"
 # The phase-loss terms the detector returns beside its loss, under PhaseLoss's names (``retain/task``,
 # ``forget/bounded``, ``group_sparse``): none contains "loss", as mmengine's parse_losses optimises every key that
 # does; the swap loop then renames them to their log keys (``log_outputs``).
@@ -83,15 +84,13 @@ class SwapDetectorMixin:
     _swap_loss: PhaseLossFn
 
     def loss(self, batch_inputs: torch.Tensor, batch_data_samples: list) -> dict[str, torch.Tensor]:
-        roles = [s.metainfo.get(ROLE_KEY) for s in batch_data_samples]
-        if None in roles:  # not a swap batch (e.g. a plain fine-tuning run of the same model)
+        rows = role_rows([s.metainfo.get(ROLE_KEY) for s in batch_data_samples])
+        if rows is None:  # not a swap batch (e.g. a plain fine-tuning run of the same model)
             return super().loss(batch_inputs, batch_data_samples)
         head_inputs = self.forward_transformer(self.extract_feat(batch_inputs), batch_data_samples)
-        task = {}
-        for role in dict.fromkeys(roles):
-            rows = [i for i, r in enumerate(roles) if r == role]
-            task[role] = self.bbox_head.loss(**head_input_rows(head_inputs, rows),
-                                             batch_data_samples=[batch_data_samples[i] for i in rows])
+        task = {role: self.bbox_head.loss(**head_input_rows(head_inputs, ids),
+                                          batch_data_samples=[batch_data_samples[i] for i in ids])
+                for role, ids in rows.items()}
         out = self._swap_loss(task)
         return {"loss": out.total, **logged_terms(out.terms)}
 

@@ -11,23 +11,19 @@ from mmengine.hooks import IterTimerHook
 from mmengine.registry import LOOPS
 from mmengine.runner import BaseLoop
 
-from kswap import Phase, loss_key
+from kswap import ROLE_KEY, Phase, loss_key, merge_role_batches
 
-from .detector import ROLE_KEY, log_outputs
+from .detector import log_outputs
 
 if TYPE_CHECKING:
     from .hook import SwapHook
 
 
 def merge_batches(batches: dict[str, dict[str, list]]) -> dict[str, list]:
-    """One mmdet data batch from per-role batches, each sample tagged with its role."""
-    merged: dict[str, list] = {"inputs": [], "data_samples": []}
-    for role, batch in batches.items():
-        for sample in batch["data_samples"]:
-            sample.set_metainfo({ROLE_KEY: role})
-        merged["inputs"].extend(batch["inputs"])
-        merged["data_samples"].extend(batch["data_samples"])
-    return merged
+    """One mmdet data batch from per-role batches, each data sample tagged with its role."""
+    return {"inputs": [x for batch in batches.values() for x in batch["inputs"]],
+            "data_samples": merge_role_batches({role: batch["data_samples"] for role, batch in batches.items()},
+                                               lambda sample, role: sample.set_metainfo({ROLE_KEY: role}))}
 
 
 def restart_iter_timers(runner: Any) -> None:

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kswap import (
+    ROLE_KEY,
     InfiniteLoader,
     LabelSpace,
     LoraSettings,
@@ -20,7 +21,9 @@ from kswap import (
     SwapConfig,
     SwapSession,
     load_checkpoint,
+    merge_role_batches,
     prepare_model,
+    role_rows,
     top1_accuracy,
 )
 
@@ -195,6 +198,14 @@ def test_the_report_says_what_each_score_read_and_what_scoring_cost(digits, pret
     session = _counted_swap(digits, pretrained, main=False)
     assert session.report.before is None and not session.report.curve and not session.report.phases
     assert set(session.host.saved) == {"0_learn", "1_forget"}
+
+
+def test_a_merged_batch_splits_back_by_role():
+    batches = {"retain": [{"x": 1}, {"x": 2}], "forget": [{"x": 3}]}
+    merged = merge_role_batches(batches, lambda sample, role: sample.__setitem__(ROLE_KEY, role))
+    assert [s["x"] for s in merged] == [1, 2, 3]
+    assert role_rows([s[ROLE_KEY] for s in merged]) == {"retain": [0, 1], "forget": [2]}
+    assert role_rows(["retain", None]) is None  # a plain batch: the model's own loss
 
 
 def test_infinite_loader_cycles_and_sets_epochs():
