@@ -27,6 +27,7 @@ from mmengine.runner import Runner
 from kswap import (
     ADAPTER_FILE,
     MODEL_FILE,
+    CheckpointMismatchError,
     LossWeights,
     PhaseLoss,
     SwapConfig,
@@ -544,7 +545,10 @@ def test_checkpoint_with_wrong_head_is_refused(glyphs, pretrained_dino, tmp_path
     bad = tmp_path / "two_classes.pth"
     torch.save(state, bad)
     runner = Runner.from_cfg(swap_cfg(glyphs, bad, tmp_path / "bad"))
-    with pytest.raises(SwapConfigError, match="shape mismatch"):
+    # Named by the pretrained size, not by the grown head's (which means nothing to the user).
+    with pytest.raises(CheckpointMismatchError, match=r"The checkpoint's bbox_head.cls_branches.0.weight has 2 rows, "
+                                                      r"but the pretrained label space has 3 classes \(3 rows\)\. "
+                                                      "Set load_from"):
         runner.train()
 
 
