@@ -132,11 +132,12 @@ class SwapTrainerMixin:
         )
         ret = [h for h in super().build_hooks() if h is not None and not isinstance(h, hooks.EvalHook)]
         if cfg.DATASETS.TEST:
+            periodic = (f"every SWAP.EVAL_PERIOD ({cfg.SWAP.EVAL_PERIOD}) iterations on at most SWAP.EVAL_IMAGES "
+                        f"({cfg.SWAP.EVAL_IMAGES}) images per set and " if cfg.SWAP.EVAL_PERIOD else "")
             logger.info(f"Swap: detectron2's evaluation of DATASETS.TEST {tuple(cfg.DATASETS.TEST)} (TEST.EVAL_PERIOD "
                         f"{cfg.TEST.EVAL_PERIOD}) is replaced by the swap's per-set mIoU of SWAP.DATASETS.*_TEST, "
-                        f"every SWAP.EVAL_PERIOD ({cfg.SWAP.EVAL_PERIOD}) iterations on at most SWAP.EVAL_IMAGES "
-                        f"({cfg.SWAP.EVAL_IMAGES}) images per set and on the whole sets at each phase end: the "
-                        "swapped model predicts classes those evaluators do not know.")
+                        f"{periodic}on the whole sets before the swap and at each phase end: the swapped model "
+                        "predicts classes those evaluators do not know.")
         # After the LR hook (its step of the phase's last iteration is in the phase-end checkpoint), before the
         # checkpointer and the writers (they see the phase position after the step).
         at = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
