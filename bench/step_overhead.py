@@ -270,6 +270,7 @@ def build_detectron2(work: Path, model: str) -> StepPair:
     from detectron2.utils.events import EventStorage
 
     from detectron2_swap import SwapDataLoader, SwapPlan
+    from detectron2_swap.model import every_term
     from kswap import ROLE_KEY, Order, PreparedModel, SwapSession
 
     from swap_testing.d2_models import glyph_cfg, make_trainer_classes, swap_glyphs, write_glyph_spec
@@ -283,10 +284,13 @@ def build_detectron2(work: Path, model: str) -> StepPair:
     plan = SwapPlan.from_cfg(cfg)
     batch = cfg.SWAP.IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH
     loader = SwapDataLoader(plan, lambda datasets: swap_trainer.users_train_loader(cfg, datasets, batch))
-    # A session whose first phase forgets, outside a trainer: the loader's role batches are all it needs.
+    # A session whose first phase forgets, outside a trainer: it gives the loader its role batches and the model
+    # its phase loss, as a SwapHook's does.
     state = net.swap_state
-    loader.bind(SwapSession(dataclasses.replace(plan.config, order=Order.FORGET_THEN_LEARN), RoleLoaders(loader),
-                            PreparedModel(net, state.grown, state.groups, state.adapted)))
+    session = SwapSession(dataclasses.replace(plan.config, order=Order.FORGET_THEN_LEARN), RoleLoaders(loader),
+                          PreparedModel(net, state.grown, state.groups, state.adapted), is_loss=every_term)
+    state.loss = session.phase_loss
+    loader.bind(session)
     swap_batch = next(iter(loader))
     plain_batch = [{k: v for k, v in sample.items() if k != ROLE_KEY} for sample in swap_batch]
     net.train()
