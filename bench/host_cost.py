@@ -47,7 +47,6 @@ def build_dino() -> torch.nn.Module:
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
 
-    import mmdet_swap  # noqa: F401  (routes mmcv's CPU deformable attention to kswap's kernel, as custom_imports does)
     from kswap import LoraSettings, freeze_all_but_lora_, inject_lora
 
     register_all_modules()
@@ -79,17 +78,22 @@ def dino_batch(size: int, n: int) -> tuple[torch.Tensor, list]:
 
 
 def dino_steps(model: torch.nn.Module, size: int, n: int) -> tuple[Step, Step]:
+    """A training step and one image's inference, with mmcv's CPU deformable attention on kswap's kernel as during
+    a ``SwapHook`` run."""
+    from mmdet_swap import msda_routed_to_kswap
+
     inputs, samples = dino_batch(size, n)
 
     def train_step() -> None:
         model.train()
-        losses = model.loss(inputs, samples)
-        sum(v.mean() if torch.is_tensor(v) else sum(x.mean() for x in v)
-            for k, v in losses.items() if "loss" in k).backward()
+        with msda_routed_to_kswap():
+            losses = model.loss(inputs, samples)
+            sum(v.mean() if torch.is_tensor(v) else sum(x.mean() for x in v)
+                for k, v in losses.items() if "loss" in k).backward()
 
     def infer() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), msda_routed_to_kswap():
             model.predict(inputs[:1], samples[:1])
 
     return train_step, infer
