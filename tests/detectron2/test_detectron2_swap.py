@@ -398,6 +398,8 @@ def test_ddp_two_gloo_processes_through_detectron2_launch(glyph_spec, d2_pretrai
         torch.testing.assert_close(ranks[1]["lora"][key], value)
     report = json.loads((tmp_path / "swap_report.json").read_text())  # written once, by rank 0
     assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
+    assert [(r["step"], r["subsample"]) for r in report["curve"]] == [
+        (0, False), (4, True), (6, False), (8, True), (12, False)]
 
 
 # -- real VOC masks ---------------------------------------------------------------------------------------------

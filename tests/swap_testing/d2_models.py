@@ -287,7 +287,8 @@ def ddp_main(spec_path: str, weights: str, out_dir: str) -> None:
     from kswap import lora_state_dict
 
     register_datasets(json.loads(Path(spec_path).read_text()))
-    cfg = swap_glyphs(glyph_cfg(out_dir), weights, learn=6, forget=6)
+    # Periodic scores too: every process runs the scoring, the main one records it.
+    cfg = swap_glyphs(glyph_cfg(out_dir), weights, learn=6, forget=6, EVAL_PERIOD=4, EVAL_IMAGES=10)
     seed_all_rng(comm.get_rank())
     _, SwapTrainer = make_trainer_classes()
     trainer = SwapTrainer(cfg)
