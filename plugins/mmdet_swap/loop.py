@@ -75,6 +75,14 @@ class SwapTrainLoop(BaseLoop):
         return self.session.loaders[index]["retain"].loader
 
     def run(self) -> Any:
+        try:
+            return self._run()
+        except BaseException:
+            # mmengine calls no after_run when a run raises: the run's checkpoint loader and routing end here.
+            self.swap.after_run(self.runner)
+            raise
+
+    def _run(self) -> Any:
         runner, swap, session = self.runner, self.swap, self.session
         runner.call_hook("before_train")
         # The whole swap is one "epoch" for the hooks that keep per-epoch state (timers, loggers).

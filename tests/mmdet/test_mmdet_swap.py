@@ -432,8 +432,12 @@ def test_lora_init_follows_reference_init(glyphs, pretrained_dino, tmp_path, ref
     runner = Runner.from_cfg(cfg)
     with pytest.raises(StopSwap):
         runner.train()
-    runner.call_hook("after_run")  # as a run that ends: the swap's checkpoint loader and routing undone
     assert LoraProbe.routed  # the run's deformable attention ran on kswap's kernel
+    # A run that raises (mmengine then calls no after_run) undoes its checkpoint loader and routing too.
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    assert msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda._MMCV_PYTORCH
+    assert CheckpointLoader._schemes[""] is not load_local_checkpoint
     seen = dict(LoraProbe.seen)
     assert seen.pop("B") == 0 and seen
     largest = max(seen.values())
