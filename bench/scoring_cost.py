@@ -105,32 +105,25 @@ class Defaults:
 # -- timm -----------------------------------------------------------------------------------------------------------
 
 BATCH = 32  # per loss role, as the tests' swaps
-# The tests' tiny ViT on 8x8 digits (tests/timm/test_timm_swap.py), as timm flags.
-TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=64", "depth=2",
-            "num_heads=4", "--img-size", "8", "--in-chans", "1", "--mean", "0.5", "--std", "0.5", "--crop-pct", "1.0",
-            "-j", "0", "--no-progress", "--seed", "0", "--log-interval", "0", "--num-classes", "8", "-b", str(BATCH)]
 
 
 def timm_rig(work: Path) -> Rig:
     """sklearn's digits as ImageFolders (``old``: 0-7, ``new``: 8, 9, as tests/conftest.py writes them), the tiny
     ViT pretrained on ``old`` for two epochs by ``timm_swap.train`` itself."""
-    import torch
-    from sklearn.datasets import load_digits
-
     from timm_swap.train import main
 
-    from swap_testing.data import write_image_folder
+    from swap_testing.data import load_digits, write_digit_folders
+    from swap_testing.models import TINY_VIT_FLAGS
 
-    x, y = load_digits(return_X_y=True)
-    images, labels = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, torch.tensor(y)
-    write_image_folder(work / "old", images, labels, {d: str(d) for d in range(8)}, split_at=1400)
-    write_image_folder(work / "new", images, labels, {8: "eight", 9: "nine"}, split_at=1400)
-    pretrained = main(["--data-dir", str(work / "old"), *TINY_VIT, "--epochs", "2", "--opt", "adamw", "--lr", "3e-3",
+    # The tests' tiny ViT (tests/timm/test_timm_swap.py), its batch per loss role as the tests' swaps.
+    vit_flags = [*TINY_VIT_FLAGS, "--num-classes", "8", "-b", str(BATCH)]
+    write_digit_folders(work, *load_digits())
+    pretrained = main(["--data-dir", str(work / "old"), *vit_flags, "--epochs", "2", "--opt", "adamw", "--lr", "3e-3",
                        "--no-aug", "--smoothing", "0", "--warmup-epochs", "0", "--output", str(work),
                        "--experiment", "pretrain"]).output_dir / "last.pth"
 
     def run(out: Path, steps: int, interval: int) -> dict[str, Any]:
-        ctx = main(["--data-dir", str(work / "old"), "--swap-learn-dir", str(work / "new"), *TINY_VIT,
+        ctx = main(["--data-dir", str(work / "old"), "--swap-learn-dir", str(work / "new"), *vit_flags,
                     "--initial-checkpoint", str(pretrained), "--output", str(out.parent), "--experiment", out.name,
                     "--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", f"{steps}steps",
                     "--swap-forget-length", f"{steps}steps", "--swap-eval-interval", str(interval),

@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swap_testing.data import write_image_folder
+from swap_testing.data import load_digits, write_digit_folders
 
 
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn's 1,797 real 8x8 handwritten digits (UCI optdigits), scaled to [0, 1], shape (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, torch.tensor(y)
+    return load_digits()
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +24,7 @@ def digit_folders(tmp_path_factory, digits):
     """Real handwritten digits as timm ImageFolders: ``old`` holds digits 0-7 (folders "0".."7"), ``new`` holds
     8 and 9 as "eight" and "nine"."""
     root = tmp_path_factory.mktemp("digits")
-    x, y = digits
-    write_image_folder(root / "old", x, y, {d: str(d) for d in range(8)}, split_at=1400)
-    write_image_folder(root / "new", x, y, {8: "eight", 9: "nine"}, split_at=1400)
+    write_digit_folders(root, *digits)
     return root
 
 

@@ -31,9 +31,9 @@ from kswap import (
     extend_head,
     lora_state_dict,
     loss_key,
+    role_rows,
     sigmoid_prior_bias,
 )
-from kswap.data import role_rows
 from kswap.losses import TaskLoss
 
 # The phase-loss terms the detector returns beside its loss, under PhaseLoss's names (``retain/task``,

@@ -18,6 +18,23 @@ def write_image_folder(root, images, labels, names, split_at: int) -> None:
         Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
 
 
+def load_digits():
+    """sklearn's 1,797 real 8x8 handwritten digits (UCI optdigits), scaled to [0, 1], shape (N, 1, 8, 8), and their
+    labels."""
+    import torch
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    x, y = sklearn_digits(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, torch.tensor(y)
+
+
+def write_digit_folders(root, images, labels) -> None:
+    """The digits as timm ImageFolders: ``root/old`` holds 0-7 (folders "0".."7"), ``root/new`` holds 8 and 9 as
+    "eight" and "nine"; the first 1,400 samples train."""
+    write_image_folder(root / "old", images, labels, {d: str(d) for d in range(8)}, split_at=1400)
+    write_image_folder(root / "new", images, labels, {8: "eight", 9: "nine"}, split_at=1400)
+
+
 def labelme_example(subdir: str):
     """A folder of labelme's examples (real PASCAL VOC photos with annotations), fetched from PyPI at test time and
     cached under ~/.cache/kswap; labelme is GPL-3.0, so it is never copied into this repository."""

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# timm_swap.train's flags for a tiny ViT on the 8x8 digit folders (``data.write_digit_folders``).
+TINY_VIT_FLAGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=64", "depth=2",
+                  "num_heads=4", "--img-size", "8", "--in-chans", "1", "--mean", "0.5", "--std", "0.5", "--crop-pct",
+                  "1.0", "-j", "0", "--no-progress", "--seed", "0", "--log-interval", "0"]
+
 
 def tiny_vit(num_classes: int = 10, depth: int = 2):
     import timm

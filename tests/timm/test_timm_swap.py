@@ -16,9 +16,8 @@ import torch
 from kswap import SwapConfig, config_fields, load_checkpoint, loss_key, merge_and_export
 from timm_swap.train import main
 
-TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=64", "depth=2",
-            "num_heads=4", "--img-size", "8", "--in-chans", "1", "--mean", "0.5", "--std", "0.5", "--crop-pct", "1.0",
-            "-j", "0", "--no-progress", "--seed", "0", "--log-interval", "0"]
+from swap_testing.models import TINY_VIT_FLAGS
+
 # The swap's optimizer and LR schedule are the preset's by default (AdamW 1e-2, cosine per phase, no warmup).
 SWAP = ["--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", "100steps", "--swap-forget-length",
         "100steps", "--swap-learn-loss-retain-weight", "1", "-b", "32", "--num-classes", "8"]
@@ -28,14 +27,14 @@ SWAP = ["--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", "100ste
 def pretrained(digit_folders, tmp_path_factory):
     """A tiny ViT trained on digits 0-7 by the script itself, without plugins."""
     out = tmp_path_factory.mktemp("pretrain")
-    ctx = main(["--data-dir", str(digit_folders / "old"), *TINY_VIT, "--num-classes", "8", "--epochs", "30",
+    ctx = main(["--data-dir", str(digit_folders / "old"), *TINY_VIT_FLAGS, "--num-classes", "8", "--epochs", "30",
                 "--opt", "adamw", "--lr", "3e-3", "--no-aug", "--smoothing", "0", "--warmup-epochs", "0", "-b", "64",
                 "--output", str(out), "--experiment", "pre"])
     return ctx.output_dir / "last.pth"
 
 
 def swap_args(digit_folders, pretrained, out, *extra):
-    return ["--data-dir", str(digit_folders / "old"), "--swap-learn-dir", str(digit_folders / "new"), *TINY_VIT,
+    return ["--data-dir", str(digit_folders / "old"), "--swap-learn-dir", str(digit_folders / "new"), *TINY_VIT_FLAGS,
             *SWAP, "--initial-checkpoint", str(pretrained), "--output", str(out), *extra]
 
 
@@ -341,7 +340,7 @@ def test_bad_input_fails_before_training(case, message, digit_folders, pretraine
     elif case == "head_mismatch":
         from timm_swap.train import create_model, parse_args
 
-        parsed, _ = parse_args([*TINY_VIT, "--num-classes", "9", "--initial-checkpoint", str(pretrained)])
+        parsed, _ = parse_args([*TINY_VIT_FLAGS, "--num-classes", "9", "--initial-checkpoint", str(pretrained)])
         with pytest.raises(Exception, match=message):
             create_model(parsed)
         return
