@@ -2,13 +2,14 @@
 
 DINO-sized shapes: batch 2, four levels of a 512x512 image at strides 8-64 (64², 32², 16², 8²; S = 5440),
 8 heads of 32 channels, 4 points, for the decoder's cross-attention (900 queries) and the encoder's
-self-attention (one query per position). Prints forward and forward+backward medians (the methods timed in
-turn, repeat after repeat, so that load on a shared machine hits them alike) with the ratios, and the peak
-extra memory of one forward+backward (each method in a fresh process). A last row times one whole stock
-DINO-4scale R50 encoder layer (mmdet's ``DeformableDetrTransformerEncoderLayer``: 256 channels, 8 heads,
-4 levels, 4 points, FFN 2048) on a 256x256 input, with mmcv's op routed to kswap's kernel or left on its
-grid_sample path (``mmdet_swap.route_msda_to_kswap``). On a machine with CUDA it times the CUDA paths too
-(``--device cuda`` for those alone).
+self-attention (one query per position), and the decoder on an 800x1333 image (S = 22223: a map sampled
+sparsely, which the kernel reads in place instead of copying each head's rows into a dense plane). Prints
+forward and forward+backward medians (the methods timed in turn, repeat after repeat, so that load on a shared
+machine hits them alike) with the ratios, and the peak extra memory of one forward+backward (each method in a
+fresh process). A last row times one whole stock DINO-4scale R50 encoder layer (mmdet's
+``DeformableDetrTransformerEncoderLayer``: 256 channels, 8 heads, 4 levels, 4 points, FFN 2048) on a 256x256
+input, with mmcv's op routed to kswap's kernel or left on its grid_sample path (``mmdet_swap.route_msda_to_kswap``).
+On a machine with CUDA it times the CUDA paths too (``--device cuda`` for those alone).
 
 Usage: ``python bench/msda.py [--repeats N] [--threads N] [--device cpu|cuda] [--note TEXT] [--out FILE]``
 """
@@ -30,14 +31,16 @@ import torch
 from kswap.ops import compiled_available, ms_deform_attn, ms_deform_attn_reference
 
 SHAPES = [(64, 64), (32, 32), (16, 16), (8, 8)]
-CASES = {"decoder (900 queries)": 900, "encoder (5440 queries)": sum(h * w for h, w in SHAPES)}
+LARGE_SHAPES = [(100, 167), (50, 84), (25, 42), (13, 21)]  # 800x1333 at strides 8-64
+CASES = {"decoder (900 queries)": (900, SHAPES), "encoder (5440 queries)": (sum(h * w for h, w in SHAPES), SHAPES),
+         "decoder, 800x1333 image (900 queries)": (900, LARGE_SHAPES)}
 LAYER_IMAGE = (256, 256)
 LAYER_SHAPES = [(LAYER_IMAGE[0] // s, LAYER_IMAGE[1] // s) for s in (8, 16, 32, 64)]  # DINO-4scale: C3-C5 + one
 
 
-def inputs(queries: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+def inputs(queries: int, device: str = "cpu", seed: int = 0, level_shapes: list = SHAPES) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(SHAPES)
+    shapes = torch.tensor(level_shapes)
     sizes = shapes.prod(1)
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     value = torch.randn(2, int(sizes.sum()), 8, 32, generator=g)
@@ -99,7 +102,8 @@ def _child_peak(method: str, case: str) -> float:
     """Sample this process's resident memory every millisecond during one forward+backward."""
     import threading
 
-    args = inputs(CASES[case])
+    queries, level_shapes = CASES[case]
+    args = inputs(queries, level_shapes=level_shapes)
     fn = methods("cpu")[method]
     time_once(fn, inputs(8), True, "cpu")  # load code paths before the baseline
     base, peak, done = _rss_mb(), [0.0], threading.Event()
@@ -181,8 +185,8 @@ def main() -> None:
                "cuda": ["cuda"]}[args.device]
     results, lines = {}, []
     for device in devices:
-        for case, queries in CASES.items():
-            data = inputs(queries, device)
+        for case, (queries, level_shapes) in CASES.items():
+            data = inputs(queries, device, level_shapes=level_shapes)
             fns = {(name, kind): partial(time_once, fn, data, backward, device)
                    for name, fn in methods(device).items()
                    for kind, backward in (("forward", False), ("forward+backward", True))}

@@ -23,20 +23,23 @@ struct BilinearCorners {
   scalar_t dweight_dh[4];
   scalar_t dweight_dw[4];
 
-  // h, w: the point in pixel coordinates of the level (pixel centres at integers).
+  // h, w: the point in pixel coordinates of the level (pixel centres at integers). It must touch the map
+  // (touches_map), so that its corners leave the map on one side at most.
   KSWAP_HOST_DEVICE BilinearCorners(scalar_t h, scalar_t w, int64_t height, int64_t width) {
     const int64_t h_low = static_cast<int64_t>(floor(h));
     const int64_t w_low = static_cast<int64_t>(floor(w));
     const scalar_t lh = h - h_low, lw = w - w_low;
     const scalar_t hh = 1 - lh, hw = 1 - lw;
-    const int64_t hs[4] = {h_low, h_low, h_low + 1, h_low + 1};
-    const int64_t ws[4] = {w_low, w_low + 1, w_low, w_low + 1};
+    const bool top = h_low >= 0, bottom = h_low + 1 < height, left = w_low >= 0, right = w_low + 1 < width;
+    const int64_t base = h_low * width + w_low;
+    offset[0] = top && left ? base : -1;
+    offset[1] = top && right ? base + 1 : -1;
+    offset[2] = bottom && left ? base + width : -1;
+    offset[3] = bottom && right ? base + width + 1 : -1;
     const scalar_t wts[4] = {hh * hw, hh * lw, lh * hw, lh * lw};
     const scalar_t ddh[4] = {-hw, -lw, hw, lw};
     const scalar_t ddw[4] = {-hh, hh, -lh, lh};
     for (int k = 0; k < 4; ++k) {
-      const bool inside = hs[k] >= 0 && hs[k] < height && ws[k] >= 0 && ws[k] < width;
-      offset[k] = inside ? hs[k] * width + ws[k] : -1;
       weight[k] = wts[k];
       dweight_dh[k] = ddh[k];
       dweight_dw[k] = ddw[k];

@@ -2,59 +2,92 @@
 // baseline instruction set and once under `#pragma GCC target("avx2,fma")`, chosen at run time. It includes
 // nothing (the including file does) so that every name here lands in that namespace.
 //
-// value is read in place (N, S, M, D): a bilinear corner is one contiguous row of D channels. Work runs one
-// (batch, head) at a time, level by level, query after query: while the points of one query are gathered
-// (forward) or scattered (backward), the corners of the next are computed and their rows prefetched. With D
-// fixed at compile time (32: DINO's and Mask2Former's 256 / 8 heads) a query's output row, or its output
-// gradient, stays in vector registers.
+// Work runs one (batch, head) at a time. In place in (N, S, M, D) a head's rows are D channels every M * D, a
+// stride that maps them onto a fraction of the cache's sets, so most bilinear corners miss the cache; where
+// the map is sampled densely (Geometry::dense_planes) the head's rows are first copied into a DensePlane,
+// whose S * D values (680 KB for DINO's 5440 positions of 32 channels), and their gradient, stay in a core's
+// L2. Sampled sparsely (a large map, few queries), the copy would cost more than the corners it saves: rows
+// are read in place, the next query's corners prefetched. With D fixed at compile time (32: DINO's and
+// Mask2Former's 256 / 8 heads) a query's output row, or its output gradient, stays in vector registers.
 
-// The P sampling points of one (batch, query, head, level): four corners each, as offsets from the head's
-// first value row and bilinear weights. Corners outside the map, and all four of a point that misses it, get
-// weight 0 and offset 0, so the channel loops need no branch.
+// One (batch, head)'s rows: where row s starts is data + s * stride.
+template <typename scalar_t>
+struct HeadRows {
+  scalar_t* data;
+  int64_t stride;
+};
+
+template <typename scalar_t>
+HeadRows<const scalar_t> read_only(HeadRows<scalar_t> rows) {
+  return {rows.data, rows.stride};
+}
+
+// One (batch, head)'s S rows copied contiguous, from and back to a head of (N, S, M, D).
+template <typename scalar_t>
+class DensePlane {
+ public:
+  DensePlane(int64_t rows, int64_t channels) : rows_(rows), channels_(channels), data_(rows * channels) {}
+
+  HeadRows<scalar_t> load(HeadRows<const scalar_t> from) {
+    for (int64_t s = 0; s < rows_; ++s) std::copy_n(from.data + s * from.stride, channels_, &data_[s * channels_]);
+    return rows();
+  }
+  HeadRows<scalar_t> zero() {
+    std::fill(data_.begin(), data_.end(), scalar_t(0));
+    return rows();
+  }
+  void store(HeadRows<scalar_t> to) const {
+    for (int64_t s = 0; s < rows_; ++s) std::copy_n(&data_[s * channels_], channels_, to.data + s * to.stride);
+  }
+
+ private:
+  HeadRows<scalar_t> rows() { return {data_.data(), channels_}; }
+
+  int64_t rows_, channels_;
+  std::vector<scalar_t> data_;
+};
+
+// The L * P sampling points of one (batch, query, head), level after level: four corners each (top-left,
+// top-right, bottom-left, bottom-right), as offsets from the head's first row, bilinear weights and their
+// derivatives in h and w. A corner outside the map, and all four of a point that misses it, get weight 0
+// and offset 0, so the channel loops need no branch.
 template <typename scalar_t>
 struct Samples {
   std::vector<int64_t> offset;  // 4 per point
   std::vector<scalar_t> weight, dweight_dh, dweight_dw;
 
   explicit Samples(const Geometry& g)
-      : offset(4 * g.points), weight(4 * g.points), dweight_dh(4 * g.points), dweight_dw(4 * g.points) {}
+      : offset(4 * g.levels * g.points), weight(offset.size()), dweight_dh(offset.size()),
+        dweight_dw(offset.size()) {}
 
-  // loc: the (x, y) pairs of these points.
-  void fill(const Geometry& g, int64_t l, const scalar_t* loc) {
-    const int64_t R = g.row_stride(), H = g.height[l], W = g.width[l];
-    for (int64_t p = 0; p < g.points; ++p) {
-      const scalar_t h = loc[2 * p + 1] * H - scalar_t(0.5), w = loc[2 * p] * W - scalar_t(0.5);
-      const bool touches = touches_map(h, w, H, W);
-      const BilinearCorners<scalar_t> c(touches ? h : scalar_t(0), touches ? w : scalar_t(0), H, W);
-      for (int k = 0; k < 4; ++k) {
-        const bool inside = touches && c.offset[k] >= 0;
-        offset[4 * p + k] = inside ? (g.start[l] + c.offset[k]) * R : 0;
-        weight[4 * p + k] = inside ? c.weight[k] : scalar_t(0);
-        dweight_dh[4 * p + k] = inside ? c.dweight_dh[k] : scalar_t(0);
-        dweight_dw[4 * p + k] = inside ? c.dweight_dw[k] : scalar_t(0);
+  // loc: the (x, y) pairs of these points; stride: between the sampled head's rows.
+  void fill(const Geometry& g, const scalar_t* loc, int64_t stride) {
+    for (int64_t l = 0, j = 0; l < g.levels; ++l) {
+      const int64_t H = g.height[l], W = g.width[l], start = g.start[l];
+      for (int64_t p = 0; p < g.points; ++p, ++j) {
+        const scalar_t h = loc[2 * j + 1] * H - scalar_t(0.5), w = loc[2 * j] * W - scalar_t(0.5);
+        const bool touches = touches_map(h, w, H, W);  // false for NaN too
+        const BilinearCorners<scalar_t> c(touches ? h : scalar_t(0), touches ? w : scalar_t(0), H, W);
+        for (int k = 0; k < 4; ++k) {
+          const bool inside = touches && c.offset[k] >= 0;
+          offset[4 * j + k] = inside ? (start + c.offset[k]) * stride : 0;
+          weight[4 * j + k] = inside ? c.weight[k] : scalar_t(0);
+          dweight_dh[4 * j + k] = inside ? c.dweight_dh[k] : scalar_t(0);
+          dweight_dw[4 * j + k] = inside ? c.dweight_dw[k] : scalar_t(0);
+        }
       }
     }
   }
 
-  // Ask for the D-channel rows of every corner in `plane` (value or its gradient) ahead of use.
-  void prefetch(const scalar_t* plane, int64_t channels) const {
+  // Ask for the D-channel rows of every corner ahead of use.
+  void prefetch(HeadRows<const scalar_t> rows, int64_t channels) const {
     for (const int64_t o : offset) {
-      for (int64_t d = 0; d < channels; d += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(plane + o + d);
+      for (int64_t d = 0; d < channels; d += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(rows.data + o + d);
     }
   }
 };
 
-// Prefetch n contiguous elements (a query's locations, weights or output gradient).
-template <typename scalar_t>
-inline void prefetch_span(const scalar_t* p, int64_t n) {
-  for (int64_t k = 0; k < n; k += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(p + k);
-}
-
-#ifdef __AVX__
-constexpr int64_t kVecBytes = 32;
-#else
-constexpr int64_t kVecBytes = 16;
-#endif
+constexpr int64_t kVecBytes = KSWAP_CPU_VEC_BYTES;
 
 // The widest vectors the build targets (GCC/Clang vector extensions).
 template <typename scalar_t>
@@ -68,10 +101,25 @@ struct Vec {
     return v;
   }
   static void store(scalar_t* p, type v) { std::memcpy(p, &v, sizeof v); }
-  static scalar_t sum(type v) {
-    scalar_t s = 0;
-    for (int64_t i = 0; i < kSize; ++i) s += v[i];
-    return s;
+  // The lane sums of a, b, c and d, by rounds of pairwise additions of lanes (log2(kSize) rounds).
+  static std::array<scalar_t, 4> sum4(type a, type b, type c, type d) {
+    const auto half = std::make_index_sequence<kSize / 2>();
+    const type ab = pair_sums(a, b, half), cd = pair_sums(c, d, half);
+    if constexpr (kSize == 2) {
+      return {ab[0], ab[1], cd[0], cd[1]};
+    } else {
+      type abcd = pair_sums(ab, cd, half);  // kSize / 4 partial sums of a, then of b, c and d
+      for (int64_t n = kSize / 4; n > 1; n /= 2) abcd = pair_sums(abcd, abcd, half);
+      return {abcd[0], abcd[1], abcd[2], abcd[3]};
+    }
+  }
+
+ private:
+  // (x0 + x1, x2 + x3, ..., y0 + y1, y2 + y3, ...)
+  template <size_t... I>
+  static type pair_sums(type x, type y, std::index_sequence<I...>) {
+    return __builtin_shufflevector(x, y, (2 * I)..., (kSize + 2 * I)...) +
+           __builtin_shufflevector(x, y, (2 * I + 1)..., (kSize + 2 * I + 1)...);
   }
 };
 
@@ -84,9 +132,8 @@ class OutRow {
   static_assert(kChannels % V::kSize == 0, "kChannels must be a multiple of the vector size");
 
  public:
-  // first: start from zero, else from what out holds (the levels before).
-  OutRow(scalar_t* out, int64_t, bool first) : out_(out) {
-    for (int64_t j = 0; j < kVecs; ++j) acc_[j] = first ? typename V::type{} : V::load(out + j * V::kSize);
+  OutRow(scalar_t* out, int64_t) : out_(out) {
+    for (int64_t j = 0; j < kVecs; ++j) acc_[j] = typename V::type{};
   }
   void add(scalar_t a, const scalar_t* x) {
     for (int64_t j = 0; j < kVecs; ++j) acc_[j] += a * V::load(x + j * V::kSize);
@@ -103,10 +150,8 @@ class OutRow {
 template <typename scalar_t>
 class OutRow<scalar_t, 0> {
  public:
-  OutRow(scalar_t* out, int64_t channels, bool first) : out_(out), channels_(channels) {
-    if (first) {
-      for (int64_t d = 0; d < channels_; ++d) out_[d] = 0;
-    }
+  OutRow(scalar_t* out, int64_t channels) : out_(out), channels_(channels) {
+    for (int64_t d = 0; d < channels_; ++d) out_[d] = 0;
   }
   void add(scalar_t a, const scalar_t* x) {
     for (int64_t d = 0; d < channels_; ++d) out_[d] += a * x[d];
@@ -161,82 +206,117 @@ class GradRow<scalar_t, 0> {
   int64_t channels_;
 };
 
-// Runs body(q, l, i, samples) for queries [q_begin, q_end) of one (batch, head) whose first value row is
-// `plane`, level by level (a level's rows are a smaller working set than the whole map), with the next
-// query's corners already computed and their rows (in plane and extra_plane) prefetched. i is the index of the
-// first of the P points in attention_weights.
+// Prefetch n contiguous elements.
+template <typename scalar_t>
+inline void prefetch_span(const scalar_t* p, int64_t n) {
+  for (int64_t k = 0; k < n; k += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(p + k);
+}
+
+// Runs body(q, i, samples) for queries [q_begin, q_end) of one (batch, head) sampled in `rows`; i is the index
+// of the query's first point in attention_weights (its L * P points follow, level after level). One head's
+// consecutive queries lie M rows apart in loc, attn and `out_rows` (the output or its gradient, D per query), a
+// stride the hardware prefetcher does not follow: those of the query two ahead are prefetched. Read in place,
+// the next query's corners are computed ahead and their rows (in rows and extra_rows) prefetched.
 template <typename scalar_t, typename Body>
 void for_each_query(const Geometry& g, int64_t b, int64_t m, int64_t q_begin, int64_t q_end, const scalar_t* loc,
-                    const scalar_t* attn, const scalar_t* plane, const scalar_t* extra_plane, Body body) {
-  const int64_t P = g.points, M = g.heads;
+                    const scalar_t* attn, const scalar_t* out_rows, HeadRows<const scalar_t> rows,
+                    HeadRows<const scalar_t> extra_rows, Body body) {
+  constexpr int64_t kAhead = 2;
+  const int64_t LP = g.levels * g.points;
+  const bool prefetch_corners = !g.dense_planes;
+  const auto point = [&](int64_t q) { return ((b * g.queries + q) * g.heads + m) * LP; };
   Samples<scalar_t> current(g), next(g);
-  for (int64_t l = 0; l < g.levels; ++l) {
-    const auto first = [&](int64_t q) { return (((b * g.queries + q) * M + m) * g.levels + l) * P; };
-    if (q_begin < q_end) current.fill(g, l, loc + 2 * first(q_begin));
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      if (q + 2 < q_end) {
-        prefetch_span(loc + 2 * first(q + 2), 2 * P);
-        prefetch_span(attn + first(q + 2), P);
-      }
-      if (q + 1 < q_end) {
-        next.fill(g, l, loc + 2 * first(q + 1));
-        next.prefetch(plane, g.channels);
-        if (extra_plane != nullptr) next.prefetch(extra_plane, g.channels);
-      }
-      body(q, l, first(q), current);
-      std::swap(current, next);
+  if (q_begin < q_end) current.fill(g, loc + 2 * point(q_begin), rows.stride);
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    if (q + kAhead < q_end) {
+      const int64_t ahead = point(q + kAhead);
+      prefetch_span(loc + 2 * ahead, 2 * LP);
+      prefetch_span(attn + ahead, LP);
+      prefetch_span(out_rows + ((b * g.queries + q + kAhead) * g.heads + m) * g.channels, g.channels);
     }
+    if (q + 1 < q_end) {
+      next.fill(g, loc + 2 * point(q + 1), rows.stride);
+      if (prefetch_corners) {
+        next.prefetch(rows, g.channels);
+        if (extra_rows.data != nullptr) next.prefetch(extra_rows, g.channels);
+      }
+    }
+    body(q, point(q), current);
+    std::swap(current, next);
   }
 }
 
 template <typename scalar_t, int64_t kChannels>
 void forward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* loc, const scalar_t* attn,
                     scalar_t* out) {
-  const int64_t D = g.channels, M = g.heads, P = g.points;
-  // A task is a block of queries of one (batch, head); a thread's consecutive tasks share the head's rows.
+  const int64_t D = g.channels, M = g.heads, LP = g.levels * g.points, S = g.spatial;
+  // A task is a block of queries of one (batch, head); a thread copies a head's plane when its tasks reach it.
   const int64_t block = 64, blocks = (g.queries + block - 1) / block;
   at::parallel_for(0, g.batch * M * blocks, 1, [&](int64_t begin, int64_t end) {
+    DensePlane<scalar_t> plane(g.dense_planes ? S : 0, D);
+    HeadRows<const scalar_t> rows{};
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks / M, m = task / blocks % M, q0 = task % blocks * block;
-      const scalar_t* plane = value + (b * g.spatial * M + m) * D;
-      for_each_query(g, b, m, q0, std::min(g.queries, q0 + block), loc, attn, plane,
-                     static_cast<const scalar_t*>(nullptr),
-                     [&](int64_t q, int64_t l, int64_t i, const Samples<scalar_t>& s) {
-                       OutRow<scalar_t, kChannels> row(out + ((b * g.queries + q) * M + m) * D, D, l == 0);
-                       for (int64_t c = 0; c < 4 * P; ++c) row.add(attn[i + c / 4] * s.weight[c], plane + s.offset[c]);
+      const int64_t bm = task / blocks, b = bm / M, m = bm % M, q0 = task % blocks * block;
+      if (task == begin || q0 == 0) {
+        const HeadRows<const scalar_t> in_place{value + (b * S * M + m) * D, M * D};
+        rows = g.dense_planes ? read_only(plane.load(in_place)) : in_place;
+      }
+      for_each_query(g, b, m, q0, std::min(g.queries, q0 + block), loc, attn, out, rows, {},
+                     [&](int64_t q, int64_t i, const Samples<scalar_t>& s) {
+                       OutRow<scalar_t, kChannels> row(out + ((b * g.queries + q) * M + m) * D, D);
+                       for (int64_t j = 0; j < LP; ++j) {
+                         for (int64_t c = 4 * j; c < 4 * j + 4; ++c) {
+                           row.add(attn[i + j] * s.weight[c], rows.data + s.offset[c]);
+                         }
+                       }
                        row.finish();
                      });
     }
   });
 }
 
-// Parallel over (batch, head): the value-gradient rows of one head have a single writer, so no atomics.
+// Parallel over (batch, head): the value-gradient rows of one head have a single writer, so no atomics. With
+// dense planes every row of grad_value is written (from the thread's plane); in place grad_value must come
+// zeroed.
 template <typename scalar_t, int64_t kChannels>
 void backward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* loc, const scalar_t* attn,
                      const scalar_t* grad_out, scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn) {
-  const int64_t D = g.channels, M = g.heads, P = g.points;
+  using V = Vec<scalar_t>;
+  const int64_t D = g.channels, M = g.heads, S = g.spatial;
   at::parallel_for(0, g.batch * M, 1, [&](int64_t begin, int64_t end) {
+    const int64_t plane_rows = g.dense_planes ? S : 0;
+    DensePlane<scalar_t> plane(plane_rows, D), grad_plane(plane_rows, D);
     for (int64_t bm = begin; bm < end; ++bm) {
-      const int64_t b = bm / M, m = bm % M, first_row = (b * g.spatial * M + m) * D;
-      const scalar_t* plane = value + first_row;
-      scalar_t* grad_plane = grad_value + first_row;
-      for_each_query(g, b, m, 0, g.queries, loc, attn, plane, grad_plane,
-                     [&](int64_t q, int64_t l, int64_t i0, const Samples<scalar_t>& s) {
+      const int64_t b = bm / M, m = bm % M, first = (b * S * M + m) * D;
+      const HeadRows<const scalar_t> value_in_place{value + first, M * D};
+      const HeadRows<scalar_t> grad_in_place{grad_value + first, M * D};
+      const HeadRows<const scalar_t> rows = g.dense_planes ? read_only(plane.load(value_in_place)) : value_in_place;
+      const HeadRows<scalar_t> grad_rows = g.dense_planes ? grad_plane.zero() : grad_in_place;
+      for_each_query(g, b, m, 0, g.queries, loc, attn, grad_out, rows, read_only(grad_rows),
+                     [&](int64_t q, int64_t i0, const Samples<scalar_t>& s) {
         const GradRow<scalar_t, kChannels> go(grad_out + ((b * g.queries + q) * M + m) * D, D);
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t i = i0 + p;
-          typename Vec<scalar_t>::type d_attn{}, d_h{}, d_w{};  // summed over lanes last: one reduction each
-          for (int64_t c = 4 * p; c < 4 * p + 4; ++c) {
-            const auto dot = go.dot_and_scatter(plane + s.offset[c], attn[i] * s.weight[c], grad_plane + s.offset[c]);
-            d_attn += s.weight[c] * dot;
-            d_h += s.dweight_dh[c] * dot;
-            d_w += s.dweight_dw[c] * dot;
+        for (int64_t l = 0, j = 0; l < g.levels; ++l) {
+          for (int64_t p = 0; p < g.points; ++p, ++j) {
+            const int64_t i = i0 + j, c = 4 * j;
+            typename V::type dot[4];  // grad_out . corner row, in lanes
+            for (int k = 0; k < 4; ++k) {
+              dot[k] = go.dot_and_scatter(rows.data + s.offset[c + k], attn[i] * s.weight[c + k],
+                                          grad_rows.data + s.offset[c + k]);
+            }
+            const auto d = V::sum4(dot[0], dot[1], dot[2], dot[3]);
+            scalar_t d_attn = 0, d_h = 0, d_w = 0;
+            for (int k = 0; k < 4; ++k) {
+              d_attn += s.weight[c + k] * d[k];
+              d_h += s.dweight_dh[c + k] * d[k];
+              d_w += s.dweight_dw[c + k] * d[k];
+            }
+            grad_attn[i] = d_attn;
+            grad_loc[2 * i] = attn[i] * d_w * g.width[l];
+            grad_loc[2 * i + 1] = attn[i] * d_h * g.height[l];
           }
-          grad_attn[i] = Vec<scalar_t>::sum(d_attn);
-          grad_loc[2 * i] = attn[i] * Vec<scalar_t>::sum(d_w) * g.width[l];
-          grad_loc[2 * i + 1] = attn[i] * Vec<scalar_t>::sum(d_h) * g.height[l];
         }
       });
+      if (g.dense_planes) grad_plane.store(grad_in_place);
     }
   });
 }

@@ -2,12 +2,13 @@
 //
 // Extensions are built for the baseline x86-64 instruction set (SSE2), which halves the vector width and
 // drops fused multiply-add; on GCC for x86-64 the kernels are compiled a second time for AVX2 + FMA and
-// chosen at run time when the CPU has them (1.3x on the bench shapes); KSWAP_CPU_ISA=baseline forces the
-// baseline build (for tests).
+// chosen at run time when the CPU has them (1.1-1.8x on bench/msda.py's shapes); KSWAP_CPU_ISA=baseline forces
+// the baseline build (for tests).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -27,6 +28,7 @@ namespace kswap {
 namespace {
 
 constexpr int64_t kCacheLine = 64;
+constexpr int64_t kDenseSampling = 8;  // corners per row; measured by bench/msda.py's sparse row
 
 struct Geometry {
   int64_t batch, spatial, heads, channels, queries, levels, points;
@@ -50,7 +52,9 @@ struct Geometry {
     }
   }
 
-  int64_t row_stride() const { return heads * channels; }  // between value rows of one head
+  // Whether each head's map is copied into a dense plane first (kernels.h): when its rows are sampled often
+  // enough for the copy to pay, Lq * L * P * 4 corners for S rows.
+  bool dense_planes = 4 * queries * levels * points >= kDenseSampling * spatial;
 };
 
 // The kernels of one instruction set and channel count.
@@ -62,16 +66,21 @@ struct KernelSet {
                    const scalar_t* grad_out, scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn);
 };
 
+// The vector width of each build: GCC's target pragma does not define __AVX__ and the like in C++.
+#define KSWAP_CPU_VEC_BYTES 16
 namespace baseline {
 #include "kernels.h"
 }  // namespace baseline
+#undef KSWAP_CPU_VEC_BYTES
 
 #if KSWAP_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define KSWAP_CPU_VEC_BYTES 32
 namespace avx2 {
 #include "kernels.h"
 }  // namespace avx2
+#undef KSWAP_CPU_VEC_BYTES
 #pragma GCC pop_options
 #endif
 
@@ -109,7 +118,7 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value, con
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Geometry g(value, spatial_shapes, level_start_index, sampling_locations);
   check_ms_deform_attn_grad_output(value, sampling_locations, grad_output);
-  auto grad_value = at::zeros_like(value);
+  auto grad_value = g.dense_planes ? at::empty_like(value) : at::zeros_like(value);  // dense: every row written
   auto grad_loc = at::empty_like(sampling_locations);
   auto grad_attn = at::empty_like(attention_weights);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {

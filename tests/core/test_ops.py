@@ -49,6 +49,9 @@ def _grads(fn, inputs, device="cpu"):
     dict(n=2, heads=3, channels=4, shapes=((3, 3), (2, 2)), queries=200, points=4),  # many queries per position
     dict(n=2, heads=2, channels=32, shapes=((6, 5), (3, 3)), queries=9, points=4, spread=0.3),  # D in registers
     dict(n=1, heads=2, channels=33, shapes=((4, 7),), queries=5, points=3, spread=0.3),  # D past a vector multiple
+    # the kernel copies each head's map into a dense plane when its rows are sampled often, else reads in place
+    dict(n=2, heads=2, channels=32, shapes=((6, 5), (3, 3)), queries=40, points=4, spread=0.6),  # dense, D = 32
+    dict(n=2, heads=3, channels=8, shapes=((9, 11), (5, 6)), queries=3, points=2, spread=0.6),  # in place
 ])
 def test_forward_backward_match_reference_float64(case, device):
     inputs = make_inputs(**case)
