@@ -157,15 +157,20 @@ class LoraSnapshot:
 
     @contextmanager
     def active(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Within the block, ``model`` computes with the snapshot's LoRA weights (no gradient); restored after."""
+        """Within the block, ``model`` computes with the snapshot's LoRA weights, in eval mode (a teacher's outputs
+        carry no dropout) and without gradient; weights and every module's mode are restored after."""
         params = dict(model.named_parameters())
         current = {k: params[k].detach().clone() for k in self.tensors}
+        modes = {module: module.training for module in model.modules()}
         try:
+            model.eval()
             with torch.no_grad():
                 for k, v in self.tensors.items():
                     params[k].copy_(v)
                 yield model
         finally:
+            for module, training in modes.items():
+                module.training = training
             with torch.no_grad():
                 for k, v in current.items():
                     params[k].copy_(v)

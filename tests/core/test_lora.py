@@ -242,6 +242,22 @@ def test_lora_snapshot_computes_with_the_saved_weights_and_restores_the_current_
         LoraSnapshot.from_state_dict(model, {})
 
 
+def test_lora_snapshot_computes_in_eval_mode_and_restores_each_modules_mode():
+    model = tiny_vit()
+    model.blocks[0].mlp.drop1.p = 0.5  # a teacher's logits must not carry the student's dropout
+    inject_lora(model, LoraSettings())
+    x = torch.randn(4, 1, 8, 8)
+    snapshot = LoraSnapshot(model)
+    expected = model.eval()(x)
+    model.train()
+    model.head.eval()  # a module the training loop keeps in eval mode stays there
+    with snapshot.active(model):
+        assert not model.training
+        assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+    assert model.training and model.blocks[0].mlp.drop1.training and not model.head.training
+    assert not torch.equal(model(x), expected)  # dropout is on again
+
+
 def test_attention_preset_adds_the_projections_and_keeps_one_group_per_block():
     ffn, attn = tiny_vit(), tiny_vit()
     ffn_names = inject_lora(ffn, LoraSettings(targets="ffn"))
