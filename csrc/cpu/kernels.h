@@ -47,46 +47,6 @@ class DensePlane {
   std::vector<scalar_t> data_;
 };
 
-// The L * P sampling points of one (batch, query, head), level after level: four corners each (top-left,
-// top-right, bottom-left, bottom-right), as offsets from the head's first row, bilinear weights and their
-// derivatives in h and w. A corner outside the map, and all four of a point that misses it, get weight 0
-// and offset 0, so the channel loops need no branch.
-template <typename scalar_t>
-struct Samples {
-  std::vector<int64_t> offset;  // 4 per point
-  std::vector<scalar_t> weight, dweight_dh, dweight_dw;
-
-  explicit Samples(const Geometry& g)
-      : offset(4 * g.levels * g.points), weight(offset.size()), dweight_dh(offset.size()),
-        dweight_dw(offset.size()) {}
-
-  // loc: the (x, y) pairs of these points; stride: between the sampled head's rows.
-  void fill(const Geometry& g, const scalar_t* loc, int64_t stride) {
-    for (int64_t l = 0, j = 0; l < g.levels; ++l) {
-      const int64_t H = g.height[l], W = g.width[l], start = g.start[l];
-      for (int64_t p = 0; p < g.points; ++p, ++j) {
-        const scalar_t h = loc[2 * j + 1] * H - scalar_t(0.5), w = loc[2 * j] * W - scalar_t(0.5);
-        const bool touches = touches_map(h, w, H, W);  // false for NaN too
-        const BilinearCorners<scalar_t> c(touches ? h : scalar_t(0), touches ? w : scalar_t(0), H, W);
-        for (int k = 0; k < 4; ++k) {
-          const bool inside = touches && c.offset[k] >= 0;
-          offset[4 * j + k] = inside ? (start + c.offset[k]) * stride : 0;
-          weight[4 * j + k] = inside ? c.weight[k] : scalar_t(0);
-          dweight_dh[4 * j + k] = inside ? c.dweight_dh[k] : scalar_t(0);
-          dweight_dw[4 * j + k] = inside ? c.dweight_dw[k] : scalar_t(0);
-        }
-      }
-    }
-  }
-
-  // Ask for the D-channel rows of every corner ahead of use.
-  void prefetch(HeadRows<const scalar_t> rows, int64_t channels) const {
-    for (const int64_t o : offset) {
-      for (int64_t d = 0; d < channels; d += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(rows.data + o + d);
-    }
-  }
-};
-
 constexpr int64_t kVecBytes = KSWAP_CPU_VEC_BYTES;
 
 // The widest vectors the build targets (GCC/Clang vector extensions).
@@ -101,6 +61,21 @@ struct Vec {
     return v;
   }
   static void store(scalar_t* p, type v) { std::memcpy(p, &v, sizeof v); }
+
+  // Integer lanes as wide as scalar_t's: what comparisons of `type`s give, and whole numbers.
+  using integer = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
+  typedef integer integer_type __attribute__((vector_size(kVecBytes)));
+  static integer_type load_integer(const integer* p) {
+    integer_type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store_integer(integer* p, integer_type v) { std::memcpy(p, &v, sizeof v); }
+  static integer_type to_integer(type v) { return __builtin_convertvector(v, integer_type); }  // toward zero
+  static type floor(type v) {
+    const type toward_zero = __builtin_convertvector(to_integer(v), type);
+    return toward_zero + __builtin_convertvector(toward_zero > v, type);  // a true lane is -1
+  }
   // The lane sums of a, b, c and d, by rounds of pairwise additions of lanes (log2(kSize) rounds).
   static std::array<scalar_t, 4> sum4(type a, type b, type c, type d) {
     const auto half = std::make_index_sequence<kSize / 2>();
@@ -121,6 +96,94 @@ struct Vec {
     return __builtin_shufflevector(x, y, (2 * I)..., (kSize + 2 * I)...) +
            __builtin_shufflevector(x, y, (2 * I + 1)..., (kSize + 2 * I + 1)...);
   }
+};
+
+// The L * P sampling points of one (batch, query, head), level after level: four corners each (top-left,
+// top-right, bottom-left, bottom-right) as the map row they read, bilinear weights and the weights' derivatives
+// in h and w, one array per corner. A corner outside the map, and all four of a point that misses it, get
+// weight 0 and row 0, so the channel loops need no branch. `fill` works on a vector of points at a time.
+template <typename scalar_t>
+class Samples {
+  using V = Vec<scalar_t>;
+  using T = typename V::type;
+  using R = typename V::integer_type;
+
+ public:
+  using Row = typename V::integer;  // a map row; as wide as scalar_t, so that its lanes match (S is checked)
+
+  explicit Samples(const Geometry& g)
+      : n_(g.levels * g.points),
+        padded_((n_ + V::kSize - 1) / V::kSize * V::kSize),
+        values_(kValueArrays * padded_),
+        rows_(kRowArrays * padded_) {  // the padding: points at (0, 0) of a 0x0 map, which sample nothing
+    for (int64_t j = 0; j < n_; ++j) {
+      const int64_t l = j / g.points;
+      array(kHeight)[j] = static_cast<scalar_t>(g.height[l]);
+      array(kWidth)[j] = static_cast<scalar_t>(g.width[l]);
+      rows_[kColumns * padded_ + j] = static_cast<Row>(g.width[l]);
+      rows_[kStart * padded_ + j] = static_cast<Row>(g.start[l]);
+    }
+  }
+
+  // Point j's corner k: its map row, bilinear weight, and the weight's derivatives in h and w.
+  Row row(int k, int64_t j) const { return rows_[k * padded_ + j]; }
+  scalar_t weight(int k, int64_t j) const { return values_[(kWeight + k) * padded_ + j]; }
+  scalar_t dweight_dh(int k, int64_t j) const { return values_[(kWeightByH + k) * padded_ + j]; }
+  scalar_t dweight_dw(int k, int64_t j) const { return values_[(kWeightByW + k) * padded_ + j]; }
+
+  // loc: the (x, y) pairs of these points.
+  void fill(const scalar_t* loc) {
+    scalar_t *x = array(kX), *y = array(kY);
+    for (int64_t j = 0; j < n_; ++j) {
+      x[j] = loc[2 * j];
+      y[j] = loc[2 * j + 1];
+    }
+    for (int64_t j = 0; j < padded_; j += V::kSize) {
+      const T H = V::load(array(kHeight) + j), W = V::load(array(kWidth) + j);
+      const T h = V::load(y + j) * H - scalar_t(0.5), w = V::load(x + j) * W - scalar_t(0.5);
+      // pixel centres at integers; a point touches the map when within one pixel of it (false for NaN too)
+      const R touches = (h > -1) & (w > -1) & (h < H) & (w < W);
+      const T h_in = touches ? h : T{}, w_in = touches ? w : T{};
+      const T h0 = V::floor(h_in), w0 = V::floor(w_in), fh = h_in - h0, fw = w_in - w0;
+      const R top = touches & (h0 >= 0), bottom = touches & (h0 + 1 < H);
+      const R left = touches & (w0 >= 0), right = touches & (w0 + 1 < W);
+      const R columns = V::load_integer(&rows_[kColumns * padded_ + j]);
+      const R first = V::load_integer(&rows_[kStart * padded_ + j]) + V::to_integer(h0) * columns + V::to_integer(w0);
+      const R inside[4] = {top & left, top & right, bottom & left, bottom & right};
+      const R corner[4] = {first, first + 1, first + columns, first + columns + 1};
+      const T weights[4] = {(1 - fh) * (1 - fw), (1 - fh) * fw, fh * (1 - fw), fh * fw};
+      const T by_h[4] = {fw - 1, -fw, 1 - fw, fw};
+      const T by_w[4] = {fh - 1, 1 - fh, -fh, fh};
+      for (int k = 0; k < 4; ++k) {
+        V::store_integer(&rows_[k * padded_ + j], inside[k] ? corner[k] : R{});
+        V::store(array(kWeight + k) + j, inside[k] ? weights[k] : T{});
+        V::store(array(kWeightByH + k) + j, inside[k] ? by_h[k] : T{});
+        V::store(array(kWeightByW + k) + j, inside[k] ? by_w[k] : T{});
+      }
+    }
+  }
+
+  // Ask for the D-channel rows of every corner ahead of use.
+  void prefetch(HeadRows<const scalar_t> rows, int64_t channels) const {
+    for (int k = 0; k < 4; ++k) {
+      for (int64_t j = 0; j < n_; ++j) {
+        const scalar_t* first = rows.data + row(k, j) * rows.stride;
+        for (int64_t d = 0; d < channels; d += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(first + d);
+      }
+    }
+  }
+
+ private:
+  // values_ holds padded_ of each: 4 corners' weights, 4 of d/dh, 4 of d/dw, then each point's x, y and its
+  // level's height and width; rows_ holds 4 corners' rows, then each point's level's width and first row.
+  enum : int64_t { kWeight = 0, kWeightByH = 4, kWeightByW = 8, kX = 12, kY, kHeight, kWidth, kValueArrays };
+  enum : int64_t { kColumns = 4, kStart, kRowArrays };
+
+  scalar_t* array(int64_t which) { return &values_[which * padded_]; }
+
+  int64_t n_, padded_;  // points, and points rounded up to whole vectors
+  std::vector<scalar_t> values_;
+  std::vector<Row> rows_;
 };
 
 // One (batch, query, head)'s output row, accumulated over its corners: in vector registers when the channel
@@ -225,8 +288,9 @@ void for_each_query(const Geometry& g, int64_t b, int64_t m, int64_t q_begin, in
   const int64_t LP = g.levels * g.points;
   const bool prefetch_corners = !g.dense_planes;
   const auto point = [&](int64_t q) { return ((b * g.queries + q) * g.heads + m) * LP; };
-  Samples<scalar_t> current(g), next(g);
-  if (q_begin < q_end) current.fill(g, loc + 2 * point(q_begin), rows.stride);
+  Samples<scalar_t> first(g), second(g);
+  Samples<scalar_t>*current = &first, *next = &second;
+  if (q_begin < q_end) current->fill(loc + 2 * point(q_begin));
   for (int64_t q = q_begin; q < q_end; ++q) {
     if (q + kAhead < q_end) {
       const int64_t ahead = point(q + kAhead);
@@ -235,13 +299,13 @@ void for_each_query(const Geometry& g, int64_t b, int64_t m, int64_t q_begin, in
       prefetch_span(out_rows + ((b * g.queries + q + kAhead) * g.heads + m) * g.channels, g.channels);
     }
     if (q + 1 < q_end) {
-      next.fill(g, loc + 2 * point(q + 1), rows.stride);
+      next->fill(loc + 2 * point(q + 1));
       if (prefetch_corners) {
-        next.prefetch(rows, g.channels);
-        if (extra_rows.data != nullptr) next.prefetch(extra_rows, g.channels);
+        next->prefetch(rows, g.channels);
+        if (extra_rows.data != nullptr) next->prefetch(extra_rows, g.channels);
       }
     }
-    body(q, point(q), current);
+    body(q, point(q), *current);
     std::swap(current, next);
   }
 }
@@ -265,8 +329,8 @@ void forward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* lo
                      [&](int64_t q, int64_t i, const Samples<scalar_t>& s) {
                        OutRow<scalar_t, kChannels> row(out + ((b * g.queries + q) * M + m) * D, D);
                        for (int64_t j = 0; j < LP; ++j) {
-                         for (int64_t c = 4 * j; c < 4 * j + 4; ++c) {
-                           row.add(attn[i + j] * s.weight[c], rows.data + s.offset[c]);
+                         for (int k = 0; k < 4; ++k) {
+                           row.add(attn[i + j] * s.weight(k, j), rows.data + s.row(k, j) * rows.stride);
                          }
                        }
                        row.finish();
@@ -297,18 +361,18 @@ void backward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* l
         const GradRow<scalar_t, kChannels> go(grad_out + ((b * g.queries + q) * M + m) * D, D);
         for (int64_t l = 0, j = 0; l < g.levels; ++l) {
           for (int64_t p = 0; p < g.points; ++p, ++j) {
-            const int64_t i = i0 + j, c = 4 * j;
+            const int64_t i = i0 + j;
             typename V::type dot[4];  // grad_out . corner row, in lanes
             for (int k = 0; k < 4; ++k) {
-              dot[k] = go.dot_and_scatter(rows.data + s.offset[c + k], attn[i] * s.weight[c + k],
-                                          grad_rows.data + s.offset[c + k]);
+              dot[k] = go.dot_and_scatter(rows.data + s.row(k, j) * rows.stride, attn[i] * s.weight(k, j),
+                                          grad_rows.data + s.row(k, j) * grad_rows.stride);
             }
             const auto d = V::sum4(dot[0], dot[1], dot[2], dot[3]);
             scalar_t d_attn = 0, d_h = 0, d_w = 0;
             for (int k = 0; k < 4; ++k) {
-              d_attn += s.weight[c + k] * d[k];
-              d_h += s.dweight_dh[c + k] * d[k];
-              d_w += s.dweight_dw[c + k] * d[k];
+              d_attn += s.weight(k, j) * d[k];
+              d_h += s.dweight_dh(k, j) * d[k];
+              d_w += s.dweight_dw(k, j) * d[k];
             }
             grad_attn[i] = d_attn;
             grad_loc[2 * i] = attn[i] * d_w * g.width[l];

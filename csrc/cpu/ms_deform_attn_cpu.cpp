@@ -11,7 +11,9 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,6 +52,9 @@ struct Geometry {
       width.push_back(shapes.data_ptr<int64_t>()[2 * l + 1]);
       start.push_back(starts.data_ptr<int64_t>()[l]);
     }
+    // float32 kernels name a map row by an int32, in the lanes of the sampling arithmetic
+    TORCH_CHECK(spatial <= std::numeric_limits<int32_t>::max(), "ms_deform_attn: the CPU kernel takes at most ",
+                std::numeric_limits<int32_t>::max(), " positions (S = ", spatial, ")");
   }
 
   // Whether each head's map is copied into a dense plane first (kernels.h): when its rows are sampled often
