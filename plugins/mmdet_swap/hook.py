@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,6 @@ class SwapHook(Hook):
     def before_run(self, runner: Any) -> None:
         if not (runner._load_from or runner._resume):
             raise SwapConfigError("SwapHook edits a trained detector: set load_from to its checkpoint.")
-        # For this run only (after_run undoes them): the checkpoints load under torch >= 2.6, the kernel serves.
-        self._run_patches.enter_context(local_checkpoint_loader())
-        self._run_patches.enter_context(msda_routed_to_kswap())
         self.runner = runner
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         pretrained = runner.train_loop.dataloader.dataset.metainfo["classes"]
@@ -172,12 +170,32 @@ class SwapHook(Hook):
             log=lambda level, message: runner.logger.log(level, f"SwapHook: {message}"),
             classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
         runner._train_loop = LOOPS.build(dict(type="SwapTrainLoop", swap=self), default_args=dict(runner=runner))
+        # For this run only (after_run undoes them): the checkpoints load under torch >= 2.6, the kernel serves.
+        # A run that raises gets no after_run: loading the checkpoint (load_or_resume, next) and the swap loop
+        # undo them themselves.
+        self._run_patches.enter_context(local_checkpoint_loader())
+        self._run_patches.enter_context(msda_routed_to_kswap())
+        runner.load_or_resume = self.undoing_patches_on_error(runner.load_or_resume)
+        self._run_patches.callback(vars(runner).pop, "load_or_resume", None)
         runner.logger.info(f"SwapHook: LoRA in {len(prepared.groups)} groups; classes {self.space.num_pretrained} -> "
                            f"{self.space.num_classes}; phases {[p.name for p in self.session.phases]} of "
                            f"{self.session.scheduler.phase_steps} steps")
 
     def after_run(self, runner: Any) -> None:
         self._run_patches.close()
+
+    def undoing_patches_on_error(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        """``step``, closing the run's patches when it raises (mmengine then calls no after_run)."""
+
+        @functools.wraps(step)
+        def run_step() -> Any:
+            try:
+                return step()
+            except BaseException:
+                self._run_patches.close()
+                raise
+
+        return run_step
 
     def _lora_optim_wrapper(self, runner: Any) -> Any:
         """The config's optimizer and wrapper type over the trainable (LoRA) parameters only."""

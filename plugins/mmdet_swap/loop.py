@@ -75,12 +75,7 @@ class SwapTrainLoop(BaseLoop):
         return self.session.loaders[index]["retain"].loader
 
     def run(self) -> Any:
-        try:
-            return self._run()
-        except BaseException:
-            # mmengine calls no after_run when a run raises: the run's checkpoint loader and routing end here.
-            self.swap.after_run(self.runner)
-            raise
+        return self.swap.undoing_patches_on_error(self._run)()
 
     def _run(self) -> Any:
         runner, swap, session = self.runner, self.swap, self.session

@@ -423,6 +423,15 @@ class LoraProbe(Hook):
         raise StopSwap
 
 
+def assert_run_patches_undone(runner: Runner) -> None:
+    """A swap run's checkpoint loader and kernel routing are for that run only."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    assert msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda._MMCV_PYTORCH
+    assert CheckpointLoader._schemes[""] is not load_local_checkpoint
+    assert "load_or_resume" not in vars(runner)
+
+
 @pytest.mark.parametrize("reference_init", [True, False])
 def test_lora_init_follows_reference_init(glyphs, pretrained_dino, tmp_path, reference_init):
     """reference_init=True: A ~ kaiming_uniform(a=sqrt(50)), bound sqrt(6/51)/sqrt(fan_in); False: peft's
@@ -433,11 +442,7 @@ def test_lora_init_follows_reference_init(glyphs, pretrained_dino, tmp_path, ref
     with pytest.raises(StopSwap):
         runner.train()
     assert LoraProbe.routed  # the run's deformable attention ran on kswap's kernel
-    # A run that raises (mmengine then calls no after_run) undoes its checkpoint loader and routing too.
-    from mmengine.runner.checkpoint import CheckpointLoader
-
-    assert msda.mmcv_msda.multi_scale_deformable_attn_pytorch is msda._MMCV_PYTORCH
-    assert CheckpointLoader._schemes[""] is not load_local_checkpoint
+    assert_run_patches_undone(runner)  # though mmengine calls no after_run when a run raises
     seen = dict(LoraProbe.seen)
     assert seen.pop("B") == 0 and seen
     largest = max(seen.values())
@@ -554,6 +559,7 @@ def test_checkpoint_with_wrong_head_is_refused(glyphs, pretrained_dino, tmp_path
                                                       r"but the pretrained label space has 3 classes \(3 rows\)\. "
                                                       "Set load_from"):
         runner.train()
+    assert_run_patches_undone(runner)  # mmengine's load_or_resume raised, after before_run installed them
 
 
 def swap_step_inputs(tmp_path: Path) -> tuple[torch.nn.Module, dict[str, dict]]:
