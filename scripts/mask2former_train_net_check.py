@@ -132,6 +132,8 @@ def main() -> int:
     parser.add_argument("--pretrain-iters", type=int, default=30)
     args = parser.parse_args()
     work, m2f = args.work.resolve(), args.work.resolve() / "Mask2Former"
+    if work.exists() and any(work.iterdir()):
+        parser.error(f"{work} is not empty: give a new or empty folder (the check clones and trains there)")
     subprocess.run(["git", "clone", "-q", args.mask2former, str(m2f)], check=True)
     upstream = (m2f / "train_net.py").read_text()
     (m2f / "train_net.py").write_text(swap_train_net(upstream, write_glyph_sets(work / "data")))
