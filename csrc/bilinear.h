@@ -1,5 +1,5 @@
-// Bilinear sampling of one (H, W) level of `value` at a point, with the derivatives the backward pass needs.
-// Shared by the CPU and CUDA kernels.
+// Bilinear sampling of one (H, W) level of `value` at a point, with the derivatives the backward pass needs, for
+// the CUDA kernels (the CPU kernels compute the same corners a vector of points at a time: cpu/kernels.h).
 #pragma once
 
 #include <cmath>

@@ -289,7 +289,7 @@ void for_each_query(const Geometry& g, int64_t b, int64_t m, int64_t q_begin, in
   const bool prefetch_corners = !g.dense_planes;
   const auto point = [&](int64_t q) { return ((b * g.queries + q) * g.heads + m) * LP; };
   Samples<scalar_t> first(g), second(g);
-  Samples<scalar_t>*current = &first, *next = &second;
+  Samples<scalar_t> *current = &first, *next = &second;
   if (q_begin < q_end) current->fill(loc + 2 * point(q_begin));
   for (int64_t q = q_begin; q < q_end; ++q) {
     if (q + kAhead < q_end) {

@@ -17,7 +17,6 @@
 #include <utility>
 #include <vector>
 
-#include "../bilinear.h"
 #include "../ms_deform_attn.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
