@@ -62,6 +62,20 @@ def test_forward_backward_match_reference_float64(case, device):
 
 
 @needs_kernel
+@pytest.mark.parametrize("case", [
+    dict(n=2, heads=8, channels=32, shapes=((12, 10), (6, 5), (3, 3), (2, 1)), queries=70, points=4, spread=0.3),
+    dict(n=2, heads=3, channels=32, shapes=((9, 11), (5, 6)), queries=3, points=3, spread=0.6),
+    dict(n=1, heads=2, channels=33, shapes=((7, 4), (2, 3)), queries=40, points=5, spread=0.3),
+])
+def test_float32_matches_reference(case):
+    """The float32 kernels (DINO's and Mask2Former's dtype) run other vector lanes than float64's."""
+    inputs = [t.float() if t.is_floating_point() else t for t in make_inputs(**case)]
+    ours, ref = _grads(ms_deform_attn, inputs), _grads(ms_deform_attn_reference, inputs)
+    for a, b, name in zip(ours, ref, ("output", "grad_value", "grad_locations", "grad_attention"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_tolerance(device):
     inputs = make_inputs(dtype=torch.float32, n=2, heads=8, channels=32, shapes=((16, 16), (8, 8), (4, 4), (2, 2)),
