@@ -51,4 +51,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ms_deform_attn_backward", &kswap::backward,
         "MSDeformAttn backward -> [grad_value, grad_sampling_locations, grad_attention_weights]");
   m.def("with_cuda", &kswap::with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("cpu_isa", &kswap::ms_deform_attn_cpu_isa, "the instruction set the CPU kernels run with");
 }

@@ -8,9 +8,13 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
 
 namespace kswap {
+
+// The instruction set the CPU kernels run with: "avx2+fma" or "baseline" (KSWAP_CPU_ISA=baseline forces it).
+std::string ms_deform_attn_cpu_isa();
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,

@@ -37,9 +37,15 @@ class KernelInfo:
     source: str  # "prebuilt", "built on first use" or "reference"
     detail: str
 
+    @property
+    def cpu_isa(self) -> str | None:
+        """The instruction set the CPU kernels run with ("avx2+fma" or "baseline"); ``None`` without a kernel."""
+        return self.module.cpu_isa() if self.module is not None else None
+
     def __str__(self) -> str:
-        kind = "compiled kernel" if self.module is not None else "PyTorch reference (grid_sample)"
-        return f"kswap ms_deform_attn: {kind} [{self.source}] {self.detail}"
+        if self.module is None:
+            return f"kswap ms_deform_attn: PyTorch reference (grid_sample) [{self.source}] {self.detail}"
+        return f"kswap ms_deform_attn: compiled kernel [{self.source}] {self.detail}; CPU {self.cpu_isa}"
 
 
 def sources_dir() -> Path | None:

@@ -88,17 +88,28 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
+bool runs_avx2_fma() {
+#if KSWAP_CPU_AVX2
+  static const bool avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                               std::string(std::getenv("KSWAP_CPU_ISA") ? std::getenv("KSWAP_CPU_ISA") : "") !=
+                                   "baseline";
+  return avx2_fma;
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t>
 KernelSet<scalar_t> kernels_for(int64_t channels) {
 #if KSWAP_CPU_AVX2
-  static const bool avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                               std::string(std::getenv("KSWAP_CPU_ISA") ? std::getenv("KSWAP_CPU_ISA") : "") != "baseline";
-  if (avx2_fma) return avx2::kernels<scalar_t>(channels);
+  if (runs_avx2_fma()) return avx2::kernels<scalar_t>(channels);
 #endif
   return baseline::kernels<scalar_t>(channels);
 }
 
 }  // namespace
+
+std::string ms_deform_attn_cpu_isa() { return runs_avx2_fma() ? "avx2+fma" : "baseline"; }
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,

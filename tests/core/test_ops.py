@@ -125,6 +125,16 @@ def test_baseline_instruction_set_matches_reference():
 
 
 @needs_kernel
+def test_python_m_kswap_ops_says_the_cpu_instruction_set():
+    def said(**env: str) -> str:
+        return subprocess.run([sys.executable, "-m", "kswap.ops"], check=True, capture_output=True, text=True,
+                              env={**os.environ, **env}).stdout.strip()
+
+    assert said(KSWAP_CPU_ISA="baseline").endswith("; CPU baseline")
+    assert said().endswith(("; CPU avx2+fma", "; CPU baseline"))  # baseline where the CPU has no AVX2 + FMA
+
+
+@needs_kernel
 def test_non_contiguous_inputs_are_made_contiguous():
     value, shapes, starts, loc, attn = make_inputs()
     value_t = value.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
