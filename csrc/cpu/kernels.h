@@ -10,6 +10,12 @@
 // are read in place, the next query's corners prefetched. With D fixed at compile time (32: DINO's and
 // Mask2Former's 256 / 8 heads) a query's output row, or its output gradient, stays in vector registers.
 
+// Prefetch n contiguous elements.
+template <typename scalar_t>
+inline void prefetch_span(const scalar_t* p, int64_t n) {
+  for (int64_t k = 0; k < n; k += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(p + k);
+}
+
 // One (batch, head)'s rows: where row s starts is data + s * stride.
 template <typename scalar_t>
 struct HeadRows {
@@ -166,10 +172,7 @@ class Samples {
   // Ask for the D-channel rows of every corner ahead of use.
   void prefetch(HeadRows<const scalar_t> rows, int64_t channels) const {
     for (int k = 0; k < 4; ++k) {
-      for (int64_t j = 0; j < n_; ++j) {
-        const scalar_t* first = rows.data + row(k, j) * rows.stride;
-        for (int64_t d = 0; d < channels; d += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(first + d);
-      }
+      for (int64_t j = 0; j < n_; ++j) prefetch_span(rows.data + row(k, j) * rows.stride, channels);
     }
   }
 
@@ -268,12 +271,6 @@ class GradRow<scalar_t, 0> {
   const scalar_t* go_;
   int64_t channels_;
 };
-
-// Prefetch n contiguous elements.
-template <typename scalar_t>
-inline void prefetch_span(const scalar_t* p, int64_t n) {
-  for (int64_t k = 0; k < n; k += kCacheLine / sizeof(scalar_t)) __builtin_prefetch(p + k);
-}
 
 // Runs body(q, i, samples) for queries [q_begin, q_end) of one (batch, head) sampled in `rows`; i is the index
 // of the query's first point in attention_weights (its L * P points follow, level after level). One head's
