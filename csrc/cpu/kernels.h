@@ -7,8 +7,11 @@
 // the map is sampled densely (Geometry::dense_planes) the head's rows are first copied into a DensePlane,
 // whose S * D values (680 KB for DINO's 5440 positions of 32 channels), and their gradient, stay in a core's
 // L2. Sampled sparsely (a large map, few queries), the copy would cost more than the corners it saves: rows
-// are read in place, the next query's corners prefetched. With D fixed at compile time (32: DINO's and
-// Mask2Former's 256 / 8 heads) a query's output row, or its output gradient, stays in vector registers.
+// are read in place. Either way the next query's corners are prefetched. The backward sweeps a head twice,
+// once reading the value rows (the sampling gradients) and once writing their gradient: a head's value and
+// gradient planes together (1.4 MB) would not fit a 1 MB L2, one at a time they do. With D fixed at compile
+// time (32: DINO's and Mask2Former's 256 / 8 heads) a query's output row, or its output gradient, stays in
+// vector registers.
 
 // Prefetch n contiguous elements.
 template <typename scalar_t>
@@ -107,7 +110,9 @@ struct Vec {
 // The L * P sampling points of one (batch, query, head), level after level: four corners each (top-left,
 // top-right, bottom-left, bottom-right) as the map row they read, bilinear weights and the weights' derivatives
 // in h and w, one array per corner. A corner outside the map, and all four of a point that misses it, get
-// weight 0 and row 0, so the channel loops need no branch. `fill` works on a vector of points at a time.
+// weight 0 and row 0, so the channel loops need no branch. In the backward each corner also gets the dot
+// product of the output gradient with its row, from which `write_gradients` computes the points' attention
+// and location gradients. `fill` and `write_gradients` work on a vector of points at a time.
 template <typename scalar_t>
 class Samples {
   using V = Vec<scalar_t>;
@@ -136,6 +141,9 @@ class Samples {
   scalar_t weight(int k, int64_t j) const { return values_[(kWeight + k) * padded_ + j]; }
   scalar_t dweight_dh(int k, int64_t j) const { return values_[(kWeightByH + k) * padded_ + j]; }
   scalar_t dweight_dw(int k, int64_t j) const { return values_[(kWeightByW + k) * padded_ + j]; }
+  void set_dots(int64_t j, const std::array<scalar_t, 4>& dots) {
+    for (int k = 0; k < 4; ++k) values_[(kDot + k) * padded_ + j] = dots[k];
+  }
 
   // loc: the (x, y) pairs of these points.
   void fill(const scalar_t* loc) {
@@ -169,6 +177,30 @@ class Samples {
     }
   }
 
+  // From the corners' dot products (set_dots): the points' gradients of attention weight and (x, y) location,
+  // given their attention weights (attn), into grad_attn and grad_loc.
+  void write_gradients(const scalar_t* attn, scalar_t* grad_attn, scalar_t* grad_loc) {
+    std::copy_n(attn, n_, array(kAttn));  // padding stays 0
+    for (int64_t j = 0; j < padded_; j += V::kSize) {
+      T by_attn{}, by_h{}, by_w{};
+      for (int k = 0; k < 4; ++k) {
+        const T dot = V::load(array(kDot + k) + j);
+        by_attn += V::load(array(kWeight + k) + j) * dot;
+        by_h += V::load(array(kWeightByH + k) + j) * dot;
+        by_w += V::load(array(kWeightByW + k) + j) * dot;
+      }
+      const T a = V::load(array(kAttn) + j);
+      V::store(array(kGradAttn) + j, by_attn);
+      V::store(array(kX) + j, a * by_w * V::load(array(kWidth) + j));  // x and y are free after fill
+      V::store(array(kY) + j, a * by_h * V::load(array(kHeight) + j));
+    }
+    std::copy_n(array(kGradAttn), n_, grad_attn);
+    for (int64_t j = 0; j < n_; ++j) {
+      grad_loc[2 * j] = array(kX)[j];
+      grad_loc[2 * j + 1] = array(kY)[j];
+    }
+  }
+
   // Ask for the D-channel rows of every corner ahead of use.
   void prefetch(HeadRows<const scalar_t> rows, int64_t channels) const {
     for (int k = 0; k < 4; ++k) {
@@ -177,9 +209,11 @@ class Samples {
   }
 
  private:
-  // values_ holds padded_ of each: 4 corners' weights, 4 of d/dh, 4 of d/dw, then each point's x, y and its
-  // level's height and width; rows_ holds 4 corners' rows, then each point's level's width and first row.
-  enum : int64_t { kWeight = 0, kWeightByH = 4, kWeightByW = 8, kX = 12, kY, kHeight, kWidth, kValueArrays };
+  // values_ holds padded_ of each: 4 corners' weights, 4 of d/dh, 4 of d/dw, 4 dot products, then each point's
+  // x, y, its level's height and width, its attention weight and gradient; rows_ holds 4 corners' rows, then
+  // each point's level's width and first row.
+  enum : int64_t { kWeight = 0, kWeightByH = 4, kWeightByW = 8, kDot = 12, kX = 16, kY, kHeight, kWidth, kAttn,
+                   kGradAttn, kValueArrays };
   enum : int64_t { kColumns = 4, kStart, kRowArrays };
 
   scalar_t* array(int64_t which) { return &values_[which * padded_]; }
@@ -239,14 +273,15 @@ class GradRow {
   GradRow(const scalar_t* grad_out, int64_t) {
     for (int64_t j = 0; j < kVecs; ++j) go_[j] = V::load(grad_out + j * V::kSize);
   }
-  // Adds a * grad_out to g and returns the lanes of grad_out * x (their sum is the dot product), in one pass.
-  typename V::type dot_and_scatter(const scalar_t* x, scalar_t a, scalar_t* g) const {
-    typename V::type dot{};
-    for (int64_t j = 0; j < kVecs; ++j) {
-      dot += go_[j] * V::load(x + j * V::kSize);
-      V::store(g + j * V::kSize, V::load(g + j * V::kSize) + a * go_[j]);
-    }
-    return dot;
+  // The lanes of grad_out * x: their sum is the dot product.
+  typename V::type dot(const scalar_t* x) const {
+    typename V::type lanes{};
+    for (int64_t j = 0; j < kVecs; ++j) lanes += go_[j] * V::load(x + j * V::kSize);
+    return lanes;
+  }
+  // g += a * grad_out
+  void scatter(scalar_t a, scalar_t* g) const {
+    for (int64_t j = 0; j < kVecs; ++j) V::store(g + j * V::kSize, V::load(g + j * V::kSize) + a * go_[j]);
   }
 
  private:
@@ -257,14 +292,13 @@ template <typename scalar_t>
 class GradRow<scalar_t, 0> {
  public:
   GradRow(const scalar_t* grad_out, int64_t channels) : go_(grad_out), channels_(channels) {}
-  typename Vec<scalar_t>::type dot_and_scatter(const scalar_t* __restrict__ x, scalar_t a,
-                                               scalar_t* __restrict__ g) const {
-    typename Vec<scalar_t>::type dot{};  // the dot product in lane 0
-    for (int64_t d = 0; d < channels_; ++d) {
-      dot[0] += go_[d] * x[d];
-      g[d] += a * go_[d];
-    }
-    return dot;
+  typename Vec<scalar_t>::type dot(const scalar_t* x) const {
+    typename Vec<scalar_t>::type lanes{};  // the dot product in lane 0
+    for (int64_t d = 0; d < channels_; ++d) lanes[0] += go_[d] * x[d];
+    return lanes;
+  }
+  void scatter(scalar_t a, scalar_t* g) const {
+    for (int64_t d = 0; d < channels_; ++d) g[d] += a * go_[d];
   }
 
  private:
@@ -272,35 +306,46 @@ class GradRow<scalar_t, 0> {
   int64_t channels_;
 };
 
+// What a sweep over one head's queries reads or writes query by query, besides map rows: per point, the
+// sampling locations and attention weights, in the backward their gradients too; per query, D channels of the
+// output or of its gradient.
+template <typename scalar_t>
+struct QueryStreams {
+  const scalar_t* loc;
+  const scalar_t* attn;
+  const scalar_t* channels;
+  const scalar_t* grad_loc = nullptr;
+  const scalar_t* grad_attn = nullptr;
+};
+
 // Runs body(q, i, samples) for queries [q_begin, q_end) of one (batch, head) sampled in `rows`; i is the index
 // of the query's first point in attention_weights (its L * P points follow, level after level). One head's
-// consecutive queries lie M rows apart in loc, attn and `out_rows` (the output or its gradient, D per query), a
-// stride the hardware prefetcher does not follow: those of the query two ahead are prefetched. Read in place,
-// the next query's corners are computed ahead and their rows (in rows and extra_rows) prefetched.
+// consecutive queries lie M rows apart in each of `streams`, a stride the hardware prefetcher does not follow:
+// those of the query two ahead are prefetched. The next query's corners are computed ahead and their rows
+// prefetched.
 template <typename scalar_t, typename Body>
-void for_each_query(const Geometry& g, int64_t b, int64_t m, int64_t q_begin, int64_t q_end, const scalar_t* loc,
-                    const scalar_t* attn, const scalar_t* out_rows, HeadRows<const scalar_t> rows,
-                    HeadRows<const scalar_t> extra_rows, Body body) {
+void for_each_query(const Geometry& g, int64_t b, int64_t m, int64_t q_begin, int64_t q_end,
+                    const QueryStreams<scalar_t>& streams, HeadRows<const scalar_t> rows, Body body) {
   constexpr int64_t kAhead = 2;
   const int64_t LP = g.levels * g.points;
-  const bool prefetch_corners = !g.dense_planes;
   const auto point = [&](int64_t q) { return ((b * g.queries + q) * g.heads + m) * LP; };
   Samples<scalar_t> first(g), second(g);
   Samples<scalar_t> *current = &first, *next = &second;
-  if (q_begin < q_end) current->fill(loc + 2 * point(q_begin));
+  if (q_begin < q_end) current->fill(streams.loc + 2 * point(q_begin));
   for (int64_t q = q_begin; q < q_end; ++q) {
     if (q + kAhead < q_end) {
       const int64_t ahead = point(q + kAhead);
-      prefetch_span(loc + 2 * ahead, 2 * LP);
-      prefetch_span(attn + ahead, LP);
-      prefetch_span(out_rows + ((b * g.queries + q + kAhead) * g.heads + m) * g.channels, g.channels);
+      for (const scalar_t* per_point : {streams.loc, streams.grad_loc}) {
+        if (per_point != nullptr) prefetch_span(per_point + 2 * ahead, 2 * LP);
+      }
+      for (const scalar_t* per_point : {streams.attn, streams.grad_attn}) {
+        if (per_point != nullptr) prefetch_span(per_point + ahead, LP);
+      }
+      prefetch_span(streams.channels + ((b * g.queries + q + kAhead) * g.heads + m) * g.channels, g.channels);
     }
     if (q + 1 < q_end) {
-      next->fill(loc + 2 * point(q + 1));
-      if (prefetch_corners) {
-        next->prefetch(rows, g.channels);
-        if (extra_rows.data != nullptr) next->prefetch(extra_rows, g.channels);
-      }
+      next->fill(streams.loc + 2 * point(q + 1));
+      next->prefetch(rows, g.channels);
     }
     body(q, point(q), *current);
     std::swap(current, next);
@@ -322,7 +367,7 @@ void forward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* lo
         const HeadRows<const scalar_t> in_place{value + (b * S * M + m) * D, M * D};
         rows = g.dense_planes ? read_only(plane.load(in_place)) : in_place;
       }
-      for_each_query(g, b, m, q0, std::min(g.queries, q0 + block), loc, attn, out, rows, {},
+      for_each_query(g, b, m, q0, std::min(g.queries, q0 + block), {loc, attn, out}, rows,
                      [&](int64_t q, int64_t i, const Samples<scalar_t>& s) {
                        OutRow<scalar_t, kChannels> row(out + ((b * g.queries + q) * M + m) * D, D);
                        for (int64_t j = 0; j < LP; ++j) {
@@ -336,13 +381,44 @@ void forward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* lo
   });
 }
 
+// The sampling gradients of one (batch, head) sampled in `rows`: grad_attn and grad_loc.
+template <typename scalar_t, int64_t kChannels>
+void sampling_gradients(const Geometry& g, int64_t b, int64_t m, HeadRows<const scalar_t> rows, const scalar_t* loc,
+                        const scalar_t* attn, const scalar_t* grad_out, scalar_t* grad_loc, scalar_t* grad_attn) {
+  using V = Vec<scalar_t>;
+  const QueryStreams<scalar_t> streams{loc, attn, grad_out, grad_loc, grad_attn};
+  for_each_query(g, b, m, 0, g.queries, streams, rows, [&](int64_t q, int64_t i, Samples<scalar_t>& s) {
+    const GradRow<scalar_t, kChannels> go(grad_out + ((b * g.queries + q) * g.heads + m) * g.channels, g.channels);
+    for (int64_t j = 0; j < g.levels * g.points; ++j) {
+      typename V::type dot[4];
+      for (int k = 0; k < 4; ++k) dot[k] = go.dot(rows.data + s.row(k, j) * rows.stride);
+      s.set_dots(j, V::sum4(dot[0], dot[1], dot[2], dot[3]));
+    }
+    s.write_gradients(attn + i, grad_attn + i, grad_loc + 2 * i);
+  });
+}
+
+// The value gradient of one (batch, head): each corner's row in grad_rows gains attn * weight * grad_out.
+template <typename scalar_t, int64_t kChannels>
+void value_gradient(const Geometry& g, int64_t b, int64_t m, const scalar_t* loc, const scalar_t* attn,
+                    const scalar_t* grad_out, HeadRows<scalar_t> grad_rows) {
+  for_each_query(g, b, m, 0, g.queries, {loc, attn, grad_out}, read_only(grad_rows),
+                 [&](int64_t q, int64_t i, const Samples<scalar_t>& s) {
+    const GradRow<scalar_t, kChannels> go(grad_out + ((b * g.queries + q) * g.heads + m) * g.channels, g.channels);
+    for (int64_t j = 0; j < g.levels * g.points; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        go.scatter(attn[i + j] * s.weight(k, j), grad_rows.data + s.row(k, j) * grad_rows.stride);
+      }
+    }
+  });
+}
+
 // Parallel over (batch, head): the value-gradient rows of one head have a single writer, so no atomics. With
 // dense planes every row of grad_value is written (from the thread's plane); in place grad_value must come
 // zeroed.
 template <typename scalar_t, int64_t kChannels>
 void backward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* loc, const scalar_t* attn,
                      const scalar_t* grad_out, scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn) {
-  using V = Vec<scalar_t>;
   const int64_t D = g.channels, M = g.heads, S = g.spatial;
   at::parallel_for(0, g.batch * M, 1, [&](int64_t begin, int64_t end) {
     const int64_t plane_rows = g.dense_planes ? S : 0;
@@ -352,36 +428,13 @@ void backward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* l
       const HeadRows<const scalar_t> value_in_place{value + first, M * D};
       const HeadRows<scalar_t> grad_in_place{grad_value + first, M * D};
       const HeadRows<const scalar_t> rows = g.dense_planes ? read_only(plane.load(value_in_place)) : value_in_place;
+      sampling_gradients<scalar_t, kChannels>(g, b, m, rows, loc, attn, grad_out, grad_loc, grad_attn);
       const HeadRows<scalar_t> grad_rows = g.dense_planes ? grad_plane.zero() : grad_in_place;
-      for_each_query(g, b, m, 0, g.queries, loc, attn, grad_out, rows, read_only(grad_rows),
-                     [&](int64_t q, int64_t i0, const Samples<scalar_t>& s) {
-        const GradRow<scalar_t, kChannels> go(grad_out + ((b * g.queries + q) * M + m) * D, D);
-        for (int64_t l = 0, j = 0; l < g.levels; ++l) {
-          for (int64_t p = 0; p < g.points; ++p, ++j) {
-            const int64_t i = i0 + j;
-            typename V::type dot[4];  // grad_out . corner row, in lanes
-            for (int k = 0; k < 4; ++k) {
-              dot[k] = go.dot_and_scatter(rows.data + s.row(k, j) * rows.stride, attn[i] * s.weight(k, j),
-                                          grad_rows.data + s.row(k, j) * grad_rows.stride);
-            }
-            const auto d = V::sum4(dot[0], dot[1], dot[2], dot[3]);
-            scalar_t d_attn = 0, d_h = 0, d_w = 0;
-            for (int k = 0; k < 4; ++k) {
-              d_attn += s.weight(k, j) * d[k];
-              d_h += s.dweight_dh(k, j) * d[k];
-              d_w += s.dweight_dw(k, j) * d[k];
-            }
-            grad_attn[i] = d_attn;
-            grad_loc[2 * i] = attn[i] * d_w * g.width[l];
-            grad_loc[2 * i + 1] = attn[i] * d_h * g.height[l];
-          }
-        }
-      });
+      value_gradient<scalar_t, kChannels>(g, b, m, loc, attn, grad_out, grad_rows);
       if (g.dense_planes) grad_plane.store(grad_in_place);
     }
   });
 }
-
 
 // D fixed at compile time where it is DINO's and Mask2Former's 32, else read at run time.
 template <typename scalar_t>
