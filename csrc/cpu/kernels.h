@@ -136,11 +136,10 @@ class Samples {
     }
   }
 
-  // Point j's corner k: its map row, bilinear weight, and the weight's derivatives in h and w.
+  // Point j's corner k: its map row and bilinear weight.
   Row row(int k, int64_t j) const { return rows_[k * padded_ + j]; }
   scalar_t weight(int k, int64_t j) const { return values_[(kWeight + k) * padded_ + j]; }
-  scalar_t dweight_dh(int k, int64_t j) const { return values_[(kWeightByH + k) * padded_ + j]; }
-  scalar_t dweight_dw(int k, int64_t j) const { return values_[(kWeightByW + k) * padded_ + j]; }
+  // The dot products of the output gradient with point j's four corner rows.
   void set_dots(int64_t j, const std::array<scalar_t, 4>& dots) {
     for (int k = 0; k < 4; ++k) values_[(kDot + k) * padded_ + j] = dots[k];
   }
@@ -191,13 +190,13 @@ class Samples {
       }
       const T a = V::load(array(kAttn) + j);
       V::store(array(kGradAttn) + j, by_attn);
-      V::store(array(kX) + j, a * by_w * V::load(array(kWidth) + j));  // x and y are free after fill
-      V::store(array(kY) + j, a * by_h * V::load(array(kHeight) + j));
+      V::store(array(kGradX) + j, a * by_w * V::load(array(kWidth) + j));
+      V::store(array(kGradY) + j, a * by_h * V::load(array(kHeight) + j));
     }
     std::copy_n(array(kGradAttn), n_, grad_attn);
     for (int64_t j = 0; j < n_; ++j) {
-      grad_loc[2 * j] = array(kX)[j];
-      grad_loc[2 * j + 1] = array(kY)[j];
+      grad_loc[2 * j] = array(kGradX)[j];
+      grad_loc[2 * j + 1] = array(kGradY)[j];
     }
   }
 
@@ -210,10 +209,10 @@ class Samples {
 
  private:
   // values_ holds padded_ of each: 4 corners' weights, 4 of d/dh, 4 of d/dw, 4 dot products, then each point's
-  // x, y, its level's height and width, its attention weight and gradient; rows_ holds 4 corners' rows, then
-  // each point's level's width and first row.
+  // x, y, its level's height and width, its attention weight and the gradients of attention weight, x and y;
+  // rows_ holds 4 corners' rows, then each point's level's width and first row.
   enum : int64_t { kWeight = 0, kWeightByH = 4, kWeightByW = 8, kDot = 12, kX = 16, kY, kHeight, kWidth, kAttn,
-                   kGradAttn, kValueArrays };
+                   kGradAttn, kGradX, kGradY, kValueArrays };
   enum : int64_t { kColumns = 4, kStart, kRowArrays };
 
   scalar_t* array(int64_t which) { return &values_[which * padded_]; }
@@ -306,9 +305,9 @@ class GradRow<scalar_t, 0> {
   int64_t channels_;
 };
 
-// What a sweep over one head's queries reads or writes query by query, besides map rows: per point, the
-// sampling locations and attention weights, in the backward their gradients too; per query, D channels of the
-// output or of its gradient.
+// What a sweep over one head's queries reads or writes query by query, besides map rows, for it to prefetch: per
+// point, the sampling locations and attention weights, in the backward their gradients too; per query, D
+// channels of the output or of its gradient.
 template <typename scalar_t>
 struct QueryStreams {
   const scalar_t* loc;
