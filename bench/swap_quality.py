@@ -69,7 +69,7 @@ SWEEP = {
                                              "--swap-forget-loss-distill", "1"],
     "attn + FFN LoRA, distill 1": ["--swap-forget-loss-distill", "1"],
     "attn + FFN LoRA, distill 3": ["--swap-forget-loss-distill", "3"],
-    # The demo's config misses the oracle goal's learn bar on seeds 0 and 1 (README, Benchmarks): a longer learn
+    # The demo's config misses the oracle goal's learn bar on seeds 0 and 1 (docs/benchmarks.md): a longer learn
     # phase with a shorter forget phase, an annealed LR (cosine per phase, as the reference, ending at 1e-4), and that
     # with a heavier retain term or a longer learn phase (`--no-demo-seed --seeds 0 1` runs the missed seeds only).
     # These start from the demo's earlier schedule (CONSTANT_LR_400); the last one is the demo's config now.

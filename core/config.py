@@ -409,7 +409,7 @@ def config_from_fields(task: str, values: Mapping[ConfigField, Any]) -> SwapConf
 
 
 def vocabulary_table() -> str:
-    """The Markdown table of every setting's name in each host and its default per preset (README, "One
+    """The Markdown table of every setting's name in each host and its default per preset (docs/settings.md, "One
     vocabulary")."""
     presets = {task: SwapConfig.preset(task, forget=("_",), learn=("_",)) for task in PRESETS}
 

@@ -23,7 +23,7 @@ TARGET_PRESETS: dict[str, str] = {
     # timm ViT/DeiT `blocks.N.mlp.fc1|fc2` and Swin `layers.S.blocks.B.mlp.fc1|fc2`.
     "timm_vit": r"(.*\.)?blocks\.\d+\.mlp\.fc[12]",
     # Not the reference: the same blocks' attention projections too (`attn.qkv`, `attn.proj`), still one group per
-    # block. On the demo it learned the new classes 2.7 points better at the same retain (README, Benchmarks).
+    # block. On the demo it learned the new classes 2.7 points better at the same retain (docs/benchmarks.md).
     "timm_vit_attn": r"(.*\.)?blocks\.\d+\.(mlp\.fc[12]|attn\.qkv|attn\.proj)",
     # mmdet DINO: encoder/decoder FFNs (mmcv FFN: `ffn.layers.0.0` is fc1, `ffn.layers.1` is fc2) and mmdet Swin.
     "mmdet_dino": r"(.*\.)?(encoder\.layers|decoder\.layers|stages\.\d+\.blocks)\.\d+\.ffn\.layers\.(0\.0|1)",

@@ -1,4 +1,4 @@
-"""Run a knowledge swap with Mask2Former's own ``train_net.py``, edited as README's detectron2 section says (CPU).
+"""Run a knowledge swap with Mask2Former's own ``train_net.py``, edited as README and docs/detectron2.md say (CPU).
 
 Clones a Mask2Former checkout (a work tree or a bare git dir), edits a copy of its ``train_net.py`` (the
 ``detectron2_swap`` import, ``enable_msda_fallback()`` before ``from mask2former import``, ``add_swap_config(cfg)``,
@@ -84,7 +84,7 @@ def edit(text: str, anchor: str, insert: str, before: bool = True) -> str:
 
 
 def swap_train_net(text: str, spec: Path) -> str:
-    """README's edit, plus the user's dataset registration."""
+    """The README's edit, plus the user's dataset registration."""
     text = edit(text, "# MaskFormer\nfrom mask2former import", "from detectron2_swap import SwapTrainerMixin, "
                 "add_swap_config, enable_msda_fallback\nenable_msda_fallback()\n\n")
     text = edit(text, "\n\ndef setup(args):", "\n\nclass Trainer(SwapTrainerMixin, Trainer):\n    pass\n" +

@@ -270,7 +270,7 @@ AMP_DTYPES = ("float16", "bfloat16")
 
 def add_timm_arguments(parser: argparse.ArgumentParser) -> None:
     """timm's flags that ``build_parser`` lacks, with timm's types and defaults (so ``-c`` accepts its args.yaml)."""
-    group = parser.add_argument_group("timm train.py options (honoured, ignored or refused: see the README)")
+    group = parser.add_argument_group("timm train.py options (honoured, ignored or refused: see docs/timm.md)")
     for key in TIMM_KEYS:
         if key.option is not None:
             group.add_argument(*key.option_strings, dest=key.name, default=key.default, **key.option)
@@ -315,11 +315,11 @@ def check_timm_args(args: argparse.Namespace, swap: bool) -> list[str]:
     who = "the swap" if swap else "this script"
     header = [f"timm keys {who} ignores (set to timm's default instead):"] if lines else []
     return [*header, *lines, f"{unchanged} {'more ' if lines else ''}timm keys {who} ignores are at timm's defaults "
-                             "(README: 'timm's own args.yaml')"]
+                             "(docs/timm.md: 'timm's own args.yaml')"]
 
 
 def markdown_table(keys: Sequence[TimmKey] = TIMM_KEYS) -> str:
-    """The README's table: each key's rule in plain training and under ``--plugin swap``."""
+    """docs/timm.md's table: each key's rule in plain training and under ``--plugin swap``."""
     def cell(rule: Rule) -> str:
         return rule.use.value + (f": {rule.note}" if rule.note else "")
 

@@ -15,7 +15,7 @@ from timm_swap.timm_args import TIMM_KEYS, markdown_table
 from timm_swap.train import main, parse_args, run
 
 FIXTURE = Path(__file__).parent / "data" / "timm_args.yaml"
-README = Path(__file__).parents[2] / "README.md"
+TIMM_DOC = Path(__file__).parents[2] / "docs" / "timm.md"
 SWAP = ["--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", "3steps", "--swap-forget-length", "3steps"]
 
 
@@ -86,8 +86,8 @@ def test_every_timm_key_is_a_flag_with_timms_default():
     assert {k.name for k in TIMM_KEYS} <= set(written)
 
 
-def test_readme_lists_every_key_rule():
-    assert markdown_table() in README.read_text()
+def test_timm_doc_lists_every_key_rule():
+    assert markdown_table() in TIMM_DOC.read_text()
 
 
 def test_plain_training_from_timm_args_yaml(plain_run):
