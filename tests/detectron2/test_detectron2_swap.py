@@ -380,6 +380,7 @@ def test_resume_continues_the_phase(glyph_spec, d2_pretrained, tmp_path):
 
 # -- DDP --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.ddp
 def test_ddp_two_gloo_processes_through_detectron2_launch(glyph_spec, d2_pretrained, tmp_path):
     script = textwrap.dedent(f"""
         import sys

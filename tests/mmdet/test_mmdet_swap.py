@@ -686,13 +686,14 @@ def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
     assert saved_timing["run_s"] < report["timing"]["run_s"]
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes(glyphs, pretrained_dino, tmp_path):
     """torchrun, 2 CPU processes (gloo): the hook re-wraps the LoRA model in DDP and the run completes."""
     import os
 
     work = tmp_path / "ddp"
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).parents[1] / "swap_testing" / "dist_swap_dino.py"), str(glyphs), str(pretrained_dino),
          str(work)],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,

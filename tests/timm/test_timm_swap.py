@@ -378,6 +378,7 @@ def test_wandb_offline(digit_folders, pretrained, tmp_path, monkeypatch):
     assert runs and list(runs[0].glob("*.wandb"))
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes_match_single_process(digit_folders, pretrained, tmp_path):
     """torchrun, 2 CPU processes (gloo), batch 16 each, against one process with batch 32."""
     # A constant LR (min = base): 30 steps per phase are too few to forget under a decaying cosine.
@@ -385,7 +386,7 @@ def test_ddp_two_processes_match_single_process(digit_folders, pretrained, tmp_p
                        "--swap-forget-length", "30steps", "--swap-min-lr", "1e-2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).parents[2] / "train.py"), *common, "-b", "16", "--experiment", "ddp"],
         env=env, capture_output=True, text=True, timeout=600,
     )
