@@ -19,6 +19,8 @@ from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .config import (
     PRESETS,
     ConfigField,
+    ForgetLoss,
+    LearnLoss,
     LoraSettings,
     LossWeights,
     Order,
@@ -84,8 +86,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTER_FILE", "MODEL_FILE", "PERIODIC_SCORE_IMAGES", "PRESETS", "ROLE_KEY", "TARGET_PRESETS", "AccuracyMeter",
-    "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "ConfigField", "GrownRows",
-    "InfiniteLoader", "LabelSpace", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "Phase", "PhaseKind",
+    "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "ConfigField", "ForgetLoss", "GrownRows",
+    "InfiniteLoader", "LabelSpace", "LearnLoss", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "Phase",
+    "PhaseKind",
     "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
     "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "adapt_checkpoint", "adapt_model",
     "atomic_save", "atomic_write_text", "bounded_forget_loss", "check_head_size", "config_fields",

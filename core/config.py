@@ -67,6 +67,9 @@ class PhaseLength:
 class LossWeights:
     """Weights of one phase's loss: ``w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS``.
 
+    What ``PhaseLoss`` computes with; a config sets them per phase kind (``LearnLoss``, ``ForgetLoss``), a joint
+    phase taking its forgetting from the forget loss and its learn weight from the learn loss.
+
     Args:
         retain_weight: weight ``w_R`` of the task loss on the retain-side batch.
         learn_weight: weight ``w_L`` of the task loss on the learn batch (learn and joint phases).
@@ -113,6 +116,63 @@ class LossWeights:
         if not self.bnd_relative:
             return self
         return dataclasses.replace(self, bnd=self.bnd * measured_forget_loss, bnd_relative=False)
+
+
+@dataclass(frozen=True)
+class LearnLoss:
+    """Weights of a learn phase's loss: ``w_R·T(R) + w_L·T(L) + alpha·GS``.
+
+    Args:
+        retain_weight: weight ``w_R`` of the task loss on the retain batch.
+        learn_weight: weight ``w_L`` of the task loss on the learn batch (learn and joint phases).
+        alpha: weight of the group-sparse penalty on the LoRA groups.
+        distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
+            start (``distillation_loss``). 0 is the reference. timm only: mmdet and detectron2 refuse a non-zero
+            weight.
+    """
+
+    retain_weight: float = 1.0
+    learn_weight: float = 1.0
+    alpha: float = 0.01
+    distill: float = 0.0
+
+    def weights(self) -> LossWeights:
+        """The phase's ``LossWeights`` (no forgetting term)."""
+        return LossWeights(**dataclasses.asdict(self), beta=0.0)
+
+    def validate(self, where: str) -> None:
+        self.weights().validate(where)
+
+
+@dataclass(frozen=True)
+class ForgetLoss:
+    """Weights of a forget phase's loss: ``w_R·T(R ∪ L) + beta·relu(bnd − T(F)) + alpha·GS``.
+
+    Args:
+        retain_weight: weight ``w_R`` of the task loss on the retain-side batch (R, or R ∪ L after a learn phase).
+        beta: weight of the bounded forgetting term (forget and joint phases).
+        bnd: bound on the forget-set task loss; the forgetting term is zero once the loss exceeds it.
+        alpha: weight of the group-sparse penalty on the LoRA groups.
+        bnd_relative: read ``bnd`` as a multiple of the forget-set task loss measured at the start of the forget
+            phase (``bnd=3`` ascends until that loss has tripled) instead of an absolute value (the reference).
+        distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
+            start (``distillation_loss``): it protects what the learn phase just taught. 0 is the reference.
+            timm only: mmdet and detectron2 refuse a non-zero weight.
+    """
+
+    retain_weight: float = 1.0
+    beta: float = 0.2
+    bnd: float = 105.0
+    alpha: float = 0.01
+    bnd_relative: bool = False
+    distill: float = 0.0
+
+    def weights(self, learn_weight: float = 0.0) -> LossWeights:
+        """The phase's ``LossWeights``; ``learn_weight`` for a joint phase, which also has a learn batch."""
+        return LossWeights(**dataclasses.asdict(self), learn_weight=learn_weight)
+
+    def validate(self, where: str) -> None:
+        self.weights().validate(where)
 
 
 @dataclass(frozen=True)
@@ -176,8 +236,8 @@ class SwapConfig:
     order: Order = Order.LEARN_THEN_FORGET
     learn_length: PhaseLength = field(default_factory=lambda: PhaseLength(epochs=5))
     forget_length: PhaseLength = field(default_factory=lambda: PhaseLength(epochs=5))
-    learn_loss: LossWeights = field(default_factory=lambda: LossWeights(retain_weight=0.2, alpha=0.005))
-    forget_loss: LossWeights = field(default_factory=lambda: LossWeights(beta=0.2, bnd=105.0, alpha=0.005))
+    learn_loss: LearnLoss = field(default_factory=lambda: LearnLoss(retain_weight=0.2, alpha=0.005))
+    forget_loss: ForgetLoss = field(default_factory=lambda: ForgetLoss(beta=0.2, bnd=105.0, alpha=0.005))
     lora: LoraSettings = field(default_factory=LoraSettings)
     forget_retains_learned: bool = True
     reset_optimizer_between_phases: bool = False
@@ -197,7 +257,7 @@ class SwapConfig:
             raise SwapConfigError(f"Unknown order {self.order!r}; choose one of: {names}.") from None
         coerce(self, "learn_length", PhaseLength.parse(self.learn_length))
         coerce(self, "forget_length", PhaseLength.parse(self.forget_length))
-        for name, kind in (("learn_loss", LossWeights), ("forget_loss", LossWeights), ("lora", LoraSettings)):
+        for name, kind in (("learn_loss", LearnLoss), ("forget_loss", ForgetLoss), ("lora", LoraSettings)):
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 coerce(self, name, kind(**value))
@@ -216,8 +276,8 @@ class SwapConfig:
 
     @property
     def joint_loss(self) -> LossWeights:
-        """Weights of the joint phase: retain/beta/bnd/alpha of the forget phase, learn weight of the learn phase."""
-        return dataclasses.replace(self.forget_loss, learn_weight=self.learn_loss.learn_weight)
+        """Weights of the joint phase: the forget loss's, with the learn loss's learn weight."""
+        return self.forget_loss.weights(learn_weight=self.learn_loss.learn_weight)
 
     @classmethod
     def preset(cls, task: str, **overrides: Any) -> SwapConfig:
@@ -298,8 +358,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "classification": dict(
         learn_length=PhaseLength(epochs=5),
         forget_length=PhaseLength(epochs=5),
-        learn_loss=LossWeights(retain_weight=0.2, learn_weight=1.0, alpha=0.005),
-        forget_loss=LossWeights(retain_weight=1.0, beta=0.2, bnd=105.0, alpha=0.005),
+        learn_loss=LearnLoss(retain_weight=0.2, learn_weight=1.0, alpha=0.005),
+        forget_loss=ForgetLoss(retain_weight=1.0, beta=0.2, bnd=105.0, alpha=0.005),
         lora=LoraSettings(rank=8, scaling=0.125, targets="timm_vit"),
         reset_optimizer_between_phases=False,
         restart_lr_schedule=True,
@@ -307,8 +367,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "detection": dict(
         learn_length=PhaseLength(epochs=20),
         forget_length=PhaseLength(epochs=20),
-        learn_loss=LossWeights(retain_weight=1.0, learn_weight=0.9, alpha=0.01),
-        forget_loss=LossWeights(retain_weight=1.0, beta=0.2, bnd=15.0, alpha=0.01),
+        learn_loss=LearnLoss(retain_weight=1.0, learn_weight=0.9, alpha=0.01),
+        forget_loss=ForgetLoss(retain_weight=1.0, beta=0.2, bnd=15.0, alpha=0.01),
         lora=LoraSettings(rank=8, scaling=0.125, targets="mmdet_dino"),
         reset_optimizer_between_phases=False,
         restart_lr_schedule=False,
@@ -316,8 +376,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "segmentation": dict(
         learn_length=PhaseLength(steps=3500),
         forget_length=PhaseLength(steps=3500),
-        learn_loss=LossWeights(retain_weight=1.0, learn_weight=0.9, alpha=0.01),
-        forget_loss=LossWeights(retain_weight=1.0, beta=0.2, bnd=115.0, alpha=0.01),
+        learn_loss=LearnLoss(retain_weight=1.0, learn_weight=0.9, alpha=0.01),
+        forget_loss=ForgetLoss(retain_weight=1.0, beta=0.2, bnd=115.0, alpha=0.01),
         lora=LoraSettings(rank=8, scaling=0.125, targets="mask2former"),
         reset_optimizer_between_phases=True,
         restart_lr_schedule=True,

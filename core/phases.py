@@ -61,12 +61,12 @@ def plan_phases(config: SwapConfig) -> list[Phase]:
     for index, kind in enumerate(_ORDERS[config.order]):
         if kind is PhaseKind.LEARN:
             sources = {"retain": ("retain",), "learn": ("learn",)}
-            loss, length = config.learn_loss, config.learn_length
+            loss, length = config.learn_loss.weights(), config.learn_length
             learned = True
         elif kind is PhaseKind.FORGET:
             keep = ("retain", "learn") if learned and config.forget_retains_learned else ("retain",)
             sources = {"retain": keep, "forget": ("forget",)}
-            loss, length = config.forget_loss, config.forget_length
+            loss, length = config.forget_loss.weights(), config.forget_length
         else:
             sources = {"retain": ("retain",), "learn": ("learn",), "forget": ("forget",)}
             loss, length = config.joint_loss, config.forget_length

@@ -69,15 +69,6 @@ _logger = logging.getLogger(__name__)
 # dozen is stable, and the pass stays cheap before training on ImageNet-sized learn sets.
 IMPRINT_IMAGES = 64
 
-# Flags of earlier releases, kept as aliases of the flags named after the config fields.
-_FLAG_ALIASES = {
-    "learn_loss.retain_weight": "--swap-learn-retain-weight", "learn_loss.learn_weight": "--swap-learn-weight",
-    "learn_loss.distill": "--swap-learn-distill", "forget_loss.retain_weight": "--swap-forget-retain-weight",
-    "forget_loss.beta": "--swap-beta", "forget_loss.bnd": "--swap-bnd",
-    "forget_loss.bnd_relative": "--swap-forget-bnd-relative", "forget_loss.distill": "--swap-forget-distill",
-    "forget_retains_learned": "--swap-retain-learned", "reset_optimizer_between_phases": "--swap-reset-optimizer",
-    "restart_lr_schedule": "--swap-restart-lr",
-}
 # What the class sets are in this host.
 _CLASS_HELP = {"forget": "pretrained classes to forget (folder names of --data-dir, or ids)",
                "retain": "pretrained classes to retain (default: all the others)",
@@ -92,9 +83,8 @@ def add_config_arguments(group: argparse._ArgumentGroup) -> None:
     """One flag per ``SwapConfig`` setting (``kswap.config_fields``); unset flags keep the ``--swap-task`` preset."""
     preset = SwapConfig.preset("classification", forget=("_",), learn=("_",))
     for f in config_fields():
-        names = [f.flag] + ([_FLAG_ALIASES[f.name]] if f.name in _FLAG_ALIASES else [])
         if f.kind == "classes":
-            group.add_argument(*names, nargs="+", default=None, metavar="CLASS", help=_CLASS_HELP[f.path[0]])
+            group.add_argument(f.flag, nargs="+", default=None, metavar="CLASS", help=_CLASS_HELP[f.path[0]])
             continue
         default = f.get(preset)
         default = default.value if isinstance(default, Order) else default
@@ -107,7 +97,7 @@ def add_config_arguments(group: argparse._ArgumentGroup) -> None:
             kwargs["metavar"] = "LEN"
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[f.kind]
-        group.add_argument(*names, **kwargs)
+        group.add_argument(f.flag, **kwargs)
 
 
 # The swap's optimizer and LR schedule: --swap-* flag -> the timm flag it sets. The defaults are the reference

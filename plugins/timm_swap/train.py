@@ -141,7 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, A
     add_timm_arguments(parser)
     pm.hook.add_arguments(parser=parser)
     if file_cfg:
-        # A key is a dest (as timm's args.yaml writes them) or any long flag's name, an alias too, "_" for "-".
+        # A key is a dest (as timm's args.yaml writes them) or any long flag's name, "_" for "-".
         dests = {a.dest: a.dest for a in parser._actions}
         dests |= {opt[2:].replace("-", "_"): a.dest for a in parser._actions for opt in a.option_strings
                   if opt.startswith("--")}

@@ -5,7 +5,9 @@ import pytest
 
 from kswap import (
     PRESETS,
+    ForgetLoss,
     LabelSpace,
+    LearnLoss,
     LoraSettings,
     LossWeights,
     Order,
@@ -14,6 +16,7 @@ from kswap import (
     SwapConfigError,
     config_fields,
     config_from_fields,
+    plan_phases,
 )
 from kswap.config import vocabulary_table
 
@@ -58,6 +61,20 @@ def test_joint_loss_combines_phase_weights():
     assert cfg.joint_loss == LossWeights(retain_weight=1.0, learn_weight=0.9, beta=0.2, bnd=115.0, alpha=0.01)
 
 
+@pytest.mark.parametrize("field", [f for f in config_fields() if f.path[0] in ("learn_loss", "forget_loss")],
+                         ids=lambda f: f.name)
+def test_every_loss_setting_reaches_a_phase(field):
+    """No loss setting is inert: changing it changes the weights of some phase of some order."""
+    def phase_weights(config: SwapConfig) -> list[LossWeights]:
+        return [p.loss for order in Order for p in plan_phases(dataclasses.replace(config, order=order))]
+
+    base = SwapConfig.preset("classification", forget=[0], learn=["x"])
+    value = field.get(base)
+    changed = (not value) if isinstance(value, bool) else value * 2 + 1
+    other = SwapConfig.preset("classification", forget=[0], learn=["x"], **{field.path[0]: {field.path[1]: changed}})
+    assert phase_weights(other) != phase_weights(base)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(forget=[], learn=["x"]), "forget set is empty"),
     (dict(forget=[1], learn=[]), "learn set is empty"),
@@ -65,12 +82,12 @@ def test_joint_loss_combines_phase_weights():
     (dict(forget=[1, 1], learn=["x"]), "more than once"),
     (dict(forget=[1.5], learn=["x"]), "class names or integer ids"),
     (dict(forget=[1], learn=["x"], order="sideways"), "Unknown order"),
-    (dict(forget=[1], learn=["x"], forget_loss=LossWeights(bnd=0)), "bnd must be > 0"),
-    (dict(forget=[1], learn=["x"], forget_loss=LossWeights(beta=-1)), "beta must be >= 0"),
-    (dict(forget=[1], learn=["x"], forget_loss=LossWeights(beta=50)), "beta=50 is out of range"),
-    (dict(forget=[1], learn=["x"], learn_loss=LossWeights(alpha=-0.1)), "alpha must be >= 0"),
-    (dict(forget=[1], learn=["x"], learn_loss=LossWeights(alpha=11)), "alpha=11 is out of range"),
-    (dict(forget=[1], learn=["x"], learn_loss=LossWeights(learn_weight=-1)), "learn_weight must be >= 0"),
+    (dict(forget=[1], learn=["x"], forget_loss=ForgetLoss(bnd=0)), "bnd must be > 0"),
+    (dict(forget=[1], learn=["x"], forget_loss=ForgetLoss(beta=-1)), "beta must be >= 0"),
+    (dict(forget=[1], learn=["x"], forget_loss=ForgetLoss(beta=50)), "beta=50 is out of range"),
+    (dict(forget=[1], learn=["x"], learn_loss=LearnLoss(alpha=-0.1)), "alpha must be >= 0"),
+    (dict(forget=[1], learn=["x"], learn_loss=LearnLoss(alpha=11)), "alpha=11 is out of range"),
+    (dict(forget=[1], learn=["x"], learn_loss=LearnLoss(learn_weight=-1)), "learn_weight must be >= 0"),
     (dict(forget=[1], learn=["x"], lora=LoraSettings(rank=0)), "rank must be a positive integer"),
     (dict(forget=[1], learn=["x"], lora=LoraSettings(scaling=0)), "scaling must be > 0"),
     (dict(forget=[1], learn=["x"], lora=LoraSettings(dropout=1.0)), "dropout must be in"),

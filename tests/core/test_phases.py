@@ -32,7 +32,8 @@ def test_forget_phase_can_retain_r_only():
 def test_phase_loss_weights_come_from_config():
     cfg = _cfg("learn_then_forget")
     learn, forget = plan_phases(cfg)
-    assert learn.loss == cfg.learn_loss and forget.loss == cfg.forget_loss
+    assert learn.loss == cfg.learn_loss.weights() and forget.loss == cfg.forget_loss.weights()
+    assert learn.loss.beta == 0 and forget.loss.learn_weight == 0  # no forgetting term to learn, no learn batch to forget
     joint, = plan_phases(_cfg("joint"))
     assert joint.loss.learn_weight == cfg.learn_loss.learn_weight and joint.loss.bnd == cfg.forget_loss.bnd
 

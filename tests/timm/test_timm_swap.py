@@ -251,7 +251,7 @@ def third_party_plugin(tmp_path, monkeypatch):
     return "stopat"
 
 
-@pytest.mark.parametrize("levers", [[], ["--swap-forget-distill", "1"]], ids=["reference", "distill"])
+@pytest.mark.parametrize("levers", [[], ["--swap-forget-loss-distill", "1"]], ids=["reference", "distill"])
 def test_resume_mid_phase_continues_exactly(digit_folders, pretrained, tmp_path, third_party_plugin, levers):
     """A run killed mid-phase resumes at the same step; with distillation, towards the same phase-start model."""
     full = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "full", "--plugin", "stopat", *levers))
@@ -289,11 +289,9 @@ def test_yaml_config_and_unknown_keys(digit_folders, pretrained, tmp_path):
     assert args.plugin == ["swap"] and args.swap_forget_loss_bnd == 7.5 and args.batch_size == 16
     args, _ = parse_args(["-c", str(cfg), "--swap-forget-loss-bnd", "9"])
     assert args.swap_forget_loss_bnd == 9
-    # The flags of earlier releases are aliases, as flags and as keys.
-    cfg.write_text("plugin: [swap]\nswap_bnd: 7.5\nswap_retain_learned: false\n")
-    args, _ = parse_args(["-c", str(cfg), "--swap-beta", "0.5"])
-    assert args.swap_forget_loss_bnd == 7.5 and args.swap_forget_loss_beta == 0.5
-    assert args.swap_forget_retains_learned is False
+    # Pre-release flags are gone: each setting has one name.
+    with pytest.raises(SystemExit):
+        parse_args(["--plugin", "swap", "--swap-beta", "0.5"])
     # One flag per config field, named after it.
     args, _ = parse_args(["--plugin", "swap"])
     assert all(hasattr(args, f.flag[2:].replace("-", "_")) for f in config_fields())
@@ -362,7 +360,7 @@ def test_resume_with_another_config_is_refused(digit_folders, pretrained, tmp_pa
     before = last.read_bytes()
     with pytest.raises(SystemExit, match="Cannot resume: the checkpoint was written by another swap config"):
         main(swap_args(digit_folders, pretrained, tmp_path, "--swap-learn-length", "5steps", "--swap-forget-length",
-                       "5steps", "--swap-bnd", "50", "--resume", str(last)))
+                       "5steps", "--swap-forget-loss-bnd", "50", "--resume", str(last)))
     assert last.read_bytes() == before
 
 
