@@ -3,8 +3,8 @@
 detectron2's ``SemSegEvaluator`` reads each image's label PNG as it is, so ``export_test_sets`` writes, next to
 ``model_swapped.pth``, every set's test labels in the joint label space (``swapped_labels/``) and
 ``swapped_datasets.json``: per set, a dataset name, its classes and its records. A few lines of plain detectron2
-register them (docs/detectron2.md); ``SemSegEvaluator`` and ``inference_on_dataset`` on ``config_swapped.yaml`` then give the
-per-class IoU of the swap report, and a set's score is the mean over its classes.
+register them (docs/detectron2.md); ``SemSegEvaluator`` and ``inference_on_dataset`` on ``config_swapped.yaml``
+then give the per-class IoU of the swap report, and a set's score is the mean over its classes.
 """
 
 from __future__ import annotations

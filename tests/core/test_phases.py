@@ -33,7 +33,7 @@ def test_phase_loss_weights_come_from_config():
     cfg = _cfg("learn_then_forget")
     learn, forget = plan_phases(cfg)
     assert learn.loss == cfg.learn_loss.weights() and forget.loss == cfg.forget_loss.weights()
-    assert learn.loss.beta == 0 and forget.loss.learn_weight == 0  # no forgetting term to learn, no learn batch to forget
+    assert learn.loss.beta == 0 and forget.loss.learn_weight == 0  # a learn phase has no forget batch, and vice versa
     joint, = plan_phases(_cfg("joint"))
     assert joint.loss.learn_weight == cfg.learn_loss.learn_weight and joint.loss.bnd == cfg.forget_loss.bnd
 
