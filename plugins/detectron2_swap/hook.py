@@ -5,11 +5,13 @@ schedule, as the reference segmentation recipe), the trainer's ``SwapDataLoader`
 from the session, and the model's loss is its phase loss. The hook scores the sets before the swap, every
 ``eval_period`` iterations (a seeded subsample of each set) and at each phase end (the whole sets, then a
 checkpoint), records the first forget loss of a forget phase against the bound (the mean over the processes), and
-keeps the session's state (phase position, report, the phase's LR schedule) in the trainer's checkpoints, so
-``--resume`` continues the phase. After the last phase it writes the report, the merged plain model, the LoRA
-adapter alone and the sets' joint-label test data for detectron2's stock evaluation, then runs the unlearning audit
-when given one (on copies, after the outputs are written) and adds it to the report. Scores are logged as
-``swap/<set>``, the loss terms (``model.py``) as ``swap/loss/<term>``.
+keeps the session's state (phase position, report, the phase's LR schedule, the role loaders' positions, the
+random generator) in the trainer's checkpoints, so ``--resume`` continues the phase as it would have gone on.
+After the last phase it writes the report, the merged plain model, the LoRA adapter alone and the sets'
+joint-label test data for detectron2's stock evaluation, then runs the unlearning audit when given one (on copies,
+after the outputs are written) and adds it to the report. Scores are logged as ``swap/<set>`` (unsmoothed, and
+written to ``metrics.json`` and TensorBoard at the step they were scored), the loss terms (``model.py``) as
+``swap/loss/<term>``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
 from kswap import Phase, PreparedModel, SwapConfigError, SwapSession, lora_state_dict, loss_key, score_key
@@ -101,6 +104,7 @@ class SwapHook(HookBase):
             raise SwapConfigError(f"cfg.SWAP.CHAIN_FROM_ITER={chain_from_iter} must be below the length of every phase "
                                   f"that another follows ({chained} iterations).")
         self.snapshot: dict[str, torch.Tensor] | None = None
+        self.unwritten_scores = False
 
     @property
     def restarts_lr(self) -> bool:
@@ -122,6 +126,8 @@ class SwapHook(HookBase):
             session.observe_forget_loss(sum(measured) / len(measured))
         # At a phase end: the whole sets scored, then ``save`` (a checkpoint).
         self.put_scores(session.step_done())
+        if self.unwritten_scores:
+            self.write_scores()
         if self.chain_from_iter and not session.done and session.scheduler.step_in_phase == self.chain_from_iter:
             self.snapshot = {k: v.detach().clone() for k, v in lora_state_dict(self.model).items()}
 
@@ -140,9 +146,22 @@ class SwapHook(HookBase):
                 logger.info("Swap report with the audit:\n" + report.to_markdown())
 
     def put_scores(self, scores: dict[str, float] | None) -> None:
-        """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>`` (when this process holds them)."""
+        """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>`` (when this process holds them),
+        unsmoothed: detectron2's writers would log the median of the scores so far."""
         if scores is not None:
-            self.trainer.storage.put_scalars(**{score_key(k): v for k, v in scores.items()})
+            self.trainer.storage.put_scalars(**{score_key(k): v for k, v in scores.items()}, smoothing_hint=False)
+            self.unwritten_scores = True
+
+    def write_scores(self) -> None:
+        """Write the step's scalars, the scores among them, with the trainer's writers now, but the console
+        printer: the writers keep only a scalar's latest value, which the next scores would replace before the
+        writers' period comes."""
+        self.unwritten_scores = False
+        for hook in self.trainer._hooks:
+            if isinstance(hook, hooks.PeriodicWriter):
+                for writer in hook._writers:
+                    if not isinstance(writer, CommonMetricPrinter):
+                        writer.write()
 
     # -- the session's host (kswap.SwapHost); the model's forward gives the task losses ---------------------------
     def role_loader(self, phase: Phase, role: str, sets: tuple[str, ...]) -> RoleBatches:
@@ -188,7 +207,13 @@ class SwapHook(HookBase):
 
     # -- checkpoint state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The session's state, the role loaders' positions, the phase's LR schedule and the model's random
+        generator (e.g. Mask2Former's point sampling draws from it; the data draws from its own, ``data.py``)."""
         state = self.session.state_dict()  # its report's run time ticked: a resumed run continues it
+        state["data"] = self.data_loader.state_dict()
+        state["rng"] = torch.get_rng_state()
+        if torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
         if self.restarts_lr:
             state["lr_scheduler"] = self.trainer.scheduler.state_dict()
         if self.snapshot is not None:
@@ -197,6 +222,12 @@ class SwapHook(HookBase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.session.load_state_dict(state)
+        self.data_loader.load_state_dict(state["data"])
+        # The main process saved its generators; the other processes keep theirs.
+        if comm.is_main_process():
+            torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.snapshot = state.get("snapshot")
         if self.restarts_lr and not self.session.done and not self.session.scheduler.at_phase_start:
             trainer = self.trainer
