@@ -17,6 +17,8 @@ written to ``metrics.json`` and TensorBoard at the step they were scored), the l
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,30 @@ logger = logging.getLogger(f"detectron2.{__name__}")
 
 # score(subsample) -> (per-set mIoU or None off the main process, per set the number of images scored)
 Scores = Callable[[bool], "tuple[dict[str, float] | None, dict[str, int]]"]
+
+
+class StopSignals:
+    """While installed, SIGINT and SIGTERM (a scheduler's preemption) are recorded instead of ending the process at
+    once, so the trainer can stop at the end of a step with a checkpoint; a second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
+            self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class SwapHook(HookBase):
@@ -105,6 +131,7 @@ class SwapHook(HookBase):
                                   f"that another follows ({chained} iterations).")
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.unwritten_scores = False
+        self.stop = StopSignals()
 
     @property
     def restarts_lr(self) -> bool:
@@ -112,6 +139,7 @@ class SwapHook(HookBase):
 
     # -- trainer hooks ------------------------------------------------------------------------------------------
     def before_train(self) -> None:
+        self.stop.install()
         self.put_scores(self.session.score_before())
 
     def before_step(self) -> None:
@@ -130,8 +158,15 @@ class SwapHook(HookBase):
             self.write_scores()
         if self.chain_from_iter and not session.done and session.scheduler.step_in_phase == self.chain_from_iter:
             self.snapshot = {k: v.detach().clone() for k, v in lora_state_dict(self.model).items()}
+        if self.stop_requested():
+            self.checkpointer.save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+            message = (f"Swap: stopped by {self.stop.received or 'another process'} after iteration "
+                       f"{self.trainer.iter}, with a checkpoint: --resume goes on from there.")
+            logger.warning(message)
+            raise KeyboardInterrupt(message)
 
     def after_train(self) -> None:
+        self.stop.uninstall()
         if not self.session.done:
             return
         if comm.is_main_process():
@@ -144,6 +179,11 @@ class SwapHook(HookBase):
                 report.tick()
                 report.write(self.out_dir)
                 logger.info("Swap report with the audit:\n" + report.to_markdown())
+
+    def stop_requested(self) -> bool:
+        """Whether this process, or any other (they stop at the same step), received SIGINT or SIGTERM."""
+        received = self.stop.received is not None
+        return any(comm.all_gather(received)) if comm.get_world_size() > 1 else received
 
     def put_scores(self, scores: dict[str, float] | None) -> None:
         """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>`` (when this process holds them),
@@ -223,6 +263,9 @@ class SwapHook(HookBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.session.load_state_dict(state)
         self.data_loader.load_state_dict(state["data"])
+        drawn = sum(s["drawn"] for s in state["data"]["streams"])
+        logger.info(f"Swap: resuming at step {self.session.scheduler.global_step}; the role loaders read the {drawn} "
+                    "batches they had drawn again, to go on with the batches that came next")
         # The main process saved its generators; the other processes keep theirs.
         if comm.is_main_process():
             torch.set_rng_state(state["rng"])

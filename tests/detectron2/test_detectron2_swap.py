@@ -9,6 +9,8 @@ The models are small and trained here (``d2_models``): no detectron2 weights exi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -393,6 +395,46 @@ def test_resume_continues_the_phase_and_ends_as_an_uninterrupted_run(glyph_spec,
         torch.testing.assert_close(value, expected[key], msg=key)
     phases = uninterrupted.swap_hook.session.report.phases
     assert [p["after"] for p in report["metrics"]["phases"]] == [pytest.approx(p["after"]) for p in phases]
+
+
+class SignalAt(HookBase):
+    """Sends this process ``signum`` as iteration ``iteration`` starts (Ctrl-C, or a cluster's preemption)."""
+
+    def __init__(self, iteration: int, signum: signal.Signals) -> None:
+        self.iteration, self.signum = iteration, signum
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_phase_stops_after_the_step_with_a_checkpoint(glyph_spec, d2_pretrained, tmp_path, signum):
+    def cfg(out: Path) -> CfgNode:
+        return swap_glyphs(glyph_cfg(str(out)), d2_pretrained, learn=4, forget=4)
+
+    uninterrupted = run_swap(cfg(tmp_path / "uninterrupted"))
+    out = tmp_path / "stopped"
+
+    def killed(signum, frame):  # what SIGTERM does to a process that does not handle it
+        pytest.fail("the signal reached the process's own handler")
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"stopped by {signum.name} after iteration 5, with a checkpoint"):
+            run_swap(cfg(out), extra_hooks=[SignalAt(5, signum)])
+        assert signal.getsignal(signal.SIGTERM) is killed  # the process's handlers are back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (out / "last_checkpoint").read_text() == "model_0000005.pth"  # mid forget phase, no period due
+    trainer = SwapTrainer(cfg(out))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 6
+    trainer.train()
+    expected = lora_state_dict(uninterrupted.model)
+    for key, value in lora_state_dict(trainer.model).items():
+        torch.testing.assert_close(value, expected[key], msg=key)
 
 
 # -- DDP --------------------------------------------------------------------------------------------------------
