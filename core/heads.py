@@ -133,15 +133,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def check_head_size(head_rows: int, num_pretrained: int, trailing_rows: int = 0, where: str = "head") -> None:
-    """Raise when a pretrained head does not have one row per pretrained class (plus its trailing rows)."""
+def check_head_size(head_rows: int, num_pretrained: int, trailing_rows: int = 0, where: str = "head",
+                    fix: str = "") -> None:
+    """Raise when a pretrained head does not have one row per pretrained class (plus its trailing rows); ``fix``
+    (e.g. the host's config key and value) replaces the generic advice."""
     expected = num_pretrained + trailing_rows
     if head_rows != expected:
         rows = f"{expected} outputs ({num_pretrained} classes + {trailing_rows} trailing)" if trailing_rows \
             else f"{expected} outputs"
         raise SwapConfigError(
-            f"The {where} has {head_rows} outputs, but {num_pretrained} pretrained classes need {rows}. Give the "
-            "class list the checkpoint was trained with, or build the model with that many classes."
+            f"The {where} has {head_rows} outputs, but {num_pretrained} pretrained classes need {rows}. " + (
+                fix or "Give the class list the checkpoint was trained with, or build the model with that many "
+                "classes.")
         )
 
 

@@ -9,10 +9,13 @@ inputs and ``--num-gpus 1``, it then checks that:
 1. an earlier key (``SWAP.FORGET_CLASSES``) stops with the error naming ``SWAP.FORGET``;
 2. ``train_net.py`` without ``SWAP`` pretrains on the digits (background, 0-3) from random weights;
 3. the swap (forget 3, learn trouser and bag, two steps per phase) runs both phases from that checkpoint and writes
-   its outputs and log keys;
+   its outputs and log keys, ``metrics.json`` holding each score of the report (before and every phase end) as
+   scored;
 4. an unedited ``train_net.py`` (only ``swapped_datasets.json``'s sets registered, and an empty
    ``MultiScaleDeformableAttention`` module where the op was never compiled, so Mask2Former takes its own PyTorch
-   path) evaluates ``config_swapped.yaml`` with ``--eval-only`` without importing kswap, detectron2_swap or peft.
+   path) evaluates ``config_swapped.yaml`` with ``--eval-only`` without importing kswap, detectron2_swap or peft;
+5. the edited ``train_net.py`` (the swapped sets registered too) evaluates it with ``--eval-only`` into
+   ``inference/<set>/`` per set and prints each set's score, the report's.
 
 Usage: ``OMP_NUM_THREADS=1 python scripts/mask2former_train_net_check.py MASK2FORMER WORK_DIR [--pretrain-iters N]``
 (about 10 minutes on 2 busy cores). Prints a JSON summary; exits 1 when a check fails.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +70,12 @@ def register_datasets(path={spec!r}):
     spec = json.load(open(path))
     for name, entry in {items}:
         DatasetCatalog.register(name, lambda records=entry["records"]: records)
-        MetadataCatalog.get(name).set(stuff_classes={classes}, ignore_label=255, evaluator_type="sem_seg")
+        MetadataCatalog.get(name).set(stuff_classes={classes}, ignore_label=255, evaluator_type="sem_seg"{extra})
 
 
 register_datasets()
 '''
+SETS = ("forget", "retain", "learn")
 OUTPUTS = ("swap_report.json", "swap_report.md", "swap_report.png", "model_swapped.pth", "swap_adapter.safetensors",
            "config_swapped.yaml", "swapped_datasets.json")
 LOG_KEYS = ("swap/forget", "swap/retain", "swap/learn", "swap/loss/retain/task", "swap/loss/learn/task",
@@ -88,17 +93,22 @@ def swap_train_net(text: str, spec: Path) -> str:
     text = edit(text, "# MaskFormer\nfrom mask2former import", "from detectron2_swap import SwapTrainerMixin, "
                 "add_swap_config, enable_msda_fallback\nenable_msda_fallback()\n\n")
     text = edit(text, "\n\ndef setup(args):", "\n\nclass Trainer(SwapTrainerMixin, Trainer):\n    pass\n" +
-                REGISTER.format(spec=str(spec), items="spec.items()", classes='entry["stuff_classes"]'))
+                REGISTER.format(spec=str(spec), items="spec.items()", classes='entry["stuff_classes"]', extra=""))
     return edit(text, "    add_maskformer2_config(cfg)\n", "    add_swap_config(cfg)\n", before=False)
+
+
+def register_swapped(text: str, spec: Path) -> str:
+    """README's registration of ``swapped_datasets.json``'s sets at ``spec``."""
+    return edit(text, "\n\ndef setup(args):", REGISTER.format(
+        spec=str(spec), items='spec["datasets"].items()', classes='spec["stuff_classes"]',
+        extra=', swap_set=entry["set"], swap_classes=entry["classes"]'))
 
 
 def plain_train_net(text: str, spec: Path) -> str:
     """Upstream's script with the swapped test sets registered; it reports which swap modules got imported."""
     stub = ("import sys, types\nsys.modules.setdefault('MultiScaleDeformableAttention', "
             "types.ModuleType('MultiScaleDeformableAttention'))\n\n")
-    text = edit(text, "# MaskFormer\nfrom mask2former import", stub)
-    text = edit(text, "\n\ndef setup(args):", REGISTER.format(spec=str(spec), items='spec["datasets"].items()',
-                                                                classes='spec["stuff_classes"]'))
+    text = register_swapped(edit(text, "# MaskFormer\nfrom mask2former import", stub), spec)
     report = ("        print('swap modules imported:', sorted(m for m in sys.modules "
               "if m.split('.')[0] in ('kswap', 'detectron2_swap', 'peft')))\n")
     return edit(text, "        return res\n\n    trainer = Trainer(cfg)", report)
@@ -136,8 +146,10 @@ def main() -> int:
         parser.error(f"{work} is not empty: give a new or empty folder (the check clones and trains there)")
     subprocess.run(["git", "clone", "-q", args.mask2former, str(m2f)], check=True)
     upstream = (m2f / "train_net.py").read_text()
+    swapped = work / "swap" / "swapped_datasets.json"
     (m2f / "train_net.py").write_text(swap_train_net(upstream, write_glyph_sets(work / "data")))
-    (m2f / "train_net_plain.py").write_text(plain_train_net(upstream, work / "swap" / "swapped_datasets.json"))
+    (m2f / "train_net_plain.py").write_text(plain_train_net(upstream, swapped))
+    (m2f / "train_net_eval.py").write_text(register_swapped((m2f / "train_net.py").read_text(), swapped))
     swap_yaml = Path(CONFIG).with_name("glyph_swap.yaml")
     weights = work / "pretrain" / "model_final.pth"
     checks = {}
@@ -154,12 +166,24 @@ def main() -> int:
     checks["swap outputs"] = all((work / "swap" / name).exists() for name in OUTPUTS)
     metrics = (work / "swap" / "metrics.json").read_text() if (work / "swap" / "metrics.json").exists() else ""
     checks["log keys in metrics.json"] = all(f'"{key}"' in metrics for key in LOG_KEYS)
+    report = json.loads((work / "swap" / "swap_report.json").read_text()) if checks["swap outputs"] else {}
+    logged = [{s: r[f"swap/{s}"] for s in SETS} for r in map(json.loads, metrics.splitlines()) if "swap/forget" in r]
+    checks["metrics.json scores are the report's"] = bool(report) and logged == [
+        {s: r[s] for s in SETS} for r in report["curve"]]
     rc, log = run(m2f, "train_net_plain.py", str(work / "swap" / "config_swapped.yaml"), work / "eval_plain",
                   "MODEL.WEIGHTS", str(work / "swap" / "model_swapped.pth"), eval_only=True)
     checks["plain --eval-only of the swapped model"] = (rc == 0 and "swap modules imported: []" in log
                                                        and log.count("copypaste: Task: sem_seg") == 3)
-    report = json.loads((work / "swap" / "swap_report.json").read_text())["metrics"] if checks["swap outputs"] else {}
-    print(json.dumps({"checks": checks, "swap_metrics": report, "logs": str(work)}, indent=1))
+    after = report["metrics"]["after"] if report else {}
+    rc, log = run(m2f, "train_net_eval.py", str(work / "swap" / "config_swapped.yaml"), work / "eval_sets",
+                  eval_only=True)
+    printed = {s: float(m[1]) for s in SETS if (m := re.search(rf"Swap: {s} mIoU ([-\d.]+)", log))}
+    checks["--eval-only with the swap's train_net.py: a folder and the score per set"] = rc == 0 and all(
+        (work / "eval_sets" / "inference" / s / "sem_seg_evaluation.pth").exists()
+        and f"copypaste: Task: swap/{s}\n" in log and abs(printed.get(s, -1) - after.get(s, 1e9)) < 0.5
+        for s in SETS)
+    print(json.dumps({"checks": checks, "swap_metrics": report.get("metrics"), "printed_set_scores": printed,
+                      "logs": str(work)}, indent=1))
     return 0 if all(checks.values()) else 1
 
 

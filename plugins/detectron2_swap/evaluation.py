@@ -7,11 +7,13 @@ everywhere therefore scores low, and the score is what detectron2's ``SemSegEval
 same images in the joint label space (``export.export_test_sets`` writes them for the stock tools).
 
 Periodic scores read a seeded subsample of each set (``SetScorer``, ``cfg.SWAP.EVAL_IMAGES``); the scores before
-the swap and at phase ends read the whole sets.
+the swap and at phase ends read the whole sets. ``SetScoreEvaluator`` gives a set's score from the stock
+evaluator's per-class IoU, when the user's trainer scores the swapped model's test sets.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -20,11 +22,14 @@ from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
 from torch import nn
 
-from kswap import SwapConfigError
+from kswap import SwapConfigError, score_key
 from kswap.data import drawn_indices
 
 from .config import PERIODIC_SCORE_IMAGES
 from .plan import SETS, SwapPlan, read_label_ids, register_alias
+
+# Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
+logger = logging.getLogger(f"detectron2.{__name__}")
 
 
 class SetSemSegEvaluator(DatasetEvaluator):
@@ -180,6 +185,39 @@ class SetScorer:
         if not isinstance(loader, Iterator):  # a DataLoader can be iterated again; a generator cannot
             self._loaders[run] = loader
         return loader
+
+
+class SetScoreEvaluator(DatasetEvaluator):
+    """The evaluator of a swapped test set (``export.export_test_sets``), e.g. the user's ``SemSegEvaluator``,
+    with the set's score added to its results: the mean ``IoU-<class>`` over the set's classes, as the swap report
+    scores it (``swap/<set>``: ``{"mIoU": ...}``, which detectron2's ``print_csv_format`` prints as a task).
+
+    Args:
+        evaluator: gives ``{"sem_seg": {"IoU-<class>": ...}}``.
+        set_name: forget, retain or learn.
+        classes: the set's class names.
+    """
+
+    def __init__(self, evaluator: DatasetEvaluator, set_name: str, classes: Sequence[str]) -> None:
+        self.evaluator = evaluator
+        self.set_name = set_name
+        self.classes = list(classes)
+
+    def reset(self) -> None:
+        self.evaluator.reset()
+
+    def process(self, inputs: list[dict], outputs: list[dict]) -> None:
+        self.evaluator.process(inputs, outputs)
+
+    def evaluate(self) -> dict[str, dict[str, float]] | None:
+        results = self.evaluator.evaluate()
+        if results is None:  # not the main process
+            return None
+        iou = [results["sem_seg"][f"IoU-{name}"] for name in self.classes]
+        present = [v for v in iou if not np.isnan(v)]
+        score = float(np.mean(present)) if present else float("nan")
+        logger.info(f"Swap: {self.set_name} mIoU {score:.2f}, the mean IoU of its classes {self.classes}")
+        return {**results, score_key(self.set_name): {"mIoU": score}}
 
 
 def score_sets(model: nn.Module, plan: SwapPlan, build_test_loader: Callable[[str], Iterable],

@@ -5,16 +5,20 @@ schedule, as the reference segmentation recipe), the trainer's ``SwapDataLoader`
 from the session, and the model's loss is its phase loss. The hook scores the sets before the swap, every
 ``eval_period`` iterations (a seeded subsample of each set) and at each phase end (the whole sets, then a
 checkpoint), records the first forget loss of a forget phase against the bound (the mean over the processes), and
-keeps the session's state (phase position, report, the phase's LR schedule) in the trainer's checkpoints, so
-``--resume`` continues the phase. After the last phase it writes the report, the merged plain model, the LoRA
-adapter alone and the sets' joint-label test data for detectron2's stock evaluation, then runs the unlearning audit
-when given one (on copies, after the outputs are written) and adds it to the report. Scores are logged as
-``swap/<set>``, the loss terms (``model.py``) as ``swap/loss/<term>``.
+keeps the session's state (phase position, report, the phase's LR schedule, the role loaders' positions, the
+random generator) in the trainer's checkpoints, so ``--resume`` continues the phase as it would have gone on.
+After the last phase it writes the report, the merged plain model, the LoRA adapter alone and the sets'
+joint-label test data for detectron2's stock evaluation, then runs the unlearning audit when given one (on copies,
+after the outputs are written) and adds it to the report. Scores are logged as ``swap/<set>`` (unsmoothed, and
+written to ``metrics.json`` and TensorBoard at the step they were scored), the loss terms (``model.py``) as
+``swap/loss/<term>``.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
 from kswap import Phase, PreparedModel, SwapConfigError, SwapSession, lora_state_dict, loss_key, score_key
@@ -36,6 +41,30 @@ logger = logging.getLogger(f"detectron2.{__name__}")
 
 # score(subsample) -> (per-set mIoU or None off the main process, per set the number of images scored)
 Scores = Callable[[bool], "tuple[dict[str, float] | None, dict[str, int]]"]
+
+
+class StopSignals:
+    """While installed, SIGINT and SIGTERM (a scheduler's preemption) are recorded instead of ending the process at
+    once, so the trainer can stop at the end of a step with a checkpoint; a second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
+            self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class SwapHook(HookBase):
@@ -101,6 +130,8 @@ class SwapHook(HookBase):
             raise SwapConfigError(f"cfg.SWAP.CHAIN_FROM_ITER={chain_from_iter} must be below the length of every phase "
                                   f"that another follows ({chained} iterations).")
         self.snapshot: dict[str, torch.Tensor] | None = None
+        self.unwritten_scores = False
+        self.stop = StopSignals()
 
     @property
     def restarts_lr(self) -> bool:
@@ -108,6 +139,7 @@ class SwapHook(HookBase):
 
     # -- trainer hooks ------------------------------------------------------------------------------------------
     def before_train(self) -> None:
+        self.stop.install()
         self.put_scores(self.session.score_before())
 
     def before_step(self) -> None:
@@ -122,10 +154,19 @@ class SwapHook(HookBase):
             session.observe_forget_loss(sum(measured) / len(measured))
         # At a phase end: the whole sets scored, then ``save`` (a checkpoint).
         self.put_scores(session.step_done())
+        if self.unwritten_scores:
+            self.write_scores()
         if self.chain_from_iter and not session.done and session.scheduler.step_in_phase == self.chain_from_iter:
             self.snapshot = {k: v.detach().clone() for k, v in lora_state_dict(self.model).items()}
+        if self.stop_requested():
+            self.checkpointer.save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+            message = (f"Swap: stopped by {self.stop.received or 'another process'} after iteration "
+                       f"{self.trainer.iter}, with a checkpoint: --resume goes on from there.")
+            logger.warning(message)
+            raise KeyboardInterrupt(message)
 
     def after_train(self) -> None:
+        self.stop.uninstall()
         if not self.session.done:
             return
         if comm.is_main_process():
@@ -139,10 +180,28 @@ class SwapHook(HookBase):
                 report.write(self.out_dir)
                 logger.info("Swap report with the audit:\n" + report.to_markdown())
 
+    def stop_requested(self) -> bool:
+        """Whether this process, or any other (they stop at the same step), received SIGINT or SIGTERM."""
+        received = self.stop.received is not None
+        return any(comm.all_gather(received)) if comm.get_world_size() > 1 else received
+
     def put_scores(self, scores: dict[str, float] | None) -> None:
-        """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>`` (when this process holds them)."""
+        """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>`` (when this process holds them),
+        unsmoothed: detectron2's writers would log the median of the scores so far."""
         if scores is not None:
-            self.trainer.storage.put_scalars(**{score_key(k): v for k, v in scores.items()})
+            self.trainer.storage.put_scalars(**{score_key(k): v for k, v in scores.items()}, smoothing_hint=False)
+            self.unwritten_scores = True
+
+    def write_scores(self) -> None:
+        """Write the step's scalars, the scores among them, with the trainer's writers now, but the console
+        printer: the writers keep only a scalar's latest value, which the next scores would replace before the
+        writers' period comes."""
+        self.unwritten_scores = False
+        for hook in self.trainer._hooks:
+            if isinstance(hook, hooks.PeriodicWriter):
+                for writer in hook._writers:
+                    if not isinstance(writer, CommonMetricPrinter):
+                        writer.write()
 
     # -- the session's host (kswap.SwapHost); the model's forward gives the task losses ---------------------------
     def role_loader(self, phase: Phase, role: str, sets: tuple[str, ...]) -> RoleBatches:
@@ -188,7 +247,13 @@ class SwapHook(HookBase):
 
     # -- checkpoint state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The session's state, the role loaders' positions, the phase's LR schedule and the model's random
+        generator (e.g. Mask2Former's point sampling draws from it; the data draws from its own, ``data.py``)."""
         state = self.session.state_dict()  # its report's run time ticked: a resumed run continues it
+        state["data"] = self.data_loader.state_dict()
+        state["rng"] = torch.get_rng_state()
+        if torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
         if self.restarts_lr:
             state["lr_scheduler"] = self.trainer.scheduler.state_dict()
         if self.snapshot is not None:
@@ -197,6 +262,15 @@ class SwapHook(HookBase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.session.load_state_dict(state)
+        self.data_loader.load_state_dict(state["data"])
+        drawn = sum(s["drawn"] for s in state["data"]["streams"])
+        logger.info(f"Swap: resuming at step {self.session.scheduler.global_step}; the role loaders read the {drawn} "
+                    "batches they had drawn again, to go on with the batches that came next")
+        # The main process saved its generators; the other processes keep theirs.
+        if comm.is_main_process():
+            torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.snapshot = state.get("snapshot")
         if self.restarts_lr and not self.session.done and not self.session.scheduler.at_phase_start:
             trainer = self.trainer

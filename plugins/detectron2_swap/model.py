@@ -34,6 +34,8 @@ from .plan import SwapPlan
 # Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
 logger = logging.getLogger(f"detectron2.{__name__}")
 
+# The config key that sizes the class head of Mask2Former and of detectron2's semantic segmentation heads.
+NUM_CLASSES_KEY = "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
 # Mask2Former's classifier ends with a "no object" row; a SemanticSegmentor's 1x1 predictor has one row a class.
 HEAD_CANDIDATES = (("sem_seg_head.predictor.class_embed", 1), ("sem_seg_head.predictor", 0))
 
@@ -111,7 +113,9 @@ def extend_classes(model: nn.Module, head_name: str, trailing_rows: int, num_pre
     """
     head = model.get_submodule(head_name)
     rows = head.weight.shape[0]
-    check_head_size(rows, num_pretrained, trailing_rows, where=head_name)
+    check_head_size(rows, num_pretrained, trailing_rows, where=head_name, fix=(
+        f"Set {NUM_CLASSES_KEY} to {num_pretrained} (it is {rows - trailing_rows}): the classes the checkpoint was "
+        f"trained on, the stuff_classes of DATASETS.TRAIN[0]; the swap adds the {n_new} new classes itself."))
     replace_module(model, head_name, extend_head(head, n_new, trailing_rows=trailing_rows))
     grow = GrownRows(rows, rows + n_new, trailing_rows)
     grown = {f"{head_name}.{p}": grow for p in ("weight", "bias") if getattr(head, p, None) is not None}

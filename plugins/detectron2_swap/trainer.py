@@ -10,19 +10,25 @@ maps the pretrained weights, and a ``SwapHook`` runs the phases. ``SOLVER.MAX_IT
 ``SWAP.SOLVER`` gives the LR, LR schedule, AMP and backbone multiplier the user's optimizer and schedule are built
 with; ``SWAP.AUDIT.ENABLED`` adds the unlearning audit to the report. detectron2's ``EvalHook`` is left out: the
 grown model predicts classes that the evaluators of ``DATASETS.TEST`` do not know, and the swap scores its own
-sets. With ``SWAP.ENABLED: False`` the trainer is the user's, unchanged.
+sets. Checkpoints hold the optimizer's state (and AMP's grad scaler), which detectron2 0.6 leaves out, so a resume
+goes on as the run would have. With ``SWAP.ENABLED: False`` the trainer is the user's, unchanged, but for
+``build_evaluator`` of a swapped model's test sets (``--eval-only`` on ``config_swapped.yaml``): each set's files
+go to ``inference/<set>/`` and its results add the set's score.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import hooks
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, hooks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,7 +38,7 @@ from .audit import SegmentationAudit, probed_modules
 from .checkpoint import SwapCheckpointer
 from .config import CONSTANT_LR, audit_settings_from_cfg, solver_overrides
 from .data import SwapDataLoader
-from .evaluation import SetScorer
+from .evaluation import SetScoreEvaluator, SetScorer
 from .export import swapped_test_datasets
 from .hook import SwapHook
 from .model import prepare_swap_model
@@ -40,6 +46,8 @@ from .plan import SwapPlan
 
 # Under detectron2's logger, which default_setup (and so every train_net.py) gives its handlers.
 logger = logging.getLogger(f"detectron2.{__name__}")
+
+DEFAULT_TRAINER_SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
 
 
 def _with(cfg: CfgNode, values: dict[str, Any]) -> CfgNode:
@@ -94,16 +102,50 @@ class SwapTrainerMixin:
         return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> Any:
+        """The user's evaluator; for a swapped model's test set (its metadata's ``swap_set``, as README registers
+        ``swapped_datasets.json``) in ``OUTPUT_DIR/inference/<set>/``, with the set's score added
+        (``SetScoreEvaluator``)."""
+        meta = MetadataCatalog.get(dataset_name)
+        set_name = meta.get("swap_set")
+        if set_name is None:
+            return super().build_evaluator(cfg, dataset_name, **({} if output_folder is None else
+                                                                  {"output_folder": output_folder}))
+        folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", set_name)
+        if "output_folder" in inspect.signature(super().build_evaluator).parameters:
+            evaluator = super().build_evaluator(cfg, dataset_name, output_folder=folder)
+        else:
+            logger.warning(f"Swap: {cls.__name__}.build_evaluator takes no output_folder (as detectron2's and "
+                           f"Mask2Former's train_net.py do): each set's files go to its one folder, not {folder}.")
+            evaluator = super().build_evaluator(cfg, dataset_name)
+        return SetScoreEvaluator(evaluator, set_name, meta.swap_classes)
+
+    @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
         if not swap_enabled(cfg):
             return super().build_train_loader(cfg)
         batch = cfg.SWAP.IMS_PER_BATCH or cfg.SOLVER.IMS_PER_BATCH
-        return SwapDataLoader(SwapPlan.from_cfg(cfg), lambda datasets: cls.users_train_loader(cfg, datasets, batch))
+        # One data order for every run of the config, so a resumed run can replay it: SEED when set, else 0.
+        return SwapDataLoader(SwapPlan.from_cfg(cfg), lambda datasets: cls.users_train_loader(cfg, datasets, batch),
+                              seed=max(cfg.SEED, 0))
 
     @classmethod
     def users_train_loader(cls, cfg: CfgNode, datasets: tuple[str, ...], batch: int) -> Any:
         """The user's ``build_train_loader`` over ``datasets`` with ``batch`` images per step."""
         return super().build_train_loader(_with(cfg, {"DATASETS.TRAIN": datasets, "SOLVER.IMS_PER_BATCH": batch}))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if swap_enabled(self.cfg):
+            # detectron2 0.6's DefaultTrainer saves the iteration and the hooks' states only; later versions add
+            # the optimizer (and AMP's grad scaler) under this key, which a resume needs.
+            state.setdefault("_trainer", self._trainer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if swap_enabled(self.cfg) and not DEFAULT_TRAINER_SAVES_OPTIMIZER and "_trainer" in state:
+            self._trainer.load_state_dict(state["_trainer"])
 
     def build_hooks(self) -> list:
         if not swap_enabled(self.cfg):

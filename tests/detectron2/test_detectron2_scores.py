@@ -202,6 +202,12 @@ def test_periodic_scores_read_a_subsample_and_the_report_says_so_and_times_scori
     assert "before and after each phase: the whole test sets (forget 100, retain 100, learn 100 images)" in markdown
     assert "a seeded subsample of each set (forget 30, retain 30, learn 30 images)" in markdown
     assert f"scoring took {timing['scoring_s']:.0f} s of the run's {timing['run_s']:.0f} s" in markdown
+    # metrics.json holds every score as scored (not detectron2's median of the scores so far), at the iteration it
+    # was scored (step s ends iteration s - 1), though the writers' period (20) came only at the last iteration.
+    records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    logged = [(r["iteration"], {name: r[score_key(name)] for name in SETS})
+              for r in records if score_key("forget") in r]
+    assert logged == [(max(r["step"] - 1, 0), {name: r[name] for name in SETS}) for r in report["curve"]]
 
 
 # -- item: the forgetting bound is checked at the start of each forget phase ---------------------------------------
@@ -314,3 +320,34 @@ def test_stock_detectron2_scores_the_swapped_model_as_the_report(swapped):
     assert set(stock) == {"forget", "retain", "learn"}
     for name, value in stock.items():
         assert report["after"][name] == pytest.approx(value, abs=0.5), (name, report["after"], stock)
+
+
+def register_swapped_sets(out: Path) -> dict:
+    """README's registration of ``swapped_datasets.json`` (again, when an earlier test registered them)."""
+    spec = json.loads((out / "swapped_datasets.json").read_text())
+    for name, entry in spec["datasets"].items():
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, lambda records=entry["records"]: records)
+        MetadataCatalog.get(name).set(stuff_classes=spec["stuff_classes"], ignore_label=spec["ignore_label"],
+                                      evaluator_type="sem_seg", swap_set=entry["set"], swap_classes=entry["classes"])
+    return spec
+
+
+def test_the_users_trainer_scores_each_swapped_set_into_its_folder_and_gives_its_score(swapped, tmp_path):
+    # train_net.py --eval-only --config-file OUTPUT_DIR/config_swapped.yaml, with the Trainer the user swapped with.
+    report = json.loads((swapped / "swap_report.json").read_text())["metrics"]["after"]
+    spec = register_swapped_sets(swapped)
+    cfg = glyph_cfg(str(tmp_path))
+    cfg.merge_from_file(str(swapped / "config_swapped.yaml"))
+    cfg.OUTPUT_DIR = str(tmp_path)
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    results = make_trainer_classes()[1].test(cfg, model)
+    for name, entry in spec["datasets"].items():
+        stock = torch.load(tmp_path / "inference" / entry["set"] / "sem_seg_evaluation.pth", weights_only=False)
+        expected = np.nanmean([stock[f"IoU-{c}"] for c in entry["classes"]])
+        assert results[name][score_key(entry["set"])] == {"mIoU": pytest.approx(expected)}
+        assert expected == pytest.approx(report[entry["set"]], abs=0.5)
+        assert results[name]["sem_seg"]["mIoU"] == pytest.approx(stock["mIoU"])  # the stock results stay

@@ -9,6 +9,8 @@ The models are small and trained here (``d2_models``): no detectron2 weights exi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -340,20 +342,31 @@ class StopAt(HookBase):
             raise KeyboardInterrupt(f"stopped at {self.iteration}")
 
 
-def test_resume_continues_the_phase(glyph_spec, d2_pretrained, tmp_path):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=8, forget=8)
+def resumable_cfg(out: Path, weights: Path) -> CfgNode:
+    cfg = swap_glyphs(glyph_cfg(str(out)), weights, learn=8, forget=8)
     cfg.SOLVER.CHECKPOINT_PERIOD = 4
+    # Random flips (drawn by the data pipeline) and attention dropout (by the model): a resume restores both.
+    cfg.INPUT.RANDOM_FLIP, cfg.MODEL.GLYPH.DROPOUT = "horizontal", 0.1
+    return cfg
+
+
+def test_resume_continues_the_phase_and_ends_as_an_uninterrupted_run(glyph_spec, d2_pretrained, tmp_path):
+    uninterrupted = run_swap(resumable_cfg(tmp_path / "uninterrupted", d2_pretrained))
+    out = tmp_path / "resumed"
+    cfg = resumable_cfg(out, d2_pretrained)
     with pytest.raises(KeyboardInterrupt):
         run_swap(cfg, extra_hooks=[StopAt(13)])  # mid forget phase; the last checkpoint is after iteration 11
-    assert (tmp_path / "last_checkpoint").read_text() == "model_0000011.pth"
-    assert (tmp_path / "model_swap_0_learn.pth").exists() and not (tmp_path / "model_swapped.pth").exists()
-    saved = torch.load(tmp_path / "model_0000011.pth", weights_only=True)  # our checkpoints are weights-only
+    assert (out / "last_checkpoint").read_text() == "model_0000011.pth"
+    assert (out / "model_swap_0_learn.pth").exists() and not (out / "model_swapped.pth").exists()
+    saved = torch.load(out / "model_0000011.pth", weights_only=True)  # our checkpoints are weights-only
     swap_state = saved["trainer"]["hooks"]["SwapHook"]
     assert swap_state["scheduler"]["phase_index"] == 1 and swap_state["scheduler"]["step_in_phase"] == 4
+    assert swap_state["data"]["streams"][-1] == {"drawn": 4}  # the forget phase's forget role
+    assert saved["trainer"]["_trainer"]["optimizer"]["state"]  # AdamW's moments
     run_s = swap_state["report"]["timing"]["run_s"]
     assert run_s > swap_state["report"]["timing"]["scoring_s"] > 0
 
-    seed_all_rng(0)
+    seed_all_rng(1)  # another process's seeds: what the resumed run draws comes from the checkpoint
     trainer = SwapTrainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 12
@@ -372,10 +385,56 @@ def test_resume_continues_the_phase(glyph_spec, d2_pretrained, tmp_path):
     trainer.register_hooks([Count()])
     trainer.train()
     assert steps == list(range(12, 16))
-    report = json.loads((tmp_path / "swap_report.json").read_text())
+    report = json.loads((out / "swap_report.json").read_text())
     assert [p["name"] for p in report["metrics"]["phases"]] == ["0_learn", "1_forget"]
     assert report["timing"]["run_s"] > run_s  # the resumed run adds its time to the interrupted run's
-    assert (tmp_path / "model_swapped.pth").exists()
+    assert (out / "model_swapped.pth").exists()
+    # The same batches, optimizer moments and dropout masks: the run ends where the uninterrupted one ends.
+    expected = lora_state_dict(uninterrupted.model)
+    for key, value in lora_state_dict(trainer.model).items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    phases = uninterrupted.swap_hook.session.report.phases
+    assert [p["after"] for p in report["metrics"]["phases"]] == [pytest.approx(p["after"]) for p in phases]
+
+
+class SignalAt(HookBase):
+    """Sends this process ``signum`` as iteration ``iteration`` starts (Ctrl-C, or a cluster's preemption)."""
+
+    def __init__(self, iteration: int, signum: signal.Signals) -> None:
+        self.iteration, self.signum = iteration, signum
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_phase_stops_after_the_step_with_a_checkpoint(glyph_spec, d2_pretrained, tmp_path, signum):
+    def cfg(out: Path) -> CfgNode:
+        return swap_glyphs(glyph_cfg(str(out)), d2_pretrained, learn=4, forget=4)
+
+    uninterrupted = run_swap(cfg(tmp_path / "uninterrupted"))
+    out = tmp_path / "stopped"
+
+    def killed(signum, frame):  # what SIGTERM does to a process that does not handle it
+        pytest.fail("the signal reached the process's own handler")
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"stopped by {signum.name} after iteration 5, with a checkpoint"):
+            run_swap(cfg(out), extra_hooks=[SignalAt(5, signum)])
+        assert signal.getsignal(signal.SIGTERM) is killed  # the process's handlers are back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (out / "last_checkpoint").read_text() == "model_0000005.pth"  # mid forget phase, no period due
+    trainer = SwapTrainer(cfg(out))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 6
+    trainer.train()
+    expected = lora_state_dict(uninterrupted.model)
+    for key, value in lora_state_dict(trainer.model).items():
+        torch.testing.assert_close(value, expected[key], msg=key)
 
 
 # -- DDP --------------------------------------------------------------------------------------------------------
@@ -512,10 +571,18 @@ def test_distillation_is_refused_before_a_model_is_built(glyph_spec, tmp_path):
         SwapTrainer(cfg)
 
 
-def test_wrong_head_size_is_refused(glyph_spec, d2_pretrained, tmp_path):
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path), num_classes=6), d2_pretrained)
-    with pytest.raises(SwapConfigError, match="has 6 outputs, but 5 pretrained classes need"):
+@pytest.mark.parametrize("meta, num_classes, rows", [("SemanticSegmentor", 6, "6 outputs, but 5 pretrained classes "
+                                                       "need 5 outputs"),
+                                                      ("MiniMask2Former", 7, "8 outputs, but 5 pretrained classes "
+                                                       "need 6 outputs (5 classes + 1 trailing)")])
+def test_wrong_head_size_names_the_config_key_and_its_value(glyph_spec, tmp_path, meta, num_classes, rows):
+    # NUM_CLASSES set to the joint count (5 pretrained + 2 learned) is the likely slip with Mask2Former.
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path), meta=meta, num_classes=num_classes), "unused.pth")
+    with pytest.raises(SwapConfigError) as err:
         SwapTrainer(cfg)
+    assert rows in str(err.value)
+    assert f"Set MODEL.SEM_SEG_HEAD.NUM_CLASSES to 5 (it is {num_classes}): the classes the checkpoint was trained " \
+           "on, the stuff_classes of DATASETS.TRAIN[0]; the swap adds the 2 new classes itself." in str(err.value)
 
 
 def test_checkpoint_that_does_not_fit_is_refused(glyph_spec, d2_pretrained, tmp_path):

@@ -26,10 +26,11 @@ class Block(nn.Module):
     """Pre-norm attention and FFN; the FFN's linears are ``<mlp>.<fc1>`` and ``<mlp>.<fc2>`` (or direct children
     when ``mlp`` is empty), so each model below gets the names its namesake has."""
 
-    def __init__(self, dim: int, hidden: int, mlp: str = "ffn", fc: tuple[str, str] = ("linear1", "linear2")) -> None:
+    def __init__(self, dim: int, hidden: int, mlp: str = "ffn", fc: tuple[str, str] = ("linear1", "linear2"),
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(dim, 2, dropout=dropout, batch_first=True)
         holder = self
         if mlp:
             holder = nn.Module()
@@ -47,13 +48,14 @@ class Block(nn.Module):
 
 
 class GlyphViT(Backbone):
-    """Patch-4 embedding, ``depth`` transformer blocks, one ``p2`` feature map at stride 4."""
+    """Patch-4 embedding, ``depth`` transformer blocks (attention ``dropout``: a model that draws random numbers
+    as it trains), one ``p2`` feature map at stride 4."""
 
-    def __init__(self, dim: int = 32, depth: int = 2) -> None:
+    def __init__(self, dim: int = 32, depth: int = 2, dropout: float = 0.0) -> None:
         super().__init__()
         self.dim = dim
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
-        self.blocks = nn.ModuleList(Block(dim, 2 * dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, 2 * dim, dropout=dropout) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.patch(x)
@@ -73,13 +75,14 @@ class GlyphViT(Backbone):
 
 @BACKBONE_REGISTRY.register()
 def build_glyph_vit_backbone(cfg, input_shape) -> GlyphViT:
-    return GlyphViT(dim=cfg.MODEL.GLYPH.DIM, depth=cfg.MODEL.GLYPH.DEPTH)
+    return GlyphViT(dim=cfg.MODEL.GLYPH.DIM, depth=cfg.MODEL.GLYPH.DEPTH, dropout=cfg.MODEL.GLYPH.DROPOUT)
 
 
 def add_glyph_config(cfg) -> None:
     cfg.MODEL.GLYPH = CN()
     cfg.MODEL.GLYPH.DIM = 32
     cfg.MODEL.GLYPH.DEPTH = 2
+    cfg.MODEL.GLYPH.DROPOUT = 0.0
 
 
 class SetCriterion(nn.Module):
@@ -259,9 +262,13 @@ def swap_glyphs(cfg, weights: str, learn: int = 200, forget: int = 200, **swap):
 
 
 def make_trainer_classes():
-    """The user's Trainer (AdamW over trainable parameters, as Mask2Former's skips frozen ones) and the swap one."""
+    """The user's Trainer (AdamW over trainable parameters, as Mask2Former's skips frozen ones; a SemSegEvaluator
+    writing to ``output_folder``, by default ``OUTPUT_DIR/inference``, as Mask2Former's) and the swap one."""
+    import os
+
     import torch
     from detectron2.engine import DefaultTrainer
+    from detectron2.evaluation import SemSegEvaluator
 
     from detectron2_swap import SwapTrainerMixin
 
@@ -270,6 +277,11 @@ def make_trainer_classes():
         def build_optimizer(cls, cfg, model):
             params = [p for p in model.parameters() if p.requires_grad]
             return torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=0.0)
+
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+            return SemSegEvaluator(dataset_name, distributed=True,
+                                   output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
     class SwapTrainer(SwapTrainerMixin, Trainer):
         pass
