@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import atomic_save, atomic_write_bytes
 from .adapter import ROUNDS_KEY, SwapRound, adapter_tensors
+from .checkpoint import atomic_save, atomic_write_bytes
 from .config import SwapConfig
 from .heads import GrownRows
 from .lora import merge_and_export
