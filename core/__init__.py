@@ -53,7 +53,7 @@ from .heads import (
     replace_module,
     sigmoid_prior_bias,
 )
-from .labels import ClassSets, LabelSpace
+from .labels import ClassSets, LabelSpace, earlier_round_sets
 from .lora import (
     TARGET_PRESETS,
     LoraSnapshot,
@@ -101,11 +101,11 @@ __all__ = [
     "ResumableSampler", "SwapAdapter", "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapRound",
     "SwapSession", "adapt_checkpoint", "adapt_model", "apply_adapter", "atomic_save", "atomic_write_text",
     "bounded_forget_loss", "check_head_size", "config_fields", "config_from_fields", "discover_groups",
-    "distillation_loss", "drawn_indices", "extend_embedding", "extend_head", "file_sha256", "freeze_all_but_lora_",
-    "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora",
-    "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key", "matching_linears",
-    "merge_and_export", "merge_role_batches", "plan_phases", "prepare_model", "pretrained_model", "reinit_lora_",
-    "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit", "score_key", "sigmoid_prior_bias",
-    "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
-    "write_adapter", "write_merged_model",
+    "distillation_loss", "drawn_indices", "earlier_round_sets", "extend_embedding", "extend_head", "file_sha256",
+    "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows",
+    "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key",
+    "matching_linears", "merge_and_export", "merge_role_batches", "plan_phases", "prepare_model",
+    "pretrained_model", "reinit_lora_", "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit",
+    "score_key", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys",
+    "top1_accuracy", "validate_lora_state", "write_adapter", "write_merged_model",
 ]
