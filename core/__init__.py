@@ -22,6 +22,7 @@ from .adapter import (
     SwapRound,
     apply_adapter,
     file_sha256,
+    parent_of,
     revert_adapter,
     rounds_of,
 )
@@ -104,7 +105,7 @@ __all__ = [
     "distillation_loss", "drawn_indices", "earlier_round_sets", "extend_embedding", "extend_head", "file_sha256",
     "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows",
     "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key",
-    "matching_linears", "merge_and_export", "merge_role_batches", "plan_phases", "prepare_model",
+    "matching_linears", "merge_and_export", "merge_role_batches", "parent_of", "plan_phases", "prepare_model",
     "pretrained_model", "reinit_lora_", "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit",
     "score_key", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys",
     "top1_accuracy", "validate_lora_state", "write_adapter", "write_merged_model",

@@ -1,10 +1,11 @@
 """A swap's adapter read back: re-apply ``swap_adapter.safetensors`` to the model the swap started from, and revert
 it; and the rounds a swapped model has been through (which model each started from, what each forgot and learned).
 
-The adapter holds what the swap changed: the LoRA weights (``<layer>.lora_A|B.<adapter>.weight``, peft's keys) and
-each grown head's new rows (``rows.<state key>``), with the config, the grown rows' shapes, the classes and the
-rounds as metadata. ``apply_adapter`` merges the LoRA into the base weights (peft's ``W + scaling·B·A``) and grows
-the heads, giving the weights of ``model_swapped.pth``; ``revert_adapter`` puts the tensors it replaced back.
+The adapter holds what the swap changed: the LoRA weights (``<layer>.lora_A|B.<adapter>.weight``, peft's keys),
+each grown head's new rows (``rows.<state key>``) and the model's buffers (``buffers.<state key>``: BatchNorm
+statistics a swap in training mode updates), with the config, the grown rows' shapes, the classes and the rounds as
+metadata. ``apply_adapter`` merges the LoRA into the base weights (peft's ``W + scaling·B·A``), grows the heads and
+sets the buffers, giving the weights of ``model_swapped.pth``; ``revert_adapter`` puts the tensors it replaced back.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from torch import nn
 from .config import SwapConfig
 from .errors import CheckpointMismatchError
 from .heads import GrownRows, _grown
-from .lora import lora_state_dict
+from .lora import lora_state_dict, to_plain_keys
 
 ROWS_PREFIX = "rows."  # adapter tensors that are a grown head's new rows: ``rows.<state key>``
+BUFFERS_PREFIX = "buffers."  # the swapped model's buffers: ``buffers.<state key>``
 ROUNDS_KEY = "swap_rounds"  # where model_swapped.pth keeps its rounds (a list of ``SwapRound.to_dict()``)
 _LORA_A, _LORA_B = ".lora_A.", ".lora_B."
 
@@ -63,6 +65,12 @@ def file_sha256(path: str | Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def parent_of(checkpoint: str | Path | None) -> str:
+    """A round's parent: ``file_sha256`` of the checkpoint it starts from when that is a local file, else ``""``
+    (a model from a hub, a URL the host resolves)."""
+    return file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else ""
+
+
 def rounds_of(checkpoint: Mapping[str, Any]) -> list[SwapRound]:
     """The rounds recorded in a loaded checkpoint (``model_swapped.pth``); none for a model never swapped."""
     return [SwapRound.from_dict(r) for r in checkpoint.get(ROUNDS_KEY, [])]
@@ -75,6 +83,7 @@ class SwapAdapter:
     Args:
         lora: the LoRA tensors under peft's keys.
         rows: per grown state key, the new rows it gained.
+        buffers: the swapped model's buffers (but grown ones), under its plain keys.
         grown: per grown state key, its ``GrownRows``.
         config: the swap's config (its LoRA settings give the merge scaling).
         classes: per set, the class names.
@@ -83,6 +92,7 @@ class SwapAdapter:
 
     lora: dict[str, torch.Tensor]
     rows: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
     grown: dict[str, GrownRows]
     config: SwapConfig
     classes: dict[str, list[str]]
@@ -108,12 +118,17 @@ class SwapAdapter:
             raise CheckpointMismatchError(f"{path} is not a kswap adapter (its metadata has no swap_config/grown): "
                                           "give the swap_adapter.safetensors a swap wrote.")
         grown = {k: GrownRows(**v) for k, v in json.loads(meta["grown"]).items()}
-        rows = {k[len(ROWS_PREFIX):]: v for k, v in tensors.items() if k.startswith(ROWS_PREFIX)}
+        rows, buffers, lora = {}, {}, {}
+        for key, value in tensors.items():
+            for prefix, part in ((ROWS_PREFIX, rows), (BUFFERS_PREFIX, buffers), ("", lora)):
+                if key.startswith(prefix):
+                    part[key[len(prefix):]] = value
+                    break
         if set(rows) != set(grown):
             raise CheckpointMismatchError(
                 f"{path} lacks the new rows of {sorted(set(grown) - set(rows))}: it was written by a kswap that "
                 "saved the LoRA alone. Load model_swapped.pth instead, or swap again to write a full adapter.")
-        return cls(lora={k: v for k, v in tensors.items() if not k.startswith(ROWS_PREFIX)}, rows=rows, grown=grown,
+        return cls(lora=lora, rows=rows, buffers=buffers, grown=grown,
                    config=SwapConfig.from_dict(json.loads(meta["swap_config"])),
                    classes=json.loads(meta.get("classes", "{}")),
                    rounds=[SwapRound.from_dict(r) for r in json.loads(meta.get("rounds", "[]"))])
@@ -141,16 +156,21 @@ class AppliedAdapter:
 
 
 def adapter_tensors(model: nn.Module, grown: Mapping[str, GrownRows]) -> dict[str, torch.Tensor]:
-    """What a swapped (LoRA-injected, grown) model's adapter holds: its LoRA tensors and each grown key's new rows."""
+    """What a swapped (LoRA-injected, grown) model's adapter holds: its LoRA tensors, each grown key's new rows and
+    its other buffers."""
     state = model.state_dict()
     rows = {f"{ROWS_PREFIX}{k}": state[k][g.old - g.trailing: g.new - g.trailing] for k, g in grown.items()}
-    return {k: v.detach().cpu().contiguous() for k, v in {**lora_state_dict(model), **rows}.items()}
+    names = {name for name, _ in model.named_buffers()}
+    buffers = {f"{BUFFERS_PREFIX}{k}": v for k, v in to_plain_keys({k: state[k] for k in names & set(state)},
+                                                                    model).items() if k not in grown}
+    return {k: v.detach().cpu().contiguous() for k, v in {**lora_state_dict(model), **rows, **buffers}.items()}
 
 
 @torch.no_grad()
 def apply_adapter(model: nn.Module, adapter: str | Path | SwapAdapter) -> AppliedAdapter:
-    """Turn the model a swap started from into the swapped one, in place: every grown head gets its new rows and
-    every adapted linear layer its merged LoRA delta (the weights of the swap's ``model_swapped.pth``).
+    """Turn the model a swap started from into the swapped one, in place: every grown head gets its new rows, every
+    adapted linear layer its merged LoRA delta and the buffers their swapped values (the weights of the swap's
+    ``model_swapped.pth``).
 
     Args:
         model: the plain model the swap started from (its pretrained head size), e.g. the round's parent.
@@ -175,6 +195,9 @@ def apply_adapter(model: nn.Module, adapter: str | Path | SwapAdapter) -> Applie
         weight = state[key]
         replaced[key] = weight.detach().clone()
         weight.copy_(weight + delta.to(weight))
+    for key, value in adapter.buffers.items():
+        replaced[key] = state[key].detach().clone()
+        state[key].copy_(value)
     return AppliedAdapter(model, adapter, replaced)
 
 
@@ -187,11 +210,11 @@ def revert_adapter(applied: AppliedAdapter) -> nn.Module:
 
 
 def _check_fits(state: Mapping[str, torch.Tensor], adapter: SwapAdapter, deltas: Mapping[str, torch.Tensor]) -> None:
-    problems = [f"no {k}" for k in [*deltas, *adapter.grown] if k not in state]
+    problems = [f"no {k}" for k in [*deltas, *adapter.grown, *adapter.buffers] if k not in state]
     problems += [f"{k} has {state[k].shape[0]} rows, the swap's model had {g.old}"
                  for k, g in adapter.grown.items() if k in state and state[k].shape[0] != g.old]
-    problems += [f"{k} is {tuple(state[k].shape)}, the LoRA delta {tuple(d.shape)}"
-                 for k, d in deltas.items() if k in state and state[k].shape != d.shape]
+    problems += [f"{k} is {tuple(state[k].shape)}, the adapter's {tuple(d.shape)}"
+                 for k, d in {**deltas, **adapter.buffers}.items() if k in state and state[k].shape != d.shape]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
         raise CheckpointMismatchError(

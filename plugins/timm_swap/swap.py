@@ -41,9 +41,9 @@ from kswap import (
     config_from_fields,
     distillation_loss,
     earlier_round_sets,
-    file_sha256,
     imprinted_rows,
     loss_key,
+    parent_of,
     prepare_model,
     score_key,
 )
@@ -312,7 +312,7 @@ class SwapPlugin:
         self.session = SwapSession(self.config, self, self.prepared, metric="top1", log=self._log,
                                    classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()},
                                    history=self.history,
-                                   parent=file_sha256(args.initial_checkpoint) if args.initial_checkpoint else "")
+                                   parent=parent_of(args.initial_checkpoint))
         ctx.total_steps = self.session.scheduler.total_steps
         if ctx.is_main:
             span = "restarted per phase" if self.config.restart_lr_schedule else "over all phases"
