@@ -109,11 +109,10 @@ class SwapAdapter:
     @classmethod
     def read(cls, path: str | Path) -> SwapAdapter:
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         if "swap_config" not in meta or "grown" not in meta:
             raise CheckpointMismatchError(f"{path} is not a kswap adapter (its metadata has no swap_config/grown): "
                                           "give the swap_adapter.safetensors a swap wrote.")
