@@ -134,8 +134,7 @@ class SwapAdapter:
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """Per adapted linear layer's weight key, its merged delta ``scaling·B·A`` (as peft merges it)."""
-        # peft's scaling is lora_alpha / r with lora_alpha = scaling·r (kswap.inject_lora): computed the same way.
-        scaling = self.config.lora.scaling * self.config.lora.rank / self.config.lora.rank
+        scaling = self.config.lora.scaling  # peft's lora_alpha / r: kswap.inject_lora sets lora_alpha = scaling·r
         out = {}
         for key, a in self.lora.items():
             if _LORA_A in key:
