@@ -11,9 +11,21 @@ The core is framework-free. The flow a host follows:
    forget bound checked (and resolved, when relative) by ``SwapReport.start_forget_phase``, "before" is scored
    inside ``hidden_new_classes`` (the pretrained model's own predictions);
 4. ``SwapReport`` records per-set scores and writes JSON, Markdown and a plot; ``SwapSession.export`` (or
-   ``merge_and_export``) gives the plain model back, and ``run_audit`` checks that forgotten knowledge is gone.
+   ``merge_and_export``) gives the plain model back, and ``run_audit`` checks that forgotten knowledge is gone;
+5. ``apply_adapter`` re-applies a swap's adapter to the model it started from, ``revert_adapter`` reverts it, and
+   ``rounds_of`` reads a swapped model's rounds, from which a next round (``SwapSession(history=...)``) goes on.
 """
 
+from .adapter import (
+    AppliedAdapter,
+    SwapAdapter,
+    SwapRound,
+    apply_adapter,
+    file_sha256,
+    parent_of,
+    revert_adapter,
+    rounds_of,
+)
 from .audit import AuditHost, AuditSettings, run_audit
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .config import (
@@ -44,7 +56,7 @@ from .heads import (
     replace_module,
     sigmoid_prior_bias,
 )
-from .labels import ClassSets, LabelSpace
+from .labels import ClassSets, LabelSpace, earlier_round_sets
 from .lora import (
     TARGET_PRESETS,
     LoraSnapshot,
@@ -86,17 +98,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTER_FILE", "MODEL_FILE", "PERIODIC_SCORE_IMAGES", "PRESETS", "ROLE_KEY", "TARGET_PRESETS", "AccuracyMeter",
-    "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "ConfigField", "ForgetLoss", "GrownRows",
-    "InfiniteLoader", "LabelSpace", "LearnLoss", "LoraSettings", "LoraSnapshot", "LossWeights", "Order", "Phase",
-    "PhaseKind",
-    "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
-    "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "adapt_checkpoint", "adapt_model",
-    "atomic_save", "atomic_write_text", "bounded_forget_loss", "check_head_size", "config_fields",
-    "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "extend_embedding",
-    "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes",
-    "imprinted_rows", "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict",
-    "loss_key", "matching_linears", "merge_and_export", "merge_role_batches", "plan_phases", "prepare_model",
-    "pretrained_model", "reinit_lora_", "replace_module", "role_rows", "run_audit", "score_key",
-    "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy",
-    "validate_lora_state", "write_adapter", "write_merged_model",
+    "AppliedAdapter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "ConfigField",
+    "ForgetLoss", "GrownRows", "InfiniteLoader", "LabelSpace", "LearnLoss", "LoraSettings", "LoraSnapshot",
+    "LossWeights", "Order", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler",
+    "PreparedModel", "ResumableSampler", "SwapAdapter", "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport",
+    "SwapRound", "SwapSession", "adapt_checkpoint", "adapt_model", "apply_adapter", "atomic_save", "atomic_write_text",
+    "bounded_forget_loss", "check_head_size", "config_fields", "config_from_fields", "discover_groups",
+    "distillation_loss", "drawn_indices", "earlier_round_sets", "extend_embedding", "extend_head", "file_sha256",
+    "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows",
+    "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key",
+    "matching_linears", "merge_and_export", "merge_role_batches", "parent_of", "plan_phases", "prepare_model",
+    "pretrained_model", "reinit_lora_", "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit",
+    "score_key", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys",
+    "top1_accuracy", "validate_lora_state", "write_adapter", "write_merged_model",
 ]

@@ -36,6 +36,9 @@ class SwapReport:
     curve: list[dict[str, Any]] = field(default_factory=list)
     forget_bounds: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, Any] = field(default_factory=dict)
+    # The model's swap rounds, this one last (``SwapRound.to_dict()``); scores of earlier rounds' sets are extra
+    # scores named ``<set>_r<round>``.
+    rounds: list[dict[str, Any]] = field(default_factory=list)
     # Seconds spent scoring the sets and running the swap (scoring included), summed over resumed runs.
     timing: dict[str, float] = field(default_factory=lambda: {"scoring_s": 0.0, "run_s": 0.0})
     # The run clock: started with the report (created, or loaded by a resumed run); ``tick`` adds its time.
@@ -121,6 +124,7 @@ class SwapReport:
             "curve": self.curve,
             "forget_bounds": self.forget_bounds,
             "audit": self.audit,
+            "rounds": self.rounds,
             "timing": self.timing,
         }
         if self.before and self.after:
@@ -139,6 +143,7 @@ class SwapReport:
             curve=list(data.get("curve", [])),
             forget_bounds=dict(data.get("forget_bounds", {})),
             audit=dict(data.get("audit", {})),
+            rounds=list(data.get("rounds", [])),
             timing={"scoring_s": 0.0, "run_s": 0.0, **data.get("timing", {})},
         )
 
@@ -165,6 +170,9 @@ class SwapReport:
         for s in SETS:
             if self.classes.get(s):
                 lines.append(f"- {s}: {', '.join(map(str, self.classes[s]))}")
+        if len(self.rounds) > 1:
+            lines += [f"- round {r['round']}: forgot {', '.join(r['forget']) or '-'}; learned "
+                      f"{', '.join(r['learn']) or '-'}" for r in self.rounds]
         lines += self._scoring_markdown()
         lines += _audit_markdown(self.audit)
         return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ batches, per-set scores, the phase start (optimizer / LR schedule) and saving. T
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .adapter import SwapRound
 from .config import LossWeights, SwapConfig
 from .data import InfiniteLoader
 from .errors import SwapConfigError
@@ -157,6 +158,9 @@ class SwapSession:
         is_loss: selects the optimised terms of a host loss dict.
         log: ``log(level, message)`` puts the session's progress lines and warnings in the host's log (default:
             this module's logger, prefixed ``swap:``).
+        history: the rounds the model was swapped in before (``kswap.rounds_of`` its checkpoint); this swap is the
+            next round.
+        parent: ``kswap.file_sha256`` of the checkpoint the swap starts from (``""`` when none).
     """
 
     config: SwapConfig
@@ -167,6 +171,8 @@ class SwapSession:
     eval_interval: int = 0
     is_loss: Callable[[str], bool] = default_loss_key
     log: Callable[[int, str], None] | None = None
+    history: Sequence[SwapRound] = ()
+    parent: str = ""
 
     def __post_init__(self) -> None:
         self.phases = plan_phases(self.config)
@@ -176,11 +182,19 @@ class SwapSession:
         ]
         self.scheduler = PhaseScheduler(self.phases, lambda p: len(self.loaders[p.index]["retain"].loader),
                                         fingerprint=self.config.fingerprint())
-        self.report = SwapReport(order=self.config.order.value, metric=self.metric, classes=dict(self.classes))
+        self.report = SwapReport(order=self.config.order.value, metric=self.metric, classes=dict(self.classes),
+                                 rounds=[r.to_dict() for r in self.rounds])
         self._log = self.log or (lambda level, message: logger.log(level, f"swap: {message}"))
         # The LoRA weights as the current phase started, when its loss distils towards that model.
         self._teacher: tuple[int, LoraSnapshot] | None = None
         self._started: int | None = None  # the phase whose start the host was last told
+
+    @property
+    def rounds(self) -> list[SwapRound]:
+        """The model's rounds, this swap last."""
+        this = SwapRound(len(self.history) + 1, tuple(map(str, self.classes.get("forget", ()))),
+                         tuple(map(str, self.classes.get("learn", ()))), self.parent)
+        return [*self.history, this]
 
     @property
     def done(self) -> bool:
@@ -346,17 +360,18 @@ class SwapSession:
             self._teacher = (teacher["phase"], LoraSnapshot.from_state_dict(self.prepared.model, teacher["lora"]))
 
     def export(self, out_dir: str | Path, **meta: Any) -> dict[str, Path]:
-        """Write the report, the merged model (``model_swapped.pth``: ``state_dict`` plus ``meta``) and the LoRA
-        weights alone (``swap_adapter.safetensors``, with the config and the grown rows to re-apply or revert
-        the swap). The session's model keeps its LoRA layers."""
+        """Write the report, the merged model (``model_swapped.pth``: ``state_dict``, the rounds and ``meta``) and
+        the adapter (``swap_adapter.safetensors``: the LoRA weights and new head rows, with the config, grown rows
+        and rounds, for ``apply_adapter`` / ``revert_adapter``). The session's model keeps its LoRA layers."""
         if not self.report.phases:
             raise SwapConfigError("export() before any phase ended: run the swap first.")
         out = Path(out_dir)
         self.report.tick()
         paths = self.report.write(out)
-        paths["model"] = write_merged_model(self.prepared.model, out, **meta)
+        rounds = self.rounds
+        paths["model"] = write_merged_model(self.prepared.model, out, rounds=rounds, **meta)
         paths["adapter"] = write_adapter(self.prepared.model, out, self.config, self.prepared.grown,
-                                         self.report.classes)
+                                         self.report.classes, rounds)
         return paths
 
 

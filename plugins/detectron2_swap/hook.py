@@ -89,6 +89,7 @@ class SwapHook(HookBase):
             outputs, before any later hook (such as an evaluation) can fail.
         audit: the unlearning audit of the prepared model (``SwapReport.audit``), called by every process after
             the outputs are written (e.g. ``audit.SegmentationAudit``).
+        parent: ``kswap.parent_of`` the checkpoint the swap starts from (``MODEL.WEIGHTS``), for the adapter.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class SwapHook(HookBase):
         chain_from_iter: int = 0,
         write_config: Callable[[], Path] | None = None,
         audit: Callable[[nn.Module], dict[str, Any]] | None = None,
+        parent: str = "",
     ) -> None:
         self.plan = plan
         self.model = model
@@ -121,7 +123,7 @@ class SwapHook(HookBase):
         self.session = SwapSession(
             plan.config, self, PreparedModel(model, state.grown, state.groups, state.adapted), metric="mIoU",
             classes={s: [plan.space.names[i] for i in plan.sets[s]] for s in SETS}, eval_interval=eval_period,
-            is_loss=every_term, log=lambda level, message: logger.log(level, f"Swap: {message}"))
+            is_loss=every_term, log=lambda level, message: logger.log(level, f"Swap: {message}"), parent=parent)
         # A function, not the bound method: copies of the model (the merged export) must not copy the session.
         state.loss = lambda task: self.session.phase_loss(task)
         data_loader.bind(self.session)

@@ -32,7 +32,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kswap import MODEL_FILE, SwapConfigError, atomic_write_text
+from kswap import MODEL_FILE, SwapConfigError, atomic_write_text, parent_of
 
 from .audit import SegmentationAudit, probed_modules
 from .checkpoint import SwapCheckpointer
@@ -171,6 +171,7 @@ class SwapTrainerMixin:
             write_config=lambda: write_swapped_config(self.swap_user_cfg, Path(cfg.OUTPUT_DIR),
                                                       len(self.swap_plan.space.names)),
             audit=self._build_audit(),
+            parent=parent_of(cfg.MODEL.WEIGHTS),
         )
         ret = [h for h in super().build_hooks() if h is not None and not isinstance(h, hooks.EvalHook)]
         if cfg.DATASETS.TEST:

@@ -49,6 +49,7 @@ from kswap import (
     atomic_write_text,
     check_head_size,
     loss_key,
+    parent_of,
     score_key,
 )
 
@@ -168,7 +169,8 @@ class SwapHook(Hook):
         self.session = SwapSession(
             self.config, self, prepared, metric="bbox_mAP",
             log=lambda level, message: runner.logger.log(level, f"SwapHook: {message}"),
-            classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
+            classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()},
+            parent=parent_of(runner._load_from))
         runner._train_loop = LOOPS.build(dict(type="SwapTrainLoop", swap=self), default_args=dict(runner=runner))
         # For this run only (after_run undoes them): the checkpoints load under torch >= 2.6, the kernel serves.
         # A run that raises gets no after_run: loading the checkpoint (load_or_resume, next) and the swap loop

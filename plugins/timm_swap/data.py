@@ -103,6 +103,13 @@ def subset_by_labels(dataset: Dataset, labels: Iterable[int], fraction: float = 
     return Subset(dataset, indices)
 
 
+def labelled(labels: Iterable[int], datasets: Sequence[Dataset], fraction: float = 1.0, seed: int = 0) -> Dataset:
+    """``subset_by_labels`` over several datasets, concatenated (the first one's, empty, when none has any)."""
+    labels = tuple(labels)
+    parts = [subset_by_labels(d, labels, fraction, seed) for d in datasets]
+    return concat([p for p in parts if len(p)] or parts[:1])
+
+
 def concat(datasets: Sequence[Dataset]) -> Dataset:
     return datasets[0] if len(datasets) == 1 else ConcatDataset(list(datasets))
 

@@ -35,12 +35,15 @@ from kswap import (
     PreparedModel,
     SwapConfig,
     SwapConfigError,
+    SwapRound,
     SwapSession,
     config_fields,
     config_from_fields,
     distillation_loss,
+    earlier_round_sets,
     imprinted_rows,
     loss_key,
+    parent_of,
     prepare_model,
     score_key,
 )
@@ -55,13 +58,14 @@ from .data import (
     concat,
     folder_classes,
     image_folder,
+    labelled,
     resolve_split,
     resumable_loader,
-    subset_by_labels,
     targets,
 )
 from .evaluation import evaluate_top1
 from .hookspecs import hookimpl
+from .rounds import previous_round
 
 _logger = logging.getLogger(__name__)
 
@@ -122,6 +126,10 @@ class SwapPlugin:
         self.config: SwapConfig | None = None
         self.space: LabelSpace | None = None
         self.sets: dict[str, tuple[int, ...]] = {}
+        # The classes of --data-dir (the first round's pretrained classes) and, swapping a swapped model again, the
+        # rounds it went through.
+        self.base: list[str] = []
+        self.history: list[SwapRound] = []
         self.prepared: PreparedModel | None = None
         self.train_sets: dict[str, Any] = {}
         self.eval_loaders: dict[str, Any] = {}
@@ -185,22 +193,30 @@ class SwapPlugin:
             for split in (args.train_split, args.val_split):
                 check_image_folder(root, resolve_split(root, split), what)
         # Class ids in timm's ImageFolder order, the order the pretrained head was trained in.
-        pretrained = folder_classes(args.data_dir, resolve_split(args.data_dir, args.train_split))
+        self.base = folder_classes(args.data_dir, resolve_split(args.data_dir, args.train_split))
         learn_root = Path(args.swap_learn_dir) / resolve_split(args.swap_learn_dir, args.train_split)
         available = folder_classes(args.swap_learn_dir, resolve_split(args.swap_learn_dir, args.train_split))
-        args.swap_learn = args.swap_learn or available
+        # A swap's model_swapped.pth as the checkpoint: the next round, over the classes it has.
+        previous = previous_round(args.initial_checkpoint, self.base, available, learn_root)
+        classes = previous.classes if previous else tuple(self.base)
+        self.history = previous.rounds if previous else []
+        # By default every class folder is new, but those earlier rounds learned.
+        args.swap_learn = args.swap_learn or [c for c in available if c not in classes[len(self.base):]]
         missing = [c for c in args.swap_learn if c not in available]
         if missing:
             raise SwapConfigError(f"--swap-learn names {missing}, which are not class folders of {learn_root} "
                                   f"({available}).")
         self.config = swap_config_from_args(args)
-        self.space = LabelSpace.for_config(pretrained, self.config)
-        self.sets = self.space.resolve(self.config).as_dict()
-        if args.num_classes is not None and args.num_classes != self.space.num_pretrained:
+        self.space = LabelSpace.for_config(classes, self.config, self.history)
+        self.sets = self.space.resolve(self.config).as_dict()  # classes forgotten earlier are in none of them
+        # The first round's classes from --data-dir are the yaml's --num-classes: a next round takes the head's.
+        if args.num_classes not in (None, self.space.num_pretrained) and not (previous and args.num_classes ==
+                                                                             len(self.base)):
+            where = f"--initial-checkpoint {args.initial_checkpoint}" if previous else "--data-dir"
             raise SwapConfigError(
-                f"--num-classes {args.num_classes} is the size of the pretrained head, but --data-dir has "
-                f"{self.space.num_pretrained} classes. Pass --num-classes {self.space.num_pretrained}; the plugin "
-                f"extends the head to {self.space.num_classes} itself."
+                f"--num-classes {args.num_classes} is the size of the pretrained head, but {where} has "
+                f"{self.space.num_pretrained} classes. Pass --num-classes {self.space.num_pretrained} (or leave it "
+                f"out); the plugin extends the head to {self.space.num_classes} itself."
             )
         args.num_classes = self.space.num_pretrained
         # The swap's optimizer and schedule replace the pretraining flags; stepped per update, so that a phase
@@ -247,19 +263,21 @@ class SwapPlugin:
     @hookimpl
     def build_loaders(self, ctx: TrainContext) -> dict[str, Any]:
         args = ctx.args
-        learn_map = {name: self.space.id_of(name) for name in self.space.new}
+        # The learn folders hold the new classes and those earlier rounds learned (the model's classes after the base).
+        learn_map = {name: self.space.id_of(name) for name in (*self.space.pretrained[len(self.base):],
+                                                                *self.space.new)}
         splits = {"train": args.train_split, "eval": args.val_split}
         for kind, split in splits.items():
             old = image_folder(args.data_dir, resolve_split(args.data_dir, split), ctx.data_config)
-            if class_names(old) != list(self.space.pretrained):
+            if class_names(old) != self.base:
                 raise SwapConfigError(f"The {split} split of --data-dir has classes {class_names(old)}, "
-                                      f"not the train split's {list(self.space.pretrained)}.")
+                                      f"not the train split's {self.base}.")
             new = image_folder(args.swap_learn_dir, resolve_split(args.swap_learn_dir, split), ctx.data_config,
                                class_map=learn_map)
+            # The reference's random fraction of the pretrained sets; the learn set whole.
             fraction = args.swap_train_fraction if kind == "train" else 1.0
-            sets = {"forget": subset_by_labels(old, self.sets["forget"], fraction, args.seed),
-                    "retain": subset_by_labels(old, self.sets["retain"], fraction, args.seed),
-                    "learn": new}
+            sets = {name: labelled(ids, (old, new), 1.0 if name == "learn" else fraction, args.seed)
+                    for name, ids in self.sets.items()}
             for name, dataset in sets.items():
                 if len(dataset) == 0:
                     raise SwapConfigError(f"The {name} set has no images in the {split} split.")
@@ -271,13 +289,20 @@ class SwapPlugin:
                                             rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
                                             pin_memory=args.pin_mem)
 
-                self.eval_loaders = {name: loader(d) for name, d in sets.items()}
+                earlier = self._earlier_sets()
+                scored = {**sets, **{name: labelled(ids, (old, new)) for name, ids in earlier.items()}}
+                if self.history:  # retain scores the base classes kept; those learned earlier score by round
+                    learned = {i for name, ids in earlier.items() if name.startswith("learn") for i in ids}
+                    scored["retain"] = labelled([i for i in self.sets["retain"] if i not in learned], (old, new))
+                self.eval_loaders = {name: loader(d) for name, d in scored.items() if len(d)}
                 self.periodic_loaders = {
                     name: loader(Subset(d, drawn_indices(len(d), args.swap_eval_images, args.seed)))
-                    for name, d in sets.items()}
+                    for name, d in scored.items() if len(d)}
         self._ctx = ctx
         self.session = SwapSession(self.config, self, self.prepared, metric="top1", log=self._log,
-                                   classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()})
+                                   classes={s: [self.space.names[i] for i in ids] for s, ids in self.sets.items()},
+                                   history=self.history,
+                                   parent=parent_of(args.initial_checkpoint))
         ctx.total_steps = self.session.scheduler.total_steps
         if ctx.is_main:
             span = "restarted per phase" if self.config.restart_lr_schedule else "over all phases"
@@ -286,6 +311,11 @@ class SwapPlugin:
                        f"min lr {args.min_lr:g}; set by --swap-opt/--swap-lr/--swap-weight-decay/--swap-sched/"
                        "--swap-warmup-epochs/--swap-min-lr (the run's --opt/--lr/... are not used)")
         return {score_key(name): loader for name, loader in self.eval_loaders.items()}
+
+    def _earlier_sets(self) -> dict[str, tuple[int, ...]]:
+        """Earlier rounds' forget and learn sets (``forget_r1``, ``learn_r1``, ...) as label ids, scored by round."""
+        return {name: tuple(self.space.id_of(c) for c in names)
+                for name, names in earlier_round_sets(self.history).items()}
 
     # -- the session's host (kswap.SwapHost): the loaders and phase starts; the script runs the steps -----------
     def role_loader(self, phase: Phase, role: str, sets: tuple[str, ...]) -> DataLoader:

@@ -14,8 +14,10 @@ from kswap import (
     PhaseLength,
     SwapConfig,
     SwapConfigError,
+    SwapRound,
     config_fields,
     config_from_fields,
+    earlier_round_sets,
     plan_phases,
 )
 from kswap.config import vocabulary_table
@@ -120,6 +122,33 @@ def test_label_space_resolves_names_and_ids():
     assert space.num_classes == 12 and space.id_of("bag") == 11 and space.names[10] == "trouser"
     explicit = SwapConfig(forget=[0], retain=["5", "6"], learn=["trouser"])
     assert LabelSpace.for_config(DIGITS, explicit).resolve(explicit).retain == (5, 6)
+
+
+ROUNDS = [SwapRound(1, ("0", "1"), ("trouser", "bag")), SwapRound(2, ("2",), ("sneaker",))]
+SWAPPED = [*DIGITS, "trouser", "bag", "sneaker"]  # the head of round 2's model_swapped.pth
+
+
+def test_a_next_round_keeps_earlier_forgotten_classes_forgotten():
+    cfg = SwapConfig(forget=["3"], learn=["ankle-boot"])
+    space = LabelSpace.for_config(SWAPPED, cfg, ROUNDS)
+    sets = space.resolve(cfg)
+    assert space.forgotten == ("0", "1", "2") and sets.kept_forgotten == (0, 1, 2)
+    assert sets.forget == (3,) and sets.learn == (13,)
+    assert sets.retain == (*range(4, 10), 10, 11, 12)  # the classes learned earlier are retained, 0-2 are not
+    # The user asks: a retain set naming a forgotten class learns it again.
+    back = SwapConfig(forget=["3"], retain=["1", "4"], learn=["ankle-boot"])
+    assert LabelSpace.for_config(SWAPPED, back, ROUNDS).resolve(back).kept_forgotten == (0, 2)
+    again = SwapConfig(forget=["3"], learn=["1"])
+    with pytest.raises(SwapConfigError, match=r"earlier round forgot \['1'\]: retaining them learns them again"):
+        LabelSpace.for_config(SWAPPED, again, ROUNDS)
+
+
+def test_earlier_round_sets_name_each_rounds_forget_and_learn_sets():
+    assert earlier_round_sets(ROUNDS) == {"forget_r1": ("0", "1"), "learn_r1": ("trouser", "bag"),
+                                          "forget_r2": ("2",), "learn_r2": ("sneaker",)}
+    # a class learned in round 1 and forgotten in round 3 is round 3's, no longer round 1's learn set
+    later = [*ROUNDS, SwapRound(3, ("bag",), ())]
+    assert earlier_round_sets(later)["learn_r1"] == ("trouser",) and earlier_round_sets(later)["forget_r3"] == ("bag",)
 
 
 @pytest.mark.parametrize("cfg, pretrained, message", [

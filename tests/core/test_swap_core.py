@@ -13,17 +13,27 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kswap import (
+    ADAPTER_FILE,
+    MODEL_FILE,
     ROLE_KEY,
+    CheckpointMismatchError,
     InfiniteLoader,
     LabelSpace,
     LoraSettings,
     ResumableSampler,
+    SwapAdapter,
     SwapConfig,
+    SwapRound,
     SwapSession,
+    apply_adapter,
+    atomic_save,
+    file_sha256,
     load_checkpoint,
     merge_role_batches,
     prepare_model,
+    revert_adapter,
     role_rows,
+    rounds_of,
     top1_accuracy,
 )
 
@@ -129,7 +139,7 @@ def test_plain_pytorch_host_swaps_knowledge(digits, pretrained, tmp_path):
     torch.testing.assert_close(merged.eval()(x[:16]), session.prepared.model.eval()(x[:16]), atol=1e-4, rtol=1e-4)
     with safe_open(str(paths["adapter"]), "pt") as adapter:
         keys = list(adapter.keys())
-        assert len(keys) == 8 and all(".lora_" in k for k in keys)
+        assert len(keys) == 10 and sum(".lora_" in k for k in keys) == 8  # and the grown head's new rows
         assert '"forget": [0]' in adapter.metadata()["swap_config"]
 
 
@@ -222,3 +232,55 @@ def test_infinite_loader_cycles_and_sets_epochs():
     assert Sampler.epochs == [0, 1, 2]
     with pytest.raises(RuntimeError, match="yields no batch"):
         next(InfiniteLoader([]))
+
+
+# -- adapters: re-apply a swap to the model it started from, revert it -----------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(digits, pretrained, tmp_path_factory):
+    """A short swap of the digits model, exported; the pretrained model's file is the round's parent."""
+    out = tmp_path_factory.mktemp("swapped")
+    parent = atomic_save({"state_dict": pretrained.state_dict()}, out / "pretrained.pth")
+    session = _swap(digits, pretrained, steps=20, parent=file_sha256(parent))
+    session.run(session.host.optimizer_step)
+    session.export(out)
+    return out
+
+
+def test_apply_adapter_to_the_pretrained_model_gives_the_merged_model(pretrained, exported, digits):
+    model = copy.deepcopy(pretrained)
+    applied = apply_adapter(model, exported / ADAPTER_FILE)
+    merged = load_checkpoint(exported / MODEL_FILE)["state_dict"]
+    assert model.head.out_features == 10 and set(model.state_dict()) == set(merged)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, merged[key], atol=1e-6, rtol=1e-6, msg=key)
+    changed = [k for k in merged if not torch.equal(merged[k], pretrained.state_dict().get(k, torch.empty(0)))]
+    assert set(changed) == set(applied.replaced)  # the 4 adapted linears and the grown head, nothing else
+    assert len(changed) == 6
+    swapped = tiny_vit(num_classes=10)
+    swapped.load_state_dict(merged)
+    x = digits[0][:32]
+    torch.testing.assert_close(model.eval()(x), swapped.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_revert_adapter_restores_the_exact_pretrained_weights(pretrained, exported):
+    model = copy.deepcopy(pretrained)
+    revert_adapter(apply_adapter(model, exported / ADAPTER_FILE))
+    assert model.head.out_features == 8 and model.head.weight.requires_grad == pretrained.head.weight.requires_grad
+    before = pretrained.state_dict()
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_adapter_records_its_round_and_parent(exported):
+    adapter = SwapAdapter.read(exported / ADAPTER_FILE)
+    assert adapter.round == 1 and adapter.parent == file_sha256(exported / "pretrained.pth")
+    assert adapter.rounds == [SwapRound(1, ("0",), ("eight", "nine"), adapter.parent)]
+    assert rounds_of(load_checkpoint(exported / MODEL_FILE)) == adapter.rounds
+    assert adapter.classes["learn"] == ["eight", "nine"]
+
+
+def test_apply_adapter_refuses_a_model_of_another_head_size(exported):
+    fix = r"round 1 does not fit.*head.weight has 10 rows, the swap's model had 8.*Apply it to the model that round"
+    with pytest.raises(CheckpointMismatchError, match=fix):
+        apply_adapter(tiny_vit(num_classes=10), exported / ADAPTER_FILE)

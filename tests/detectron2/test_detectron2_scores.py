@@ -29,7 +29,7 @@ from torch import nn
 
 from detectron2_swap import SetScorer, SwapPlan, per_class_iou, score_sets
 from detectron2_swap.hook import logger as hook_logger
-from kswap import ADAPTER_FILE, MODEL_FILE, SwapConfig, loss_key, score_key
+from kswap import ADAPTER_FILE, MODEL_FILE, SwapConfig, apply_adapter, file_sha256, loss_key, revert_adapter, score_key
 from kswap.data import drawn_indices
 
 from swap_testing.d2_models import TESTS_DIR, glyph_cfg, make_trainer_classes, register_datasets, run_swap, swap_glyphs
@@ -258,6 +258,9 @@ def test_a_relative_forgetting_bound_is_resolved_from_the_measured_loss(glyph_sp
 def test_the_pretrained_model_plus_the_adapter_is_the_merged_model(swapped, d2_pretrained):
     with safe_open(str(swapped / ADAPTER_FILE), "pt") as file:
         adapter, meta = {k: file.get_tensor(k) for k in file.keys()}, file.metadata()  # noqa: SIM118 (no dict)
+    rows = {k: adapter.pop(k) for k in list(adapter) if ".lora_" not in k}  # the head's new rows, the rest LoRA
+    assert {k: v.shape[0] for k, v in rows.items()} == {"rows.sem_seg_head.predictor.weight": 2,
+                                                        "rows.sem_seg_head.predictor.bias": 2}
     config = SwapConfig.from_dict(json.loads(meta["swap_config"]))
     assert config.forget == ("3",) and config.learn_length.steps == 40 and json.loads(meta["classes"]) == SETS
     assert set(json.loads(meta["grown"])) == {"sem_seg_head.predictor.weight", "sem_seg_head.predictor.bias"}
@@ -274,6 +277,21 @@ def test_the_pretrained_model_plus_the_adapter_is_the_merged_model(swapped, d2_p
             assert not torch.equal(merged["model"][key], pretrained[key]), key
         if not key.startswith("sem_seg_head.predictor."):
             torch.testing.assert_close(merged["model"][key], weight, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_apply_adapter_to_the_pretrained_model_and_revert_it(swapped, d2_pretrained, tmp_path):
+    model = build_model(glyph_cfg(str(tmp_path)))  # the plain model the user trained, its 5-class head
+    DetectionCheckpointer(model).load(str(d2_pretrained))
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    applied = apply_adapter(model, swapped / ADAPTER_FILE)
+    assert applied.adapter.round == 1 and applied.adapter.parent == file_sha256(d2_pretrained)
+    merged = torch.load(swapped / MODEL_FILE, weights_only=True)["model"]
+    assert set(model.state_dict()) == set(merged) and model.sem_seg_head.predictor.out_channels == len(JOINT)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, merged[key].to(value), atol=1e-6, rtol=1e-5, msg=key)
+    revert_adapter(applied)
+    assert set(model.state_dict()) == set(pretrained)
+    assert all(torch.equal(v, pretrained[k]) for k, v in model.state_dict().items())
 
 
 # -- item: detectron2's stock tools score the swapped model ----------------------------------------------------

@@ -32,9 +32,12 @@ from kswap import (
     PhaseLoss,
     SwapConfig,
     SwapConfigError,
+    apply_adapter,
     config_fields,
+    file_sha256,
     loss_key,
     merge_and_export,
+    revert_adapter,
     score_key,
     sum_task_loss,
 )
@@ -127,7 +130,7 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, swap_run, tmp_path):
 
     with safe_open(work / ADAPTER_FILE, "pt") as adapter:
         lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-        assert set(adapter.keys()) == set(lora)
+        assert {k for k in adapter.keys() if "lora_" in k} == set(lora)  # noqa: SIM118 (safe_open is no dict)
         assert all(torch.equal(adapter.get_tensor(k), v) for k, v in lora.items())
         meta = adapter.metadata()
     assert SwapConfig.from_dict(json.loads(meta["swap_config"])).forget == ("0",)
@@ -148,6 +151,27 @@ def test_swap_dino_from_config(glyphs, pretrained_dino, swap_run, tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "loaded 5" in out.stdout, out.stderr[-2000:]
+
+
+def test_apply_adapter_to_the_pretrained_detector_and_revert_it(glyphs, pretrained_dino, swap_run, tmp_path):
+    """The adapter turns the plain 3-class DINO the user trained into the merged model (grown class branches and
+    label embedding, merged FFNs, the BatchNorm statistics the swap updated), and reverts it exactly."""
+    from mmdet.registry import MODELS
+
+    _, work = swap_run
+    model = MODELS.build(tiny_dino_config(glyphs, DIGITS, tmp_path).model)
+    model.load_state_dict(load_local_checkpoint(str(pretrained_dino))["state_dict"], strict=True)
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    applied = apply_adapter(model, work / ADAPTER_FILE)
+    assert applied.adapter.round == 1 and applied.adapter.parent == file_sha256(pretrained_dino)
+    merged = torch.load(work / MODEL_FILE, weights_only=True)["state_dict"]
+    assert set(model.state_dict()) == set(merged)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, merged[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert model.bbox_head.cls_branches[0].out_features == len(DIGITS + LEARN)
+    revert_adapter(applied)
+    assert set(model.state_dict()) == set(pretrained)
+    assert all(torch.equal(v, pretrained[k]) for k, v in model.state_dict().items())
 
 
 def test_run_patches_end_with_the_run(swap_run):
