@@ -26,6 +26,7 @@ from .config import (
     Order,
     PhaseLength,
     SwapConfig,
+    arg_docs,
     config_fields,
     config_from_fields,
 )
@@ -91,7 +92,7 @@ __all__ = [
     "PhaseKind",
     "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
     "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "adapt_checkpoint", "adapt_model",
-    "atomic_save", "atomic_write_text", "bounded_forget_loss", "check_head_size", "config_fields",
+    "arg_docs", "atomic_save", "atomic_write_text", "bounded_forget_loss", "check_head_size", "config_fields",
     "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "extend_embedding",
     "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes",
     "imprinted_rows", "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict",

@@ -431,7 +431,7 @@ def config_fields() -> tuple[ConfigField, ...]:
 
 def _fields_of(cls: type, prefix: tuple[str, ...]) -> list[ConfigField]:
     hints = typing.get_type_hints(cls)
-    docs = _arg_docs(cls)
+    docs = arg_docs(cls)
     out: list[ConfigField] = []
     for f in dataclasses.fields(cls):
         if f.name == "task":
@@ -446,7 +446,7 @@ def _fields_of(cls: type, prefix: tuple[str, ...]) -> list[ConfigField]:
     return out
 
 
-def _arg_docs(cls: type) -> dict[str, str]:
+def arg_docs(cls: type) -> dict[str, str]:
     """The ``Args:`` entries of a Google-style class docstring, one line each."""
     doc = inspect.getdoc(cls) or ""
     args = doc.split("Args:", 1)[1] if "Args:" in doc else ""

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from kswap import (
     SwapConfig,
     SwapConfigError,
     SwapSession,
+    arg_docs,
     config_fields,
     config_from_fields,
     distillation_loss,
@@ -151,12 +153,11 @@ class SwapPlugin:
         g.add_argument("--swap-audit", action="store_true",
                        help="after the swap, audit the forgetting: linear probes on the pre-logits, a relearn attack "
                             "and the neighbour-class mass, for the pretrained and the swapped model (in the report)")
-        g.add_argument("--swap-audit-relearn-shots", type=int, default=AuditSettings.relearn_shots,
-                       help="images per forgotten class given to the relearn attack")
-        g.add_argument("--swap-audit-relearn-steps", type=int, default=AuditSettings.relearn_steps,
-                       help="optimizer steps of the relearn attack")
-        g.add_argument("--swap-audit-relearn-lr", type=float, default=AuditSettings.relearn_lr,
-                       help="AdamW learning rate of the relearn attack (every weight of a copy of the merged model)")
+        docs = arg_docs(AuditSettings)
+        for f in fields(AuditSettings):
+            if f.name != "seed":  # the run's --seed
+                g.add_argument(f"--swap-audit-{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                               help=docs[f.name])
         g.add_argument("--swap-opt", default="adamw", help="the swap's optimizer (timm name); replaces --opt")
         g.add_argument("--swap-lr", type=float, default=1e-2, help="the swap's learning rate; replaces --lr")
         g.add_argument("--swap-weight-decay", type=float, default=0.05, help="replaces --weight-decay")
@@ -422,9 +423,8 @@ class SwapPlugin:
 
     def _audit(self, ctx: TrainContext) -> dict[str, Any]:
         args = ctx.args
-        settings = AuditSettings(relearn_shots=args.swap_audit_relearn_shots,
-                                 relearn_steps=args.swap_audit_relearn_steps, relearn_lr=args.swap_audit_relearn_lr,
-                                 seed=args.seed)
+        settings = AuditSettings(**{f.name: getattr(args, f"swap_audit_{f.name}") for f in fields(AuditSettings)
+                                    if f.name != "seed"}, seed=args.seed)
         tqdm.write(f"swap: auditing the forgetting ({settings})")
         sets = {"train": self.train_sets, "test": {name: loader.dataset for name, loader in self.eval_loaders.items()}}
         return audit_classifier(ctx.model, self.prepared.grown, sets, self.sets["forget"], settings, ctx.device,
