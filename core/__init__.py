@@ -36,6 +36,7 @@ from .export import ADAPTER_FILE, MODEL_FILE, loss_key, score_key, write_adapter
 from .groups import discover_groups
 from .heads import (
     GrownRows,
+    captured_input,
     check_head_size,
     extend_embedding,
     extend_head,
@@ -67,6 +68,7 @@ from .losses import (
     PhaseLossOutput,
     bounded_forget_loss,
     distillation_loss,
+    feature_mmd_loss,
     group_sparse_loss,
     sum_task_loss,
 )
@@ -92,9 +94,10 @@ __all__ = [
     "PhaseKind",
     "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler", "PreparedModel", "ResumableSampler",
     "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "adapt_checkpoint", "adapt_model",
-    "arg_docs", "atomic_save", "atomic_write_text", "bounded_forget_loss", "check_head_size", "config_fields",
-    "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "extend_embedding",
-    "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes",
+    "arg_docs", "atomic_save", "atomic_write_text", "bounded_forget_loss", "captured_input", "check_head_size",
+    "config_fields", "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices",
+    "extend_embedding", "extend_head", "feature_mmd_loss", "freeze_all_but_lora_", "group_sparse_loss",
+    "grow_checkpoint_rows", "hidden_new_classes",
     "imprinted_rows", "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict",
     "loss_key", "matching_linears", "merge_and_export", "merge_role_batches", "plan_phases", "prepare_model",
     "pretrained_model", "reinit_lora_", "replace_module", "role_rows", "run_audit", "score_key",

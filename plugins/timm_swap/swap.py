@@ -38,9 +38,11 @@ from kswap import (
     SwapConfigError,
     SwapSession,
     arg_docs,
+    captured_input,
     config_fields,
     config_from_fields,
     distillation_loss,
+    feature_mmd_loss,
     imprinted_rows,
     loss_key,
     prepare_model,
@@ -360,10 +362,15 @@ class SwapPlugin:
             with teacher.active(ctx.model) as model:
                 teacher_logits = model(step.batch["retain"][0].to(ctx.device))
         # One forward over all roles' images: DDP sees each parameter used once before the backward.
-        logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
+        with captured_input(ctx.model.get_classifier()) as head_input:
+            logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
         task = {r: F.cross_entropy(logits[r], step.batch[r][1].to(ctx.device)) for r in roles}
         distill = distillation_loss(logits["retain"], teacher_logits) if teacher is not None else None
-        out = self.session.phase_loss(task, distill, phase)
+        mmd = None
+        if "forget" in roles and self.session.weights(phase).feature_mmd:
+            features = dict(zip(roles, head_input[0].split(sizes), strict=True))
+            mmd = feature_mmd_loss(features["forget"], features["retain"])
+        out = self.session.phase_loss(task, distill, phase, feature_mmd=mmd)
         return {"loss": out.total, **{loss_key(k): v for k, v in out.terms.items() if k != "total"}}
 
     # -- evaluation and report -----------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class ExportBeforeAudit(Hook):
 
 
 # A small audit: the test checks its wiring and rows, the bench measures it at the default settings.
-AUDIT = dict(relearn_shots=3, relearn_steps=8, probe_steps=50, probe_images=150)
+AUDIT = dict(relearn_shots=3, relearn_steps=8, revival_shots=2, revival_steps=4, probe_steps=50, probe_images=150)
 
 
 @pytest.fixture(scope="session")
@@ -226,9 +226,11 @@ def test_audit_rows_for_the_pretrained_and_the_swapped_detector(swap_run):
     assert audit["settings"] == {**audit["settings"], **settings} and audit["settings"]["seed"] == runner.seed
     for row in ("pretrained", "swapped"):
         assert set(audit[row]) == {"forget_score", "probe_forget_vs_retain", "probe_forget_classes",
-                                   "relearn_forget_score", "neighbour_mass"}, audit
+                                   "relearn_forget_score", "revival_forget_score", "prototype_forget_score",
+                                   "neighbour_mass"}, audit
         assert audit[row]["probe_forget_classes"] is None  # one forget class
         assert 0 <= audit[row]["neighbour_mass"] <= 100 * len(audit["neighbours"])
+        assert 0 <= audit[row]["revival_forget_score"] <= 100 and 0 <= audit[row]["prototype_forget_score"] <= 100
     # The audit's forget score is the report's: the pretrained row is the pretrained model, the swapped row the
     # merged export.
     assert audit["pretrained"]["forget_score"] == pytest.approx(before["forget"], abs=0.05), (audit, before)
@@ -238,6 +240,7 @@ def test_audit_rows_for_the_pretrained_and_the_swapped_detector(swap_run):
     assert set(audit["neighbours"]).isdisjoint({0}) and len(audit["neighbours"]) == 3, audit
     table = (work / "swap_report.md").read_text()
     assert "## Unlearning audit" in table and "| swapped |" in table and "| pretrained |" in table, table
+    assert f"Verdict: {audit['verdict']}." in table and "retain-only fine-tuning" in audit["verdict"], table
 
 
 def test_audit_leaves_the_export_unchanged(swap_run):

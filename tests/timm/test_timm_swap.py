@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kswap import SwapConfig, config_fields, load_checkpoint, loss_key, merge_and_export
+from kswap import (
+    SwapConfig,
+    config_fields,
+    feature_mmd_loss,
+    load_checkpoint,
+    loss_key,
+    merge_and_export,
+    pretrained_model,
+)
 from timm_swap.train import main
 
 from swap_testing.models import TINY_VIT_FLAGS
@@ -429,6 +437,24 @@ def test_audit_reports_probe_relearn_and_neighbour_mass(digit_folders, pretraine
     exported = load_checkpoint(out / "model_swapped.pth")["state_dict"]
     merged = merge_and_export(ctx.model).state_dict()
     assert exported.keys() == merged.keys() and all(torch.equal(exported[k], v) for k, v in merged.items())
+
+
+def test_feature_mmd_pulls_forget_features_into_the_retain_ones(digit_folders, pretrained, digits, tmp_path):
+    """--swap-forget-loss-feature-mmd: the forget phase moves the held-out zeros' pre-logits into the retained
+    digits' distribution (what the audit's probes read). No ascent (beta 0): the term alone moves them."""
+    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "mmd", "--swap-learn-length", "1steps",
+                         "--swap-forget-length", "60steps", "--swap-forget-loss-beta", "0",
+                         "--swap-forget-loss-feature-mmd", "5"))
+    x, y = digits
+    held_out = slice(1400, None)  # the digit folders' validation images, normalised as --mean/--std say
+    x, y = (x[held_out] - 0.5) / 0.5, y[held_out]
+
+    def mmd(model):
+        with torch.no_grad():
+            f = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+        return float(feature_mmd_loss(f[y == 0], f[(y > 0) & (y < 8)]))
+
+    assert mmd(merge_and_export(ctx.model)) < 0.5 * mmd(pretrained_model(ctx.model))
 
 
 def test_imprinted_head_rows_point_at_the_new_classes(digit_folders, pretrained, tmp_path):
