@@ -495,6 +495,8 @@ def test_hook_takes_every_swap_setting():
     # The detector's loss has no distillation term: a weight for one is refused, not silently left out.
     with pytest.raises(SwapConfigError, match=r"no distillation term: set forget_loss.distill to 0"):
         SwapHook(forget=["0"], learn=LEARN_SPEC, forget_loss=dict(distill=1.0))
+    with pytest.raises(SwapConfigError, match=r"no feature MMD term: set forget_loss.feature_mmd to 0"):
+        SwapHook(forget=["0"], learn=LEARN_SPEC, forget_loss=dict(feature_mmd=1.0))
 
 
 class OptimizerProbe(Hook):
