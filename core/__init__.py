@@ -38,6 +38,7 @@ from .config import (
     Order,
     PhaseLength,
     SwapConfig,
+    arg_docs,
     config_fields,
     config_from_fields,
 )
@@ -47,6 +48,7 @@ from .export import ADAPTER_FILE, MODEL_FILE, loss_key, score_key, write_adapter
 from .groups import discover_groups
 from .heads import (
     GrownRows,
+    captured_input,
     check_head_size,
     extend_embedding,
     extend_head,
@@ -78,6 +80,7 @@ from .losses import (
     PhaseLossOutput,
     bounded_forget_loss,
     distillation_loss,
+    feature_mmd_loss,
     group_sparse_loss,
     sum_task_loss,
 )
@@ -102,13 +105,14 @@ __all__ = [
     "ForgetLoss", "GrownRows", "InfiniteLoader", "LabelSpace", "LearnLoss", "LoraSettings", "LoraSnapshot",
     "LossWeights", "Order", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler",
     "PreparedModel", "ResumableSampler", "SwapAdapter", "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport",
-    "SwapRound", "SwapSession", "adapt_checkpoint", "adapt_model", "apply_adapter", "atomic_save", "atomic_write_text",
-    "bounded_forget_loss", "check_head_size", "config_fields", "config_from_fields", "discover_groups",
-    "distillation_loss", "drawn_indices", "earlier_round_sets", "extend_embedding", "extend_head", "file_sha256",
-    "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows",
-    "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key",
-    "matching_linears", "merge_and_export", "merge_role_batches", "parent_of", "plan_phases", "prepare_model",
-    "pretrained_model", "reinit_lora_", "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit",
-    "score_key", "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys",
-    "top1_accuracy", "validate_lora_state", "write_adapter", "write_merged_model",
+    "SwapRound", "SwapSession", "adapt_checkpoint", "adapt_model", "apply_adapter", "arg_docs", "atomic_save",
+    "atomic_write_text", "bounded_forget_loss", "captured_input", "check_head_size", "config_fields",
+    "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "earlier_round_sets",
+    "extend_embedding", "extend_head", "feature_mmd_loss", "file_sha256", "freeze_all_but_lora_", "group_sparse_loss",
+    "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
+    "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key", "matching_linears", "merge_and_export",
+    "merge_role_batches", "parent_of", "plan_phases", "prepare_model", "pretrained_model", "reinit_lora_",
+    "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit", "score_key", "sigmoid_prior_bias",
+    "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
+    "write_adapter", "write_merged_model",
 ]

@@ -81,6 +81,8 @@ class LossWeights:
         distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
             start (``distillation_loss``): in a forget phase it protects what the learn phase just taught.
             0 is the reference. timm only: mmdet and detectron2 refuse a non-zero weight.
+        feature_mmd: weight of ``feature_mmd_loss``, pulling the forget images' classifier-input features into the
+            retain batch's feature distribution (forget and joint phases). 0 is the reference. timm only.
     """
 
     retain_weight: float = 1.0
@@ -90,9 +92,10 @@ class LossWeights:
     alpha: float = 0.01
     bnd_relative: bool = False
     distill: float = 0.0
+    feature_mmd: float = 0.0
 
     def validate(self, where: str) -> None:
-        for name in ("retain_weight", "learn_weight", "beta", "alpha", "distill"):
+        for name in ("retain_weight", "learn_weight", "beta", "alpha", "distill", "feature_mmd"):
             value = getattr(self, name)
             if not value >= 0:
                 raise SwapConfigError(f"{where}.{name} must be >= 0, got {value}.")
@@ -158,6 +161,10 @@ class ForgetLoss:
         distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
             start (``distillation_loss``): it protects what the learn phase just taught. 0 is the reference.
             timm only: mmdet and detectron2 refuse a non-zero weight.
+        feature_mmd: weight of a term making the forget images' features at the classifier's input
+            indistinguishable from the retain batch's (``feature_mmd_loss``), so that probes on the features stop
+            finding the forgotten classes (docs/audit.md). 0 (off) is the reference. timm only: mmdet and detectron2
+            refuse a non-zero weight.
     """
 
     retain_weight: float = 1.0
@@ -166,6 +173,7 @@ class ForgetLoss:
     alpha: float = 0.01
     bnd_relative: bool = False
     distill: float = 0.0
+    feature_mmd: float = 0.0
 
     def weights(self, learn_weight: float = 0.0) -> LossWeights:
         """The phase's ``LossWeights``; ``learn_weight`` for a joint phase, which also has a learn batch."""
@@ -325,13 +333,16 @@ class SwapConfig:
             raise SwapConfigError(f"Unknown swap config keys {sorted(unknown)}; known keys: {sorted(known)}.")
         return cls(**data)
 
-    def refuse_distillation(self, host: str) -> None:
-        """Raise ``SwapConfigError`` when a distillation weight is set for a host that gives no distillation term
-        (the weight would be silently left out of the loss)."""
+    def refuse_timm_only_terms(self, host: str) -> None:
+        """Raise ``SwapConfigError`` when a weight is set for a term that only timm computes (distillation, the
+        feature MMD): in another host it would be silently left out of the loss."""
         named = [f"{name}.distill" for name in ("learn_loss", "forget_loss") if getattr(self, name).distill]
         if named:
             raise SwapConfigError(f"{host} has no distillation term: set {' and '.join(named)} to 0 (distillation "
                                   "towards the phase-start model is implemented for timm classification).")
+        if self.forget_loss.feature_mmd:
+            raise SwapConfigError(f"{host} has no feature MMD term: set forget_loss.feature_mmd to 0 (the term on the "
+                                  "classifier's input features is implemented for timm classification).")
 
     def fingerprint(self) -> str:
         """A short hash of the config, stored in checkpoints so a resume with another config is refused."""
@@ -431,7 +442,7 @@ def config_fields() -> tuple[ConfigField, ...]:
 
 def _fields_of(cls: type, prefix: tuple[str, ...]) -> list[ConfigField]:
     hints = typing.get_type_hints(cls)
-    docs = _arg_docs(cls)
+    docs = arg_docs(cls)
     out: list[ConfigField] = []
     for f in dataclasses.fields(cls):
         if f.name == "task":
@@ -446,7 +457,7 @@ def _fields_of(cls: type, prefix: tuple[str, ...]) -> list[ConfigField]:
     return out
 
 
-def _arg_docs(cls: type) -> dict[str, str]:
+def arg_docs(cls: type) -> dict[str, str]:
     """The ``Args:`` entries of a Google-style class docstring, one line each."""
     doc = inspect.getdoc(cls) or ""
     args = doc.split("Args:", 1)[1] if "Args:" in doc else ""

@@ -237,3 +237,19 @@ def hidden_new_classes(model: nn.Module, grown: Mapping[str, GrownRows]) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def captured_input(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block, a list holding the first tensor input of ``module``'s latest forward (e.g. a classifier's
+    features), gradient attached: a forward pre-hook, removed on exit."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_: nn.Module, args: tuple) -> None:
+        seen[:] = [next(a for a in args if isinstance(a, torch.Tensor))]
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -48,6 +48,28 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return t * t * torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean")
 
 
+def feature_mmd_loss(forget: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
+    """Squared maximum mean discrepancy between the forget and the retain batch's features (Gretton et al.).
+
+    Gaussian kernels at 1/4, 1 and 4 times the median squared distance of the two batches (the median heuristic,
+    so the term needs no bandwidth setting); the biased estimator. No gradient flows into ``retain``: the forget
+    features move into the retain features' distribution, not the other way.
+
+    Args:
+        forget: features of the forget images, ``(N, ...)``.
+        retain: features of the retain-side images, ``(M, ...)``.
+    """
+    x, y = forget.float().flatten(1), retain.detach().float().flatten(1)
+    z = torch.cat([x, y])
+    squares = z.pow(2).sum(1)
+    # ||a - b||² expanded: torch.cdist has no finite gradient at the zero distances of the diagonal.
+    dist = (squares[:, None] + squares[None] - 2 * z @ z.T).clamp_min(0)
+    scale = dist.detach()[dist.detach() > 0].median()
+    kernel = sum(torch.exp(-dist / (scale * s)) for s in (0.25, 1.0, 4.0))
+    n = len(x)
+    return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
+
+
 def default_loss_key(key: str) -> bool:
     """mmengine's rule: a term is optimised when its key contains ``'loss'``."""
     return "loss" in key
@@ -85,9 +107,9 @@ class PhaseLossOutput:
 class PhaseLoss:
     """Combines the host's task losses of one step into the phase loss.
 
-    ``total = w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS`` (+ ``distill·D`` when the host passes
-    that term); a role missing from ``task_losses`` contributes nothing, so the same object serves learn,
-    forget and joint phases.
+    ``total = w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS`` (+ ``distill·D`` and
+    ``feature_mmd·MMD`` when the host passes those terms); a role missing from ``task_losses`` contributes nothing,
+    so the same object serves learn, forget and joint phases.
 
     Args:
         weights: the phase's loss weights.
@@ -100,11 +122,13 @@ class PhaseLoss:
         self.is_loss = is_loss
 
     def __call__(self, task_losses: Mapping[str, TaskLoss], gs: torch.Tensor | None = None,
-                 distill: torch.Tensor | None = None) -> PhaseLossOutput:
+                 distill: torch.Tensor | None = None, feature_mmd: torch.Tensor | None = None) -> PhaseLossOutput:
         """Args:
             task_losses: per role (``retain``, ``learn``, ``forget``) the host's loss tensor or loss dict.
             gs: the group-sparse value of the LoRA groups, or ``None`` to leave it out.
             distill: ``distillation_loss`` of the retain-side batch against the phase-start model, or ``None``.
+            feature_mmd: ``feature_mmd_loss`` of the forget batch's features against the retain batch's, or
+                ``None``.
         """
         unknown = set(task_losses) - {"retain", "learn", "forget"}
         if unknown:
@@ -136,6 +160,9 @@ class PhaseLoss:
         if distill is not None:
             terms["retain/distill"] = distill.detach()
             parts.append(w.distill * distill)
+        if feature_mmd is not None:
+            terms["forget/feature_mmd"] = feature_mmd.detach()
+            parts.append(w.feature_mmd * feature_mmd)
         if not parts:
             raise ValueError("PhaseLoss got no task loss: pass at least one of retain, learn, forget.")
         total = torch.stack([p.reshape(()) for p in parts]).sum()

@@ -252,12 +252,14 @@ def _fmt(scores: Mapping[str, float] | None, s: str) -> str:
 
 def _audit_markdown(audit: Mapping[str, Any]) -> list[str]:
     """The audit as a table: one row per model (pretrained, swapped, ...), one column per measurement."""
-    models = [m for m, row in audit.items() if m not in ("settings", "neighbours")]
+    models = [m for m, row in audit.items() if m not in ("settings", "neighbours", "verdict")]
     if not models:
         return []
     columns = sorted({key for m in models for key in audit[m]})
-    lines = ["", "## Unlearning audit", "", "| model | " + " | ".join(columns) + " |",
-             "|" + "---|" * (len(columns) + 1)]
+    lines = ["", "## Unlearning audit", ""]
+    if "verdict" in audit:
+        lines += [f"Verdict: {audit['verdict']}.", ""]
+    lines += ["| model | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for m in models:
         cells = [audit[m].get(c) for c in columns]
         lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")

@@ -224,10 +224,10 @@ class SwapSession:
         return self.report.phase_weights(phase.name, phase.loss)
 
     def phase_loss(self, task: Mapping[str, TaskLoss], distill: torch.Tensor | None = None,
-                   phase: Phase | None = None) -> PhaseLossOutput:
-        """A phase's loss of per-role task losses, the LoRA groups' sparsity and a distillation term."""
+                   phase: Phase | None = None, feature_mmd: torch.Tensor | None = None) -> PhaseLossOutput:
+        """A phase's loss of per-role task losses, the LoRA groups' sparsity, a distillation and a feature term."""
         return PhaseLoss(self.weights(phase), self.is_loss)(task, gs=group_sparse_loss(self.prepared.groups),
-                                                            distill=distill)
+                                                            distill=distill, feature_mmd=feature_mmd)
 
     def teacher(self, phase: Phase | None = None) -> LoraSnapshot | None:
         """The model as a phase started (its LoRA weights), when the phase's loss distils towards it; taken at

@@ -9,6 +9,9 @@
 * Relearn attack: every weight of a copy of the model fine-tuned on ``RELEARN_SHOTS`` training images per
   forgotten class (the user's train loader and mapper; targets of every joint class), then the forget set
   scored with the report's per-set mIoU (``score_sets``).
+* Revival test: the same fine-tuning on ``REVIVAL_SHOTS`` training images per retained class (cfg.SWAP.DATASETS.RETAIN)
+  only, then the forget set scored again. Prototype attack: class means of ``PROTOTYPE_SHOTS`` pooled training
+  features per class (the probes'), scored on the forget test features.
 * Neighbour mass: per forget test image and forgotten class in it, the class probabilities
   (``class_probabilities``) averaged over that class's pixels; the mass on the classes the pretrained model
   confuses most with them.
@@ -203,13 +206,14 @@ class SegmentationAudit:
             rows += [probs[:, labels == c].mean(1) for c in present[torch.isin(present, self.forget)]]
         return _gathered([torch.stack(rows)] if rows else [])
 
-    def relearn_images(self) -> dict[str, list[dict]]:
-        """Per forget training dataset, the records of ``relearn_shots`` images per forgotten class (a seeded
-        draw; an image counts for every forgotten class in it)."""
-        records = {name: DatasetCatalog.get(name) for name in self.plan.train["forget"]}
-        tables = {name: self.plan.label_table(name, ("forget",), -1) for name in records}
+    def shot_images(self, role: str, shots: int) -> dict[str, list[dict]]:
+        """Per training dataset of ``role``'s set (``forget``: the relearn attack, ``retain``: the revival test),
+        the records of ``shots`` images per class of the set (a seeded draw; an image counts for every class of the
+        set in it)."""
+        records = {name: DatasetCatalog.get(name) for name in self.plan.train[role]}
+        tables = {name: self.plan.label_table(name, (role,), -1) for name in records}
         candidates = [(name, record) for name, recs in records.items() for record in recs]
-        need = dict.fromkeys(self.plan.sets["forget"], self.settings.relearn_shots)
+        need = dict.fromkeys(self.plan.sets[role], shots)
         picked: dict[str, list[dict]] = {name: [] for name in records}
         order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(self.settings.seed))
         for j in order.tolist():
@@ -221,21 +225,21 @@ class SegmentationAudit:
                 need.update({c: need[c] - 1 for c in wanted})
             if not any(need.values()):
                 break
-        if missing := [self.plan.space.names[c] for c, n in need.items() if n == self.settings.relearn_shots]:
-            raise SwapConfigError(f"The relearn attack found no training image of {missing} in "
-                                  "cfg.SWAP.DATASETS.FORGET.")
+        if missing := [self.plan.space.names[c] for c, n in need.items() if n == shots]:
+            raise SwapConfigError(f"The audit found no training image of {missing} in "
+                                  f"cfg.SWAP.DATASETS.{role.upper()}.")
         return {name: recs for name, recs in picked.items() if recs}
 
-    def attack_batches(self) -> list[list[dict]]:
-        """The relearn attack's batches: the shots, mapped by the user's train loader, with targets of every joint
-        class; the same on every process."""
-        picked = self.relearn_images()
+    def shot_batches(self, role: str, shots: int) -> list[list[dict]]:
+        """The batches of ``shot_images``, mapped by the user's train loader, with targets of every joint class;
+        the same on every process."""
+        picked = self.shot_images(role, shots)
         for name, recs in picked.items():
-            register_alias(name, f"{name}@swap:audit", lambda recs=recs: recs)
+            register_alias(name, f"{name}@swap:audit:{role}", lambda recs=recs: recs)
         tables = {name: self.plan.label_table(name, SETS, self.plan.ignore_value) for name in picked}
         shots, world = sum(len(recs) for recs in picked.values()), comm.get_world_size()
         total = world * math.ceil(min(shots, self.batch_size) / world)  # detectron2 splits a batch evenly
-        loader = iter(self.build_train_loader(tuple(f"{name}@swap:audit" for name in picked), total))
+        loader = iter(self.build_train_loader(tuple(f"{name}@swap:audit:{role}" for name in picked), total))
         local = [[remap_sample(s, tables[s[SOURCE_KEY]], self.plan.ignore_value) for s in next(loader)]
                  for _ in range(math.ceil(shots / total))]
         ranks = comm.all_gather(local)
@@ -243,9 +247,10 @@ class SegmentationAudit:
 
     def host(self) -> AuditHost:
         return AuditHost(features=self.features, forget_score=self.forget_score,
-                         attack_batches=self.attack_batches(),
+                         attack_batches=self.shot_batches("forget", self.settings.relearn_shots),
                          batch_loss=lambda model, batch: sum(model(batch).values()),
-                         forget_probs=self.forget_probs)
+                         forget_probs=self.forget_probs,
+                         retain_batches=self.shot_batches("retain", self.settings.revival_shots))
 
     def __call__(self, model: nn.Module) -> dict[str, Any]:
         """The audit of the pretrained and the swapped model (``SwapReport.audit``); ``model`` (the prepared

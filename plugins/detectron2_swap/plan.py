@@ -51,7 +51,7 @@ class SwapPlan:
 
     def __post_init__(self) -> None:
         self.space.resolve(self.config)  # unknown or overlapping classes fail here
-        self.config.refuse_distillation("detectron2_swap (cfg.SWAP.*_LOSS.DISTILL)")
+        self.config.refuse_timm_only_terms("detectron2_swap (cfg.SWAP.*_LOSS)")
         for kind, by_set in (("train", self.train), ("test", self.test)):
             for name in SETS:
                 if not by_set.get(name):

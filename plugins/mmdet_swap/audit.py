@@ -11,6 +11,10 @@ Relearn attack: every weight of a copy of the merged model is fine-tuned with th
 objects labelled), in batches of the train batch size, then the forget set is scored again by the report's
 scorer (``SetScorer``: bbox AP over the union of the sets' test images).
 
+Revival test: the same fine-tuning on ``revival_shots`` train images per retained class of the retain set (as its
+role trained on it), then the forget set scored again. Prototype attack: class means of ``prototype_shots`` train
+objects per class on the probes' features, scored on the test objects of the forgotten classes.
+
 Neighbour mass: the sigmoid class scores of the queries matched to forgotten test objects, summed over the
 classes the pretrained model scored highest on them (other than the forgotten ones).
 
@@ -82,7 +86,8 @@ def matched_queries(model: nn.Module, dataset: Dataset, classes: Sequence[int],
 
 def audit_detector(model: nn.Module, pretrained_buffers: Mapping[str, torch.Tensor] | None,
                    grown: Mapping[str, GrownRows], scorer: SetScorer,
-                   probe_sets: Mapping[str, Dataset], attack_set: Dataset, sets: Mapping[str, Sequence[int]],
+                   probe_sets: Mapping[str, Dataset], attack_sets: Mapping[str, Dataset],
+                   sets: Mapping[str, Sequence[int]],
                    settings: AuditSettings, batch_sizes: tuple[int, int],
                    probe_images: int = PROBE_IMAGES) -> dict[str, Any]:
     """The audit of the pretrained and the swapped detector (``SwapReport.audit``).
@@ -93,7 +98,9 @@ def audit_detector(model: nn.Module, pretrained_buffers: Mapping[str, torch.Tens
         grown: the grown class rows (hidden in the pretrained row).
         scorer: the report's scorer; its ``forget`` score is the audit's forget score.
         probe_sets: ``{"train": ds, "test": ds}``: images of the forget and retain sets through the test pipeline.
-        attack_set: the forget set's train images through the train pipeline (forgotten objects labelled).
+        attack_sets: the forget and the retain set's train images through the train pipeline, as the swap trains
+            on them (``"forget"``: the relearn attack's, the forgotten objects labelled; ``"retain"``: the revival
+            test's).
         sets: per set, its joint class ids.
         settings: the audit settings.
         batch_sizes: the train and the test batch size.
@@ -103,12 +110,15 @@ def audit_detector(model: nn.Module, pretrained_buffers: Mapping[str, torch.Tens
     train_batch, test_batch = batch_sizes
     drawn = {split: Subset(ds, drawn_indices(len(ds), probe_images, settings.seed))
              for split, ds in probe_sets.items()}
-    forget_images = [{i["bbox_label"] for i in attack_set.get_data_info(j)["instances"]}
-                     for j in range(len(attack_set))]
-    shots = sorted({j for c in forget for j in few_shot_indices(
-        [c if c in labels else -1 for labels in forget_images], [c], settings.relearn_shots, settings.seed)})
-    attack = [pseudo_collate([attack_set[j] for j in shots[k:k + train_batch]])
-              for k in range(0, len(shots), train_batch)]
+
+    def shot_batches(role: str, shots: int) -> list[dict]:
+        """``shots`` images per class of ``role``'s set (an image counts for every class in it), in train batches."""
+        dataset = attack_sets[role]
+        labels = [{i["bbox_label"] for i in dataset.get_data_info(j)["instances"]} for j in range(len(dataset))]
+        picked = sorted({j for c in sets[role] for j in few_shot_indices(
+            [c if c in present else -1 for present in labels], [c], shots, settings.seed)})
+        return [pseudo_collate([dataset[j] for j in picked[k:k + train_batch]])
+                for k in range(0, len(picked), train_batch)]
 
     def features(m: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings, _, labels = matched_queries(m, drawn[split], observed, test_batch)
@@ -122,9 +132,10 @@ def audit_detector(model: nn.Module, pretrained_buffers: Mapping[str, torch.Tens
     host = AuditHost(
         features=features,
         forget_score=lambda m: scorer(m)["forget"],
-        attack_batches=attack,
+        attack_batches=shot_batches("forget", settings.relearn_shots),
         batch_loss=batch_loss,
         forget_probs=lambda m: matched_queries(m, probe_sets["test"], forget, test_batch)[1],
+        retain_batches=shot_batches("retain", settings.revival_shots),
     )
     pretrained, swapped = pretrained_model(model, pretrained_buffers), merge_and_export(model)
     with hidden_new_classes(pretrained, grown):

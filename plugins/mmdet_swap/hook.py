@@ -128,7 +128,7 @@ class SwapHook(Hook):
                                   "with the new classes' COCO files.")
         classes = {name: spec.get("classes") or None for name, spec in self.specs.items()}
         self.config = SwapConfig.preset("detection", **classes, **settings)
-        self.config.refuse_distillation("SwapHook (learn_loss / forget_loss distill)")
+        self.config.refuse_timm_only_terms("SwapHook (learn_loss / forget_loss)")
         self.batch_size = batch_size
         self.checkpoint_interval = checkpoint_interval
         self.out_dir = out_dir
@@ -349,8 +349,8 @@ class SwapHook(Hook):
                       for split, cfg_split in (("train", "train"), ("test", "val"))}
         batch_sizes = (self.batch_size or runner.cfg.train_dataloader.batch_size,
                        runner.cfg.val_dataloader.get("batch_size", 1))
-        attack_set = DATASETS.build(self.train_sets["forget"])
-        audit = audit_detector(self.model, self.pretrained_buffers, self.grown, self.scorer, probe_sets, attack_set,
+        attack_sets = {role: DATASETS.build(self.train_sets[role]) for role in ("forget", "retain")}
+        audit = audit_detector(self.model, self.pretrained_buffers, self.grown, self.scorer, probe_sets, attack_sets,
                                self.sets, settings, batch_sizes, probe_images)
         runner.logger.info(f"SwapHook: audit {audit}")
         return audit

@@ -1,9 +1,11 @@
 """``--swap-audit``: the core unlearning audit (``kswap.run_audit``) on a timm classifier.
 
 Features are timm's pre-logits (``forward_head(..., pre_logits=True)``); probes train on the forget and retain
-images of the train split and are scored on those of the validation split; the relearn attack fine-tunes every
-weight of a copy of the merged model on ``k`` train images per forgotten class. The "pretrained" row is the
-same model with its LoRA adapters switched off and the new classes hidden, i.e. the pretrained classifier.
+images of the train split and are scored on those of the validation split (disjoint images), as are the prototype
+attack's class means; the relearn attack fine-tunes every weight of a copy of the merged model on ``k`` train images
+per forgotten class, the revival test on ``revival_shots`` train images per retained class (cross-entropy on the
+joint head, as the swap trains). The "pretrained" row is the same model with its LoRA adapters switched off and the
+new classes hidden, i.e. the pretrained classifier.
 Runs on the main process only, after training, on copies: the exported model is never touched.
 """
 
@@ -73,6 +75,9 @@ def audit_classifier(model: nn.Module, grown: Mapping[str, GrownRows], sets: Map
     forget_test = _stack(sets["test"]["forget"], batch_size)
     shots = few_shot_indices(_labels(sets["train"]["forget"]), forget_ids, settings.relearn_shots, settings.seed)
     attack = _stack(Subset(sets["train"]["forget"], shots), batch_size)
+    retain_labels = _labels(sets["train"]["retain"])
+    kept = few_shot_indices(retain_labels, sorted(set(retain_labels)), settings.revival_shots, settings.seed)
+    revival = _stack(Subset(sets["train"]["retain"], kept), batch_size)
 
     def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x)
@@ -84,6 +89,8 @@ def audit_classifier(model: nn.Module, grown: Mapping[str, GrownRows], sets: Map
         attack_batches=[(attack[0].to(device), attack[1].to(device))],
         batch_loss=lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]),
         forget_probs=lambda m: _batched(m, forget_test[0], logits, device, batch_size).softmax(-1),
+        retain_batches=[(x.to(device), y.to(device)) for x, y in zip(*(t.split(batch_size) for t in revival),
+                                                                     strict=True)],
     )
     pretrained, swapped = pretrained_model(model), merge_and_export(model)
     with hidden_new_classes(pretrained, grown):

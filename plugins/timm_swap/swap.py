@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,13 @@ from kswap import (
     SwapConfigError,
     SwapRound,
     SwapSession,
+    arg_docs,
+    captured_input,
     config_fields,
     config_from_fields,
     distillation_loss,
     earlier_round_sets,
+    feature_mmd_loss,
     imprinted_rows,
     loss_key,
     parent_of,
@@ -159,12 +163,11 @@ class SwapPlugin:
         g.add_argument("--swap-audit", action="store_true",
                        help="after the swap, audit the forgetting: linear probes on the pre-logits, a relearn attack "
                             "and the neighbour-class mass, for the pretrained and the swapped model (in the report)")
-        g.add_argument("--swap-audit-relearn-shots", type=int, default=AuditSettings.relearn_shots,
-                       help="images per forgotten class given to the relearn attack")
-        g.add_argument("--swap-audit-relearn-steps", type=int, default=AuditSettings.relearn_steps,
-                       help="optimizer steps of the relearn attack")
-        g.add_argument("--swap-audit-relearn-lr", type=float, default=AuditSettings.relearn_lr,
-                       help="AdamW learning rate of the relearn attack (every weight of a copy of the merged model)")
+        docs = arg_docs(AuditSettings)
+        for f in fields(AuditSettings):
+            if f.name != "seed":  # the run's --seed
+                g.add_argument(f"--swap-audit-{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                               help=docs[f.name])
         g.add_argument("--swap-opt", default="adamw", help="the swap's optimizer (timm name); replaces --opt")
         g.add_argument("--swap-lr", type=float, default=1e-2, help="the swap's learning rate; replaces --lr")
         g.add_argument("--swap-weight-decay", type=float, default=0.05, help="replaces --weight-decay")
@@ -389,10 +392,15 @@ class SwapPlugin:
             with teacher.active(ctx.model) as model:
                 teacher_logits = model(step.batch["retain"][0].to(ctx.device))
         # One forward over all roles' images: DDP sees each parameter used once before the backward.
-        logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
+        with captured_input(ctx.model.get_classifier()) as head_input:
+            logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
         task = {r: F.cross_entropy(logits[r], step.batch[r][1].to(ctx.device)) for r in roles}
         distill = distillation_loss(logits["retain"], teacher_logits) if teacher is not None else None
-        out = self.session.phase_loss(task, distill, phase)
+        mmd = None
+        if "forget" in roles and self.session.weights(phase).feature_mmd:
+            features = dict(zip(roles, head_input[0].split(sizes), strict=True))
+            mmd = feature_mmd_loss(features["forget"], features["retain"])
+        out = self.session.phase_loss(task, distill, phase, feature_mmd=mmd)
         return {"loss": out.total, **{loss_key(k): v for k, v in out.terms.items() if k != "total"}}
 
     # -- evaluation and report -----------------------------------------------------------------------------------
@@ -452,9 +460,8 @@ class SwapPlugin:
 
     def _audit(self, ctx: TrainContext) -> dict[str, Any]:
         args = ctx.args
-        settings = AuditSettings(relearn_shots=args.swap_audit_relearn_shots,
-                                 relearn_steps=args.swap_audit_relearn_steps, relearn_lr=args.swap_audit_relearn_lr,
-                                 seed=args.seed)
+        settings = AuditSettings(**{f.name: getattr(args, f"swap_audit_{f.name}") for f in fields(AuditSettings)
+                                    if f.name != "seed"}, seed=args.seed)
         tqdm.write(f"swap: auditing the forgetting ({settings})")
         sets = {"train": self.train_sets, "test": {name: loader.dataset for name, loader in self.eval_loaders.items()}}
         return audit_classifier(ctx.model, self.prepared.grown, sets, self.sets["forget"], settings, ctx.device,

@@ -10,6 +10,7 @@ from kswap import (
     SwapReport,
     bounded_forget_loss,
     distillation_loss,
+    feature_mmd_loss,
     group_sparse_loss,
     sum_task_loss,
 )
@@ -137,3 +138,21 @@ def test_phase_loss_weights_the_distill_term():
     assert out.terms["retain/distill"].item() == 4.0
     with pytest.raises(SwapConfigError, match="distill must be >= 0"):
         LossWeights(distill=-1.0).validate("forget_loss")
+
+
+def test_feature_mmd_moves_forget_features_into_the_retain_distribution():
+    gen = torch.Generator().manual_seed(0)
+    retain = torch.randn(64, 16, generator=gen)
+    same = torch.randn(64, 16, generator=gen)
+    apart = (torch.randn(64, 16, generator=gen) + 3.0).requires_grad_()
+    assert feature_mmd_loss(same, retain) < 0.1 * feature_mmd_loss(apart, retain)
+    loss = feature_mmd_loss(apart, retain.requires_grad_())
+    loss.backward()
+    assert retain.grad is None  # the retain features are the target, not moved
+    # descending the term moves the forget features towards the retain ones (whose mean is 0)
+    assert (apart.grad.mean(0) > 0).all()
+    out = PhaseLoss(LossWeights(retain_weight=1.0, beta=0.0, alpha=0.0, feature_mmd=2.0))(
+        {"retain": torch.tensor(1.0)}, feature_mmd=torch.tensor(0.25))
+    assert out.total.item() == pytest.approx(1.5) and out.terms["forget/feature_mmd"].item() == 0.25
+    with pytest.raises(SwapConfigError, match="feature_mmd must be >= 0"):
+        LossWeights(feature_mmd=-1.0).validate("forget_loss")

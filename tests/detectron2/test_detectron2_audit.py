@@ -42,7 +42,8 @@ def test_audit_mask_pooling_averages_each_class_over_its_pixels():
 
 def test_audit_reports_probe_relearn_and_neighbour_mass_for_segmentation(glyph_spec, d2_pretrained, tmp_path):
     cfg = swap_glyphs(glyph_cfg(str(tmp_path)), d2_pretrained, learn=40, forget=8, AUDIT__ENABLED=True,
-                      AUDIT__RELEARN_STEPS=10, AUDIT__RELEARN_LR=1e-3, AUDIT__PROBE_IMAGES=150)
+                      AUDIT__RELEARN_STEPS=10, AUDIT__RELEARN_LR=1e-3, AUDIT__REVIVAL_SHOTS=2,
+                      AUDIT__REVIVAL_STEPS=5, AUDIT__REVIVAL_LR=1e-3, AUDIT__PROBE_IMAGES=150)
     trainer = run_swap(cfg)
     report = json.loads((tmp_path / "swap_report.json").read_text())
     audit, before, after = report["audit"], report["metrics"]["before"], report["metrics"]["after"]
@@ -52,13 +53,15 @@ def test_audit_reports_probe_relearn_and_neighbour_mass_for_segmentation(glyph_s
     assert swapped["forget_score"] == pytest.approx(after["forget"], abs=0.1)
     assert pre["probe_forget_vs_retain"] > 80  # digit 3's pixels are linearly apart in the pretrained features
     for row in (pre, swapped):
-        assert 0 <= row["relearn_forget_score"] <= 100 and 0 <= row["neighbour_mass"] <= 100
+        for key in ("relearn_forget_score", "revival_forget_score", "prototype_forget_score", "neighbour_mass"):
+            assert 0 <= row[key] <= 100, (key, row)
         assert row["probe_forget_classes"] is None  # one forgotten class
     # ten steps on five images of digit 3 bring part of it back (about 28 -> 42 here)
     assert swapped["relearn_forget_score"] > swapped["forget_score"] + 3
     assert audit["settings"] == {"probe_steps": 100, "relearn_shots": 5, "relearn_steps": 10, "relearn_lr": 1e-3,
+                                 "revival_shots": 2, "revival_steps": 5, "revival_lr": 1e-3, "prototype_shots": 5,
                                  "neighbours": 3, "seed": 0}
-    assert "## Unlearning audit" in (tmp_path / "swap_report.md").read_text()
+    assert f"Verdict: {audit['verdict']}." in (tmp_path / "swap_report.md").read_text()
     # the attack fine-tuned copies: the exported model is the swapped model itself
     exported = torch.load(tmp_path / "model_swapped.pth", weights_only=True)["model"]
     merged = merge_and_export(trainer.model).state_dict()

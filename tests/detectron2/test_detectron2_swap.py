@@ -564,10 +564,13 @@ def test_a_batch_without_target_pixels_is_named(glyph_spec, tmp_path):
         model([sample])
 
 
-def test_distillation_is_refused_before_a_model_is_built(glyph_spec, tmp_path):
-    # The model's loss has no distillation term: a weight for one is refused, not silently left out.
-    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth", FORGET_LOSS__DISTILL=0.5)
-    with pytest.raises(SwapConfigError, match=r"no distillation term: set forget_loss.distill to 0"):
+@pytest.mark.parametrize("key, message", [
+    ("FORGET_LOSS__DISTILL", "no distillation term: set forget_loss.distill"),
+    ("FORGET_LOSS__FEATURE_MMD", "no feature MMD term: set forget_loss.feature_mmd")])
+def test_timm_only_terms_are_refused_before_a_model_is_built(glyph_spec, tmp_path, key, message):
+    # The model's loss has no such term: a weight for one is refused, not silently left out.
+    cfg = swap_glyphs(glyph_cfg(str(tmp_path)), "unused.pth", **{key: 0.5})
+    with pytest.raises(SwapConfigError, match=message):
         SwapTrainer(cfg)
 
 

@@ -87,7 +87,7 @@ class ExportBeforeAudit(Hook):
 
 
 # A small audit: the test checks its wiring and rows, the bench measures it at the default settings.
-AUDIT = dict(relearn_shots=3, relearn_steps=8, probe_steps=50, probe_images=150)
+AUDIT = dict(relearn_shots=3, relearn_steps=8, revival_shots=2, revival_steps=4, probe_steps=50, probe_images=150)
 
 
 @pytest.fixture(scope="session")
@@ -250,9 +250,11 @@ def test_audit_rows_for_the_pretrained_and_the_swapped_detector(swap_run):
     assert audit["settings"] == {**audit["settings"], **settings} and audit["settings"]["seed"] == runner.seed
     for row in ("pretrained", "swapped"):
         assert set(audit[row]) == {"forget_score", "probe_forget_vs_retain", "probe_forget_classes",
-                                   "relearn_forget_score", "neighbour_mass"}, audit
+                                   "relearn_forget_score", "revival_forget_score", "prototype_forget_score",
+                                   "neighbour_mass"}, audit
         assert audit[row]["probe_forget_classes"] is None  # one forget class
         assert 0 <= audit[row]["neighbour_mass"] <= 100 * len(audit["neighbours"])
+        assert 0 <= audit[row]["revival_forget_score"] <= 100 and 0 <= audit[row]["prototype_forget_score"] <= 100
     # The audit's forget score is the report's: the pretrained row is the pretrained model, the swapped row the
     # merged export.
     assert audit["pretrained"]["forget_score"] == pytest.approx(before["forget"], abs=0.05), (audit, before)
@@ -262,6 +264,7 @@ def test_audit_rows_for_the_pretrained_and_the_swapped_detector(swap_run):
     assert set(audit["neighbours"]).isdisjoint({0}) and len(audit["neighbours"]) == 3, audit
     table = (work / "swap_report.md").read_text()
     assert "## Unlearning audit" in table and "| swapped |" in table and "| pretrained |" in table, table
+    assert f"Verdict: {audit['verdict']}." in table and "retain-only fine-tuning" in audit["verdict"], table
 
 
 def test_audit_leaves_the_export_unchanged(swap_run):
@@ -516,6 +519,8 @@ def test_hook_takes_every_swap_setting():
     # The detector's loss has no distillation term: a weight for one is refused, not silently left out.
     with pytest.raises(SwapConfigError, match=r"no distillation term: set forget_loss.distill to 0"):
         SwapHook(forget=["0"], learn=LEARN_SPEC, forget_loss=dict(distill=1.0))
+    with pytest.raises(SwapConfigError, match=r"no feature MMD term: set forget_loss.feature_mmd to 0"):
+        SwapHook(forget=["0"], learn=LEARN_SPEC, forget_loss=dict(feature_mmd=1.0))
 
 
 class OptimizerProbe(Hook):

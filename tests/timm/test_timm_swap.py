@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kswap import SwapConfig, config_fields, load_checkpoint, loss_key, merge_and_export
+from kswap import (
+    SwapConfig,
+    config_fields,
+    feature_mmd_loss,
+    load_checkpoint,
+    loss_key,
+    merge_and_export,
+    pretrained_model,
+)
 from timm_swap.train import main
 
 from swap_testing.models import TINY_VIT_FLAGS
@@ -403,7 +411,8 @@ def test_ddp_two_processes_match_single_process(digit_folders, pretrained, tmp_p
 
 def test_audit_reports_probe_relearn_and_neighbour_mass(digit_folders, pretrained, tmp_path):
     ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "audit", "--swap-audit",
-                         "--swap-audit-relearn-steps", "20", "--swap-audit-relearn-lr", "1e-3"))
+                         "--swap-audit-relearn-steps", "20", "--swap-audit-relearn-lr", "1e-3",
+                         "--swap-audit-revival-steps", "10", "--swap-audit-revival-lr", "1e-3"))
     out = ctx.output_dir
     report = json.loads((out / "swap_report.json").read_text())
     audit, before, after = report["audit"], report["metrics"]["before"], report["metrics"]["after"]
@@ -412,16 +421,41 @@ def test_audit_reports_probe_relearn_and_neighbour_mass(digit_folders, pretraine
     assert pre["forget_score"] == pytest.approx(before["forget"], abs=0.5)
     assert swapped["forget_score"] == pytest.approx(after["forget"], abs=1.0)
     assert pre["probe_forget_vs_retain"] > 80  # digit 0 is linearly separable in the pretrained features
+    # class means of five train images per digit find the pretrained model's zeros among the validation images
+    assert pre["prototype_forget_score"] > 50
     for row in (pre, swapped):
-        assert 0 <= row["relearn_forget_score"] <= 100 and 0 <= row["neighbour_mass"] <= 100
+        for key in ("relearn_forget_score", "revival_forget_score", "prototype_forget_score", "neighbour_mass"):
+            assert 0 <= row[key] <= 100, (key, row)
         assert row["probe_forget_classes"] is None  # one forgotten class
+    # ten steps on retained digits alone (no zero among them) cannot teach the pretrained model its zeros better
+    assert pre["revival_forget_score"] <= pre["forget_score"] + 5, pre
     assert audit["settings"] == {"probe_steps": 100, "relearn_shots": 5, "relearn_steps": 20, "relearn_lr": 1e-3,
+                                 "revival_shots": 10, "revival_steps": 10, "revival_lr": 1e-3, "prototype_shots": 5,
                                  "neighbours": 3, "seed": 0}
-    assert "## Unlearning audit" in (out / "swap_report.md").read_text()
+    assert f"Verdict: {audit['verdict']}." in (out / "swap_report.md").read_text()
+    assert audit["verdict"].startswith("features ") and "retain-only fine-tuning" in audit["verdict"]
     # the attack fine-tuned copies: the exported model is the swapped model itself
     exported = load_checkpoint(out / "model_swapped.pth")["state_dict"]
     merged = merge_and_export(ctx.model).state_dict()
     assert exported.keys() == merged.keys() and all(torch.equal(exported[k], v) for k, v in merged.items())
+
+
+def test_feature_mmd_pulls_forget_features_into_the_retain_ones(digit_folders, pretrained, digits, tmp_path):
+    """--swap-forget-loss-feature-mmd: the forget phase moves the held-out zeros' pre-logits into the retained
+    digits' distribution (what the audit's probes read). No ascent (beta 0): the term alone moves them."""
+    ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "mmd", "--swap-learn-length", "1steps",
+                         "--swap-forget-length", "60steps", "--swap-forget-loss-beta", "0",
+                         "--swap-forget-loss-feature-mmd", "5"))
+    x, y = digits
+    held_out = slice(1400, None)  # the digit folders' validation images, normalised as --mean/--std say
+    x, y = (x[held_out] - 0.5) / 0.5, y[held_out]
+
+    def mmd(model):
+        with torch.no_grad():
+            f = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+        return float(feature_mmd_loss(f[y == 0], f[(y > 0) & (y < 8)]))
+
+    assert mmd(merge_and_export(ctx.model)) < 0.5 * mmd(pretrained_model(ctx.model))
 
 
 def test_imprinted_head_rows_point_at_the_new_classes(digit_folders, pretrained, tmp_path):
