@@ -77,6 +77,7 @@ from .session import (
     SwapSession,
     adapt_checkpoint,
     adapt_model,
+    grow_head,
     prepare_model,
 )
 
@@ -90,10 +91,10 @@ __all__ = [
     "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport", "SwapSession", "adapt_checkpoint", "adapt_model",
     "atomic_save", "atomic_write_text", "bounded_forget_loss", "check_head_size", "config_fields",
     "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "extend_embedding",
-    "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "hidden_new_classes",
-    "imprinted_rows", "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict",
-    "loss_key", "matching_linears", "merge_and_export", "merge_role_batches", "plan_phases", "prepare_model",
-    "pretrained_model", "reinit_lora_", "replace_module", "role_rows", "run_audit", "score_key",
+    "extend_head", "freeze_all_but_lora_", "group_sparse_loss", "grow_checkpoint_rows", "grow_head",
+    "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint", "load_lora_model_state", "lora_groups",
+    "lora_state_dict", "loss_key", "matching_linears", "merge_and_export", "merge_role_batches", "plan_phases",
+    "prepare_model", "pretrained_model", "reinit_lora_", "replace_module", "role_rows", "run_audit", "score_key",
     "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy",
     "validate_lora_state", "write_adapter", "write_merged_model",
 ]
