@@ -94,6 +94,7 @@ from .session import (
     SwapSession,
     adapt_checkpoint,
     adapt_model,
+    grow_head,
     prepare_model,
 )
 
@@ -109,7 +110,7 @@ __all__ = [
     "atomic_write_text", "bounded_forget_loss", "captured_input", "check_head_size", "config_fields",
     "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "earlier_round_sets",
     "extend_embedding", "extend_head", "feature_mmd_loss", "file_sha256", "freeze_all_but_lora_", "group_sparse_loss",
-    "grow_checkpoint_rows", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
+    "grow_checkpoint_rows", "grow_head", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
     "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key", "matching_linears", "merge_and_export",
     "merge_role_batches", "parent_of", "plan_phases", "prepare_model", "pretrained_model", "reinit_lora_",
     "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit", "score_key", "sigmoid_prior_bias",

@@ -88,13 +88,12 @@ class PreparedModel:
     adapted: list[str]
 
 
-def prepare_model(model: nn.Module, config: SwapConfig, head: str, num_pretrained: int, num_new: int, *,
-                  trailing_rows: int = 0, **head_kwargs: Any) -> PreparedModel:
-    """Check the head, grow it by the new classes, inject LoRA, freeze everything else, find the groups.
+def grow_head(model: nn.Module, head: str, num_pretrained: int, num_new: int, *, trailing_rows: int = 0,
+              **head_kwargs: Any) -> dict[str, GrownRows]:
+    """Check one classifier of ``model`` and grow it (in place) by the new classes; returns how its keys grew.
 
     Args:
-        model: the pretrained model (changed in place).
-        config: the swap config (LoRA settings).
+        model: the pretrained model.
         head: the dotted name of the classifier (an ``nn.Linear`` or 1x1 ``nn.Conv2d``).
         num_pretrained: the pretrained classes, which the head must have (plus ``trailing_rows``).
         num_new: the new classes.
@@ -106,8 +105,18 @@ def prepare_model(model: nn.Module, config: SwapConfig, head: str, num_pretraine
     check_head_size(rows, num_pretrained, trailing_rows, where=f"classifier {head}")
     replace_module(model, head, extend_head(old, num_new, trailing_rows=trailing_rows, **head_kwargs))
     grow = GrownRows(rows, rows + num_new, trailing_rows)
-    return adapt_model(model, config, {f"{head}.{p}": grow for p in ("weight", "bias")
-                                       if getattr(old, p, None) is not None})
+    return {f"{head}.{p}": grow for p in ("weight", "bias") if getattr(old, p, None) is not None}
+
+
+def prepare_model(model: nn.Module, config: SwapConfig, head: str, num_pretrained: int, num_new: int, *,
+                  trailing_rows: int = 0, **head_kwargs: Any) -> PreparedModel:
+    """Check the head, grow it by the new classes, inject LoRA, freeze everything else, find the groups.
+
+    A model with several classifiers (a distilled DeiT's two heads) grows each with ``grow_head``, then
+    ``adapt_model``. The arguments are ``grow_head``'s, with ``config`` the swap config (LoRA settings).
+    """
+    grown = grow_head(model, head, num_pretrained, num_new, trailing_rows=trailing_rows, **head_kwargs)
+    return adapt_model(model, config, grown)
 
 
 def adapt_model(model: nn.Module, config: SwapConfig, grown: dict[str, GrownRows]) -> PreparedModel:

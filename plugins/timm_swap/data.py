@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from kswap import ResumableSampler, SwapConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# Unreadable images named in the error (the count says how many more there are).
+UNREADABLE_SHOWN = 5
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid", "eval", "evaluation", "test")}
 
 
@@ -47,7 +50,38 @@ def check_image_folder(root: str | Path, split: str, what: str) -> Path:
             f"The {what} split {folder} has class folders without images: {empty}. Remove them or add images "
             "(an empty class folder shifts the ids of the classes after it)."
         )
+    bad = unreadable_images(folder)
+    if bad:
+        shown = "; ".join(f"{path} ({why})" for path, why in bad[:UNREADABLE_SHOWN])
+        more = f"; and {len(bad) - UNREADABLE_SHOWN} more" if len(bad) > UNREADABLE_SHOWN else ""
+        raise SwapConfigError(
+            f"The {what} split {folder} has {len(bad)} image file(s) that cannot be read: {shown}{more}. Delete them "
+            "or replace them with readable images (timm's loader would skip each one silently, every epoch, while "
+            "the scores still count it)."
+        )
     return folder
+
+
+def unreadable_images(folder: str | Path) -> list[tuple[str, str]]:
+    """The images of the ImageFolder split ``folder`` that cannot be read, each with the reason.
+
+    The files are those of timm's own folder scan; each is opened and checked by PIL (``verify``: the header, and
+    for PNG the chunk checksums), which is much cheaper than decoding every pixel.
+    """
+    from PIL import Image
+
+    images, _ = find_images_and_targets(str(folder))
+    bad = []
+    for path, _ in images:
+        if os.path.getsize(path) == 0:
+            bad.append((path, "zero bytes"))
+            continue
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # PIL raises OSError, SyntaxError, struct.error ... for a bad file
+            bad.append((path, f"{type(err).__name__}: {err}"))
+    return bad
 
 
 def folder_classes(root: str | Path, split: str) -> list[str]:

@@ -56,8 +56,9 @@ def compute_loss(ctx: TrainContext, step: Step) -> dict[str, Any] | None:
 
 
 @hookspec
-def on_period_start(ctx: TrainContext, step: Step) -> None:
-    """A period (an epoch of plain training, a phase of a swap) starts with ``step``."""
+def on_period_start(ctx: TrainContext, step: Step) -> dict[str, float] | None:
+    """A period (an epoch of plain training, a phase of a swap) starts with ``step``; metrics measured there (the
+    swap's "before" scores) are returned, and logged like ``evaluate``'s at the step count before ``step``."""
 
 
 @hookspec

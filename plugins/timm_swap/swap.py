@@ -30,6 +30,7 @@ from kswap import (
     PRESETS,
     AuditSettings,
     ConfigField,
+    GrownRows,
     LabelSpace,
     Order,
     Phase,
@@ -38,6 +39,7 @@ from kswap import (
     SwapConfigError,
     SwapRound,
     SwapSession,
+    adapt_model,
     arg_docs,
     captured_input,
     config_fields,
@@ -45,10 +47,10 @@ from kswap import (
     distillation_loss,
     earlier_round_sets,
     feature_mmd_loss,
+    grow_head,
     imprinted_rows,
     loss_key,
     parent_of,
-    prepare_model,
     score_key,
 )
 from kswap.audit import few_shot_indices
@@ -69,6 +71,7 @@ from .data import (
 )
 from .evaluation import evaluate_top1
 from .hookspecs import hookimpl
+from .models import architecture_kwargs, classifier_heads, load_call
 from .rounds import previous_round
 
 _logger = logging.getLogger(__name__)
@@ -231,22 +234,25 @@ class SwapPlugin:
     # -- model and data ------------------------------------------------------------------------------------------
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: TrainContext) -> None:
-        head = model.get_classifier()
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        if not isinstance(head, nn.Linear):
-            raise SwapConfigError(f"{ctx.args.model}'s classifier {head_name} is not a Linear layer.")
-        init = ctx.args.swap_head_init
-        if init == "imprint":
-            rows = dict(new_weight=imprinted_rows(head.weight, self._learn_features(model, ctx)),
-                        bias=float(head.bias.detach().mean()) if head.bias is not None else 0.0)
-        else:
-            rows = dict(init=init)
-        self.prepared = prepare_model(model, self.config, head_name, self.space.num_pretrained, len(self.space.new),
-                                      **rows)
+        # Every head grows (a distilled DeiT averages two): a head left out would not name the new classes.
+        heads = classifier_heads(model)
+        for head_name, head in heads.items():
+            if not isinstance(head, nn.Linear):
+                raise SwapConfigError(f"{ctx.args.model}'s classifier {head_name} is not a Linear layer.")
+        features = self._learn_features(model, ctx) if ctx.args.swap_head_init == "imprint" else None
+        grown: dict[str, GrownRows] = {}
+        for head_name, head in heads.items():
+            if features is not None:
+                rows = dict(new_weight=imprinted_rows(head.weight, features),
+                            bias=float(head.bias.detach().mean()) if head.bias is not None else 0.0)
+            else:
+                rows = dict(init=ctx.args.swap_head_init)
+            grown |= grow_head(model, head_name, self.space.num_pretrained, len(self.space.new), **rows)
+        self.prepared = adapt_model(model, self.config, grown)
         if ctx.is_main:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            tqdm.write(f"swap: LoRA in {len(self.prepared.groups)} groups, {n} trainable parameters; head "
-                       f"{head.out_features} -> {head.out_features + len(self.space.new)} classes (frozen)")
+            tqdm.write(f"swap: LoRA in {len(self.prepared.groups)} groups, {n} trainable parameters; "
+                       f"{', '.join(heads)} {self.space.num_pretrained} -> {self.space.num_classes} classes (frozen)")
 
     @torch.no_grad()
     def _learn_features(self, model: nn.Module, ctx: TrainContext) -> torch.Tensor:
@@ -405,9 +411,9 @@ class SwapPlugin:
 
     # -- evaluation and report -----------------------------------------------------------------------------------
     @hookimpl
-    def on_period_start(self, ctx: TrainContext, step: Step) -> None:
-        if step.global_step == 0:
-            self.session.score_before()  # unless resumed
+    def on_period_start(self, ctx: TrainContext, step: Step) -> dict[str, float] | None:
+        scores = self.session.score_before() if step.global_step == 0 else None  # None when resumed
+        return None if scores is None else {score_key(k): v for k, v in scores.items()}
 
     @hookimpl
     def after_step(self, ctx: TrainContext, step: Step, losses: dict[str, float]) -> None:
@@ -450,13 +456,13 @@ class SwapPlugin:
             return
         if ctx.args.swap_audit:
             self.session.report.audit = self._audit(ctx)
+        kwargs = architecture_kwargs(ctx.args)
         paths = self.session.export(ctx.output_dir, class_names=list(self.space.names),
-                                    num_classes=self.space.num_classes, arch=ctx.args.model)
+                                    num_classes=self.space.num_classes, arch=ctx.args.model, model_kwargs=kwargs)
         (ctx.output_dir / "class_names.json").write_text(json.dumps(list(self.space.names), indent=1))
         tqdm.write("\n" + self.session.report.to_markdown())
-        tqdm.write(f"swap: report {paths['md']}, merged model {paths['model']} "
-                   f"(timm.create_model('{ctx.args.model}', num_classes={self.space.num_classes}, "
-                   "checkpoint_path=...))")
+        tqdm.write(f"swap: report {paths['md']}; load the merged model with "
+                   f"{load_call(ctx.args.model, self.space.num_classes, paths['model'], kwargs)}")
 
     def _audit(self, ctx: TrainContext) -> dict[str, Any]:
         args = ctx.args

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,8 @@ from kswap import CheckpointMismatchError, SwapConfigError, atomic_save, load_ch
 from .context import Step, TrainContext
 from .data import check_image_folder, image_folder, resolve_split, resumable_loader
 from .evaluation import evaluate_top1
+from .interrupt import StopRequests
+from .models import architecture_kwargs, classifier_heads, creation_kwargs, wrong_model
 from .plugins import load_plugins
 from .timm_args import ParseKwargs, add_timm_arguments, check_timm_args
 
@@ -173,45 +176,42 @@ def create_model(args: argparse.Namespace) -> nn.Module:
     import timm
     from timm.models import load_state_dict
 
-    kwargs = dict(args.model_kwargs)
-    for flag, key in (("in_chans", "in_chans"), ("img_size", "img_size"), ("drop", "drop_rate"),
-                      ("drop_path", "drop_path_rate"), ("gp", "global_pool"), ("drop_block", "drop_block_rate"),
-                      ("bn_momentum", "bn_momentum"), ("bn_eps", "bn_eps")):
-        value = getattr(args, flag)
-        if value is not None:
-            kwargs[key] = value
-    if args.input_size is not None:
-        kwargs.setdefault("in_chans", args.input_size[0])
+    kwargs = creation_kwargs(args)
     if args.pretrained_path:
         # As timm's train.py: the file replaces the pretrained weights' source, its head adapted to --num-classes.
         kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, **kwargs)
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise SwapConfigError(f"--model {args.model} does not take the keywords of this run: {err}. "
+                              f"{wrong_model(args, args.initial_checkpoint)}") from None
     if args.initial_checkpoint:
         state = load_state_dict(args.initial_checkpoint, use_ema=False)
-        head = model.get_classifier()
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        rows = state.get(f"{head_name}.weight")
-        if rows is not None and isinstance(head, nn.Linear) and rows.shape[0] != head.out_features:
-            raise SwapConfigError(
-                f"--initial-checkpoint {args.initial_checkpoint} has a {rows.shape[0]}-class head "
-                f"({head_name}.weight {tuple(rows.shape)}), but --num-classes is {head.out_features}. "
-                f"Pass --num-classes {rows.shape[0]} (the classes the checkpoint was trained on)."
-            )
+        for head_name, head in classifier_heads(model).items():
+            rows = state.get(f"{head_name}.weight")
+            if rows is not None and isinstance(head, nn.Linear) and rows.shape[0] != head.out_features:
+                raise SwapConfigError(
+                    f"--initial-checkpoint {args.initial_checkpoint} has a {rows.shape[0]}-class head "
+                    f"({head_name}.weight {tuple(rows.shape)}), but --num-classes is {head.out_features}. "
+                    f"Pass --num-classes {rows.shape[0]} (the classes the checkpoint was trained on)."
+                )
         try:
             model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
+        except RuntimeError:
             raise CheckpointMismatchError(
-                f"--initial-checkpoint {args.initial_checkpoint} does not fit --model {args.model} "
-                f"with these --model-kwargs: {err}"
+                f"--initial-checkpoint {args.initial_checkpoint} does not fit --model {args.model}. "
+                f"{wrong_model(args, args.initial_checkpoint, state, model)}"
             ) from None
     # After the checkpoint, as timm (whose create_model loads it first).
-    head = model.get_classifier()
     with torch.no_grad():
-        if args.head_init_scale is not None:
-            head.weight.mul_(args.head_init_scale)
-            head.bias.mul_(args.head_init_scale)
-        if args.head_init_bias is not None:
-            head.bias.fill_(args.head_init_bias)
+        for head in classifier_heads(model).values():
+            if args.head_init_scale is not None:
+                head.weight.mul_(args.head_init_scale)
+                head.bias.mul_(args.head_init_scale)
+            if args.head_init_bias is not None:
+                head.bias.fill_(args.head_init_bias)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     return model
@@ -283,6 +283,7 @@ def default_loaders(ctx: TrainContext) -> dict[str, Any]:
                                          workers=args.workers, pin_memory=args.pin_mem)}
     val_split = resolve_split(args.data_dir, args.val_split)
     if (Path(args.data_dir) / val_split).is_dir():
+        check_image_folder(args.data_dir, val_split, "dataset")
         val_set = image_folder(args.data_dir, val_split, ctx.data_config, class_map=class_map)
         loaders["eval"] = resumable_loader(val_set, args.validation_batch_size or args.batch_size, shuffle=False,
                                            rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
@@ -353,45 +354,73 @@ class Trainer:
         quiet = not ctx.is_main or ctx.args.no_progress
         bar = tqdm(total=ctx.total_steps, initial=num_updates, disable=True if quiet else None,
                    dynamic_ncols=True, desc="train")
-        for step in steps:
-            if step.reset_optimizer:
-                ctx.optimizer = build_optimizer(ctx)
-            if step.new_lr_schedule is not None:
-                self.lr_schedule = step.new_lr_schedule
-            if step.new_lr_schedule is not None or (step.reset_optimizer and self.lr_schedule is not None):
-                # A scheduler drives the optimizer it was built on: a fresh optimizer gets the schedule rebuilt on
-                # it, which the positioning below continues where it was when the schedule does not restart.
-                ctx.lr_scheduler = build_lr_scheduler(ctx, *self.lr_schedule)
-            if step.starts_period:
-                pm.hook.on_period_start(ctx=ctx, step=step)
-            if ctx.lr_scheduler is not None:
-                # The LR of this update (timm's train.py sets it after the previous update, to the same values);
-                # each call is a no-op for the other kind of schedule (per epoch / per update).
-                if step.starts_epoch:
-                    ctx.lr_scheduler.step(step.lr_epoch)
-                ctx.lr_scheduler.step_update(num_updates=step.lr_update)
-            losses = self._update(step)
-            num_updates += 1
-            pm.hook.after_step(ctx=ctx, step=step, losses=losses)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", period=step.period, refresh=False)
-            if ctx.args.log_interval and num_updates % ctx.args.log_interval == 0:
-                # The total as timm logs it; a plugin's other terms under the plugin's own keys.
-                terms = {k: v for k, v in losses.items() if k != "loss"}
-                ctx.log({"train/loss": losses["loss"], **terms, "lr": self._lr()}, num_updates)
-                if ctx.is_main and bar.disable:
-                    print(f"[{step.period}] step {num_updates}/{ctx.total_steps} loss {losses['loss']:.4f} "
-                          f"lr {self._lr():.3g}", flush=True)
-            if step.ends_epoch and ctx.distributed and ctx.args.dist_bn in ("broadcast", "reduce"):
-                from timm.utils import distribute_bn
-
-                distribute_bn(ctx.model, ctx.world_size, reduce=ctx.args.dist_bn == "reduce")
-            validate = not self.owned and step.ends_epoch and (step.epoch + 1) % ctx.args.val_interval == 0
-            metrics = self._evaluate(step) if (step.ends_period or validate) else {}
-            if step.ends_epoch or (ctx.args.recovery_interval and num_updates % ctx.args.recovery_interval == 0):
-                self.save(step, metrics)
-        bar.close()
+        with StopRequests() as stop, contextlib.closing(bar):
+            for step in steps:
+                self._step(step, bar)
+                signum = stop.received(ctx.device)
+                if signum is not None:
+                    self._stop(step, signal.Signals(signum))
         pm.hook.on_train_end(ctx=ctx)
+
+    def _step(self, step: Step, bar: tqdm) -> None:
+        """One step: its optimizer and schedule changes, the update, its logs, evaluation and save."""
+        ctx, pm = self.ctx, self.pm
+        if step.reset_optimizer:
+            ctx.optimizer = build_optimizer(ctx)
+        if step.new_lr_schedule is not None:
+            self.lr_schedule = step.new_lr_schedule
+        if step.new_lr_schedule is not None or (step.reset_optimizer and self.lr_schedule is not None):
+            # A scheduler drives the optimizer it was built on: a fresh optimizer gets the schedule rebuilt on
+            # it, which the positioning below continues where it was when the schedule does not restart.
+            ctx.lr_scheduler = build_lr_scheduler(ctx, *self.lr_schedule)
+        if step.starts_period:
+            self._record(_merged(pm.hook.on_period_start(ctx=ctx, step=step)), step.global_step,
+                         f"[{step.period} start]")
+        if ctx.lr_scheduler is not None:
+            # The LR of this update (timm's train.py sets it after the previous update, to the same values);
+            # each call is a no-op for the other kind of schedule (per epoch / per update).
+            if step.starts_epoch:
+                ctx.lr_scheduler.step(step.lr_epoch)
+            ctx.lr_scheduler.step_update(num_updates=step.lr_update)
+        losses = self._update(step)
+        num_updates = step.global_step + 1
+        pm.hook.after_step(ctx=ctx, step=step, losses=losses)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['loss']:.3f}", period=step.period, refresh=False)
+        if ctx.args.log_interval and num_updates % ctx.args.log_interval == 0:
+            # The total as timm logs it; a plugin's other terms under the plugin's own keys.
+            terms = {k: v for k, v in losses.items() if k != "loss"}
+            ctx.log({"train/loss": losses["loss"], **terms, "lr": self._lr()}, num_updates)
+            if ctx.is_main and bar.disable:
+                print(f"[{step.period}] step {num_updates}/{ctx.total_steps} loss {losses['loss']:.4f} "
+                      f"lr {self._lr():.3g}", flush=True)
+        if step.ends_epoch and ctx.distributed and ctx.args.dist_bn in ("broadcast", "reduce"):
+            from timm.utils import distribute_bn
+
+            distribute_bn(ctx.model, ctx.world_size, reduce=ctx.args.dist_bn == "reduce")
+        validate = not self.owned and step.ends_epoch and (step.epoch + 1) % ctx.args.val_interval == 0
+        metrics = self._evaluate(step) if (step.ends_period or validate) else {}
+        if self._saves_after(step):
+            self.save(step, metrics)
+
+    def _stop(self, step: Step, received: signal.Signals) -> None:
+        """Save ``last.pth`` after ``step`` (unless it just was) and stop, saying where ``--resume`` continues."""
+        ctx = self.ctx
+        if not self._saves_after(step):
+            self.save(step, {})
+        if ctx.is_main:
+            last = ctx.output_dir / "last.pth"
+            done, steps = step.epoch * step.steps_per_epoch + step.step_in_epoch + 1, step.epochs * step.steps_per_epoch
+            where = f"{step.period} after {done} of its {steps} steps" if done < steps else \
+                f"with the period after {step.period}"
+            tqdm.write(f"{received.name}: stopped after step {step.global_step + 1} of {ctx.total_steps} and saved "
+                       f"{last}; --resume {last} continues {where}.")
+        raise SystemExit(128 + received)
+
+    def _saves_after(self, step: Step) -> bool:
+        """Whether ``last.pth`` is written after ``step``: at an epoch end and every ``--recovery-interval`` steps."""
+        interval = self.ctx.args.recovery_interval
+        return step.ends_epoch or bool(interval and (step.global_step + 1) % interval == 0)
 
     def _lr(self) -> float:
         return float(self.ctx.optimizer.param_groups[0]["lr"])
@@ -432,20 +461,23 @@ class Trainer:
 
     def _evaluate(self, step: Step) -> dict[str, float]:
         ctx = self.ctx
-        metrics: dict[str, float] = {}
-        for result in self.pm.hook.evaluate(ctx=ctx, step=step):
-            metrics.update(result or {})
+        metrics = _merged(self.pm.hook.evaluate(ctx=ctx, step=step))
         if not self.owned and "eval" in ctx.loaders:
             metrics["eval/top1"] = evaluate_top1(ctx.model, ctx.loaders["eval"], ctx.device)
-        if metrics:
-            ctx.log(metrics, step.global_step + 1)
-            if ctx.is_main:
-                shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-                tqdm.write(f"[{step.period} epoch {step.epoch}] {shown}")
-                if self.metrics_file is not None:
-                    with open(self.metrics_file, "a") as f:
-                        f.write(json.dumps({"step": step.global_step + 1, **metrics}) + "\n")
+        self._record(metrics, step.global_step + 1, f"[{step.period} epoch {step.epoch}]")
         return metrics
+
+    def _record(self, metrics: dict[str, float], at: int, label: str) -> None:
+        """Metrics measured after ``at`` updates to the run's logger (wandb), the console and ``metrics.jsonl``."""
+        if not metrics:
+            return
+        ctx = self.ctx
+        ctx.log(metrics, at)
+        if ctx.is_main:
+            tqdm.write(f"{label} {', '.join(f'{k} {v:.2f}' for k, v in metrics.items())}")
+            if self.metrics_file is not None:
+                with open(self.metrics_file, "a") as f:
+                    f.write(json.dumps({"step": at, **metrics}) + "\n")
 
     def save(self, step: Step, metrics: dict[str, float]) -> None:
         """Write ``last.pth`` atomically (and ``model_best.pth`` when the eval metric improves)."""
@@ -457,6 +489,7 @@ class Trainer:
             return
         checkpoint = {
             "arch": ctx.args.model,
+            "model_kwargs": architecture_kwargs(ctx.args),
             "state_dict": ctx.model.state_dict(),
             "optimizer": ctx.optimizer.state_dict(),
             "lr_scheduler": ctx.lr_scheduler.state_dict() if ctx.lr_scheduler is not None else None,
@@ -506,6 +539,11 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
+
+
+def _merged(results: list[dict[str, float] | None]) -> dict[str, float]:
+    """The metrics all plugins returned from one hook."""
+    return {k: v for result in results for k, v in (result or {}).items()}
 
 
 def _plain_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 TINY_VIT_FLAGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=64", "depth=2",
                   "num_heads=4", "--img-size", "8", "--in-chans", "1", "--mean", "0.5", "--std", "0.5", "--crop-pct",
                   "1.0", "-j", "0", "--no-progress", "--seed", "0", "--log-interval", "0"]
+# The same for a tiny distilled DeiT: two classifier heads (``head``, ``head_dist``) whose logits it averages.
+TINY_DEIT_FLAGS = ["--model", "deit_tiny_distilled_patch16_224", *TINY_VIT_FLAGS[2:]]
 
 
 def tiny_vit(num_classes: int = 10, depth: int = 2):

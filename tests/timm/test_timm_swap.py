@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,10 +23,12 @@ from kswap import (
     loss_key,
     merge_and_export,
     pretrained_model,
+    score_key,
 )
 from timm_swap.train import main
 
-from swap_testing.models import TINY_VIT_FLAGS
+from swap_testing.models import TINY_DEIT_FLAGS, TINY_VIT_FLAGS
+from swap_testing.wandb_log import wandb_history
 
 # The swap's optimizer and LR schedule are the preset's by default (AdamW 1e-2, cosine per phase, no warmup).
 SWAP = ["--plugin", "swap", "--swap-forget", "0", "--swap-learn-length", "100steps", "--swap-forget-length",
@@ -59,7 +63,7 @@ def test_plain_training_writes_timm_loadable_checkpoint(pretrained, digit_folder
     assert (pretrained.parent / "model_best.pth").exists()
 
 
-def test_swap_learns_forgets_retains_and_exports(digit_folders, pretrained, tmp_path):
+def test_swap_learns_forgets_retains_and_exports(digit_folders, pretrained, tmp_path, capsys):
     ctx = main(swap_args(digit_folders, pretrained, tmp_path, "--experiment", "swap", "--swap-eval-interval", "50",
                          "--swap-eval-images", "30"))
     out = ctx.output_dir
@@ -82,12 +86,16 @@ def test_swap_learns_forgets_retains_and_exports(digit_folders, pretrained, tmp_
         (whole, False)]
     assert 0 < report["timing"]["scoring_s"] < report["timing"]["run_s"] and "scoring took" in table
     assert report["classes"]["learn"] == ["eight", "nine"] and (out / "swap_report.png").exists()
-    # The merged export loads into plain timm in a process where kswap cannot be imported.
+    # The merged export loads into plain timm by the printed call (the run's --model-kwargs, --img-size, --in-chans
+    # recorded in it), in a process where kswap cannot be imported.
+    kwargs = {"patch_size": 2, "embed_dim": 64, "depth": 2, "num_heads": 4, "in_chans": 1, "img_size": 8}
+    assert load_checkpoint(out / "model_swapped.pth")["model_kwargs"] == kwargs
+    hint = capsys.readouterr().out.split("load the merged model with ")[1].splitlines()[0]
+    assert hint.startswith("timm.create_model('vit_tiny_patch16_224', num_classes=10, checkpoint_path=")
     code = textwrap.dedent(f"""
         import sys; sys.modules["kswap"] = None; sys.modules["timm_swap"] = None
         import timm, torch
-        m = timm.create_model("vit_tiny_patch16_224", patch_size=2, embed_dim=64, depth=2, num_heads=4, img_size=8,
-                              in_chans=1, num_classes=10, checkpoint_path={str(out / "model_swapped.pth")!r}).eval()
+        m = {hint}.eval()
         x = torch.load({str(tmp_path / "x.pt")!r})
         torch.save(m(x), {str(tmp_path / "y.pt")!r})
     """)
@@ -309,6 +317,11 @@ def test_yaml_config_and_unknown_keys(digit_folders, pretrained, tmp_path):
         parse_args(["-c", str(cfg)])
 
 
+# The flags of the model the tests' pretrained checkpoint records.
+RECORDED = ("--model vit_tiny_patch16_224 --model-kwargs patch_size=2 embed_dim=64 depth=2 num_heads=4 --in-chans 1 "
+            "--img-size 8")
+
+
 @pytest.fixture
 def learn_clash(digit_folders, tmp_path):
     """A learn folder with a class named like a pretrained one ("3")."""
@@ -329,11 +342,27 @@ def learn_clash(digit_folders, tmp_path):
     ("num_classes", r"--num-classes 9 is the size of the pretrained head, but --data-dir has 8 classes"),
     ("missing_learn", r"--swap-learn names \['ten'\]"),
     ("overlap", r"are in both the forget and the retain set"),
+    ("zero_byte_image", r"old/train has 1 image file\(s\) that cannot be read: \S+/train/3/\d+\.png \(zero bytes\)\. "
+                        r"Delete them or replace them with readable images"),
+    ("unreadable_image", r"new/val has 1 image file\(s\) that cannot be read: \S+/val/nine/bad\.png "
+                         r"\(UnidentifiedImageError: cannot identify image file"),
+    ("plain_zero_byte_image", r"old/val has 1 image file\(s\) that cannot be read: \S+/val/3/\d+\.png \(zero bytes\)"),
+    ("wrong_model", r"--model resnet18 does not take the keywords of this run: .*unexpected keyword argument .*\. "
+                    r"The checkpoint records the model it was trained as: pass " + re.escape(RECORDED) + r"\.$"),
+    ("wrong_model_kwargs", r"does not fit --model vit_tiny_patch16_224\. The checkpoint records the model it was "
+                           r"trained as: pass " + re.escape(RECORDED) + r"\.$"),
+    ("unrecorded_sizes", r"does not fit --model vit_tiny_patch16_224\. It has 1 of another shape, checkpoint vs model "
+                         r"\(e\.g\. pos_embed \(1, 17, 64\) vs \(1, 65, 64\)\)\. Likely the same architecture in "
+                         r"other sizes: pass the --model-kwargs, --img-size and --in-chans it was trained with"),
 ])
 def test_bad_input_fails_before_training(case, message, digit_folders, pretrained, tmp_path, learn_clash):
     import shutil
 
     args = swap_args(digit_folders, pretrained, tmp_path / "out", "--experiment", "bad")
+    if case.endswith("image"):
+        for part in ("old", "new"):
+            shutil.copytree(digit_folders / part, tmp_path / part)
+        args += ["--data-dir", str(tmp_path / "old"), "--swap-learn-dir", str(tmp_path / "new")]
     if case == "unknown_class":
         args += ["--swap-forget", "eleven"]
     elif case == "learn_clash":
@@ -357,6 +386,21 @@ def test_bad_input_fails_before_training(case, message, digit_folders, pretraine
         args += ["--swap-learn", "ten"]
     elif case == "overlap":
         args += ["--swap-retain", "0", "1"]
+    elif case == "zero_byte_image":
+        min((tmp_path / "old" / "train" / "3").iterdir()).write_bytes(b"")
+    elif case == "unreadable_image":
+        (tmp_path / "new" / "val" / "nine" / "bad.png").write_text("not an image")
+    elif case == "wrong_model":
+        args += ["--model", "resnet18"]
+    elif case == "wrong_model_kwargs":
+        args += ["--model-kwargs", "patch_size=2", "embed_dim=64", "depth=3", "num_heads=4"]
+    elif case == "unrecorded_sizes":  # a bare state dict: no model recorded, its keys say what is wrong
+        torch.save(load_checkpoint(pretrained)["state_dict"], tmp_path / "weights.pth")
+        args += ["--initial-checkpoint", str(tmp_path / "weights.pth"), "--img-size", "16"]
+    elif case == "plain_zero_byte_image":
+        min((tmp_path / "old" / "val" / "3").iterdir()).write_bytes(b"")
+        args = ["--data-dir", str(tmp_path / "old"), *TINY_VIT_FLAGS, "--num-classes", "8", "--epochs", "1",
+                "--output", str(tmp_path / "out")]
     with pytest.raises(SystemExit, match=message):
         main(args)
     assert not (tmp_path / "out").exists()
@@ -381,8 +425,15 @@ def test_wandb_offline(digit_folders, pretrained, tmp_path, monkeypatch):
     import wandb
 
     wandb.finish()
-    runs = list((ctx.output_dir / "wandb").glob("offline-run-*"))
-    assert runs and list(runs[0].glob("*.wandb"))
+    (run,) = (ctx.output_dir / "wandb").glob("offline-run-*")
+    # "before" goes to wandb and metrics.jsonl at step 0, with the keys of the scores after it.
+    before = {score_key(k): v for k, v in
+              json.loads((ctx.output_dir / "swap_report.json").read_text())["metrics"]["before"].items()}
+    history = wandb_history(run)
+    assert {k: history[0][k] for k in before} == before and history[0]["_step"] == 0
+    assert {k for k in history[-1] if k.startswith("swap/") and "/loss/" not in k} == set(before)
+    metrics = [json.loads(line) for line in (ctx.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0] == {"step": 0, **before} and [m["step"] for m in metrics] == [0, 4, 8]
 
 
 @pytest.mark.ddp
@@ -546,3 +597,87 @@ def test_a_swapped_checkpoint_with_another_num_classes_gets_one_hint(two_rounds,
                      "nine", "--swap-learn-dir", str(digit_folders / "old"))
     with pytest.raises(SystemExit, match=r"the classes it learned \['eight'\] are not class folders"):
         main(args)
+
+
+def test_distilled_deit_trains_swaps_both_heads_and_exports(digit_folders, tmp_path):
+    """A distilled DeiT (``get_classifier()`` gives two heads, their logits averaged): plain training from a checkpoint,
+    a swap that grows both heads, and the export loaded by plain timm."""
+    import timm
+
+    plain = ["--data-dir", str(digit_folders / "old"), *TINY_DEIT_FLAGS, "--num-classes", "8", "--opt", "adamw",
+             "--lr", "3e-3", "--no-aug", "--smoothing", "0", "--warmup-epochs", "0", "-b", "64", "--output",
+             str(tmp_path)]
+    scratch = main([*plain, "--epochs", "15", "--experiment", "scratch"])
+    tuned = main([*plain, "--epochs", "1", "--lr", "1e-3", "--experiment", "tuned", "--initial-checkpoint",
+                  str(scratch.output_dir / "last.pth")])
+    top1 = [json.loads(line)["eval/top1"] for line in (tuned.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert top1[-1] > 70, top1  # 8 classes: chance is 12.5
+    ctx = main(["--data-dir", str(digit_folders / "old"), "--swap-learn-dir", str(digit_folders / "new"),
+                *TINY_DEIT_FLAGS, *SWAP, "--initial-checkpoint", str(tuned.output_dir / "last.pth"), "--output",
+                str(tmp_path), "--experiment", "swap"])
+    assert ctx.model.head.weight.shape[0] == ctx.model.head_dist.weight.shape[0] == 10
+    metrics = json.loads((ctx.output_dir / "swap_report.json").read_text())["metrics"]
+    before, after = metrics["before"], metrics["after"]
+    assert before["forget"] > 70 and before["learn"] == 0, metrics
+    assert after["forget"] < 20 and after["learn"] > 40, metrics
+    model = timm.create_model("deit_tiny_distilled_patch16_224", patch_size=2, embed_dim=64, depth=2, num_heads=4,
+                              img_size=8, in_chans=1, num_classes=10,
+                              checkpoint_path=str(ctx.output_dir / "model_swapped.pth")).eval()
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(model(x), ctx.model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_phase_saves_and_resume_continues(digit_folders, pretrained, tmp_path, third_party_plugin,
+                                                     signum):
+    """Phases in steps and timm's default --recovery-interval 0 (no save before the phase ends): a signal to
+    train.py mid learn phase finishes the step, saves last.pth there and says where --resume continues; it does."""
+    args = swap_args(digit_folders, pretrained, tmp_path, "--experiment", "cut", "--swap-learn-length", "60steps",
+                     "--swap-forget-length", "2steps", "--log-interval", "1")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[2] / "train.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("[0_learn] step 5/"):
+            proc.send_signal(signum)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signum, out[-3000:]
+    last = tmp_path / "cut" / "last.pth"
+    scheduler = load_checkpoint(last)["plugins"]["swap"]["scheduler"]
+    done = scheduler["step_in_phase"]
+    assert scheduler["phase_index"] == 0 and 5 <= done < 60, scheduler
+    assert f"{signum.name}: stopped after step {done} of 62 and saved {last}; --resume {last} continues 0_learn " \
+           f"after {done} of its 60 steps." in out
+    resumed = main([*args, "--plugin", "stopat", "--resume", str(last)])
+    assert [s[:2] for s in resumed.seen] == [("0_learn", i) for i in range(done, 60)] + [("1_forget", 60),
+                                                                                        ("1_forget", 61)]
+    assert json.loads((tmp_path / "cut" / "swap_report.json").read_text())["metrics"]["before"]["forget"] > 85
+
+
+def test_readme_checkpoint_is_the_one_timm_writes(digit_folders, pretrained, tmp_path):
+    """The args.yaml example (README, docs/timm.md) passes --initial-checkpoint the best checkpoint of timm's
+    train.py, named as timm's CheckpointSaver names it; the swap loads that file, and with other --model-kwargs the
+    args timm recorded in it name the fix."""
+    import timm
+    from timm.utils import CheckpointSaver
+
+    from timm_swap.train import parse_args
+
+    root = Path(__file__).parents[2]
+    (named,) = {re.search(r"--initial-checkpoint output/train/<run>/(\S+)", (root / doc).read_text()).group(1)
+                for doc in ("README.md", "docs/timm.md")}
+    args, _ = parse_args([*TINY_VIT_FLAGS, "--num-classes", "8"])  # what timm's train.py records: its Namespace
+    model = timm.create_model("vit_tiny_patch16_224", patch_size=2, embed_dim=64, depth=2, num_heads=4, img_size=8,
+                              in_chans=1, num_classes=8, checkpoint_path=str(pretrained))
+    (tmp_path / "run").mkdir()  # timm's train.py makes the run's folder before its saver writes in it
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args,
+                            checkpoint_dir=str(tmp_path / "run"))
+    saver.save_checkpoint(epoch=0, metric=90.0)
+    best = tmp_path / "run" / named
+    assert best.is_file(), sorted(p.name for p in best.parent.iterdir())
+    ctx = main(swap_args(digit_folders, best, tmp_path, "--experiment", "from_timm", "--swap-learn-length", "2steps",
+                         "--swap-forget-length", "2steps"))
+    assert json.loads((ctx.output_dir / "swap_report.json").read_text())["metrics"]["before"]["forget"] > 85
+    with pytest.raises(SystemExit, match=re.escape(f"records the model it was trained as: pass {RECORDED}.")):
+        main([*swap_args(digit_folders, best, tmp_path / "bad"), "--model-kwargs", "patch_size=2", "embed_dim=64",
+              "depth=3", "num_heads=4"])
