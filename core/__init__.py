@@ -58,6 +58,7 @@ from .heads import (
     replace_module,
     sigmoid_prior_bias,
 )
+from .interrupt import StopRequests
 from .labels import ClassSets, LabelSpace, earlier_round_sets
 from .lora import (
     TARGET_PRESETS,
@@ -105,9 +106,9 @@ __all__ = [
     "AppliedAdapter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "ConfigField",
     "ForgetLoss", "GrownRows", "InfiniteLoader", "LabelSpace", "LearnLoss", "LoraSettings", "LoraSnapshot",
     "LossWeights", "Order", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler",
-    "PreparedModel", "ResumableSampler", "SwapAdapter", "SwapConfig", "SwapConfigError", "SwapHost", "SwapReport",
-    "SwapRound", "SwapSession", "adapt_checkpoint", "adapt_model", "apply_adapter", "arg_docs", "atomic_save",
-    "atomic_write_text", "bounded_forget_loss", "captured_input", "check_head_size", "config_fields",
+    "PreparedModel", "ResumableSampler", "StopRequests", "SwapAdapter", "SwapConfig", "SwapConfigError", "SwapHost",
+    "SwapReport", "SwapRound", "SwapSession", "adapt_checkpoint", "adapt_model", "apply_adapter", "arg_docs",
+    "atomic_save", "atomic_write_text", "bounded_forget_loss", "captured_input", "check_head_size", "config_fields",
     "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "earlier_round_sets",
     "extend_embedding", "extend_head", "feature_mmd_loss", "file_sha256", "freeze_all_but_lora_", "group_sparse_loss",
     "grow_checkpoint_rows", "grow_head", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",

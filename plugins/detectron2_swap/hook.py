@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,16 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
-from kswap import Phase, PreparedModel, SwapConfigError, SwapSession, lora_state_dict, loss_key, score_key
+from kswap import (
+    Phase,
+    PreparedModel,
+    StopRequests,
+    SwapConfigError,
+    SwapSession,
+    lora_state_dict,
+    loss_key,
+    score_key,
+)
 
 from .data import RoleBatches, SwapDataLoader
 from .export import export_test_sets
@@ -41,30 +49,6 @@ logger = logging.getLogger(f"detectron2.{__name__}")
 
 # score(subsample) -> (per-set mIoU or None off the main process, per set the number of images scored)
 Scores = Callable[[bool], "tuple[dict[str, float] | None, dict[str, int]]"]
-
-
-class StopSignals:
-    """While installed, SIGINT and SIGTERM (a scheduler's preemption) are recorded instead of ending the process at
-    once, so the trainer can stop at the end of a step with a checkpoint; a second SIGINT interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
-            self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _record(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class SwapHook(HookBase):
@@ -133,7 +117,7 @@ class SwapHook(HookBase):
                                   f"that another follows ({chained} iterations).")
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.unwritten_scores = False
-        self.stop = StopSignals()
+        self.stop = StopRequests()
 
     @property
     def restarts_lr(self) -> bool:
@@ -160,9 +144,10 @@ class SwapHook(HookBase):
             self.write_scores()
         if self.chain_from_iter and not session.done and session.scheduler.step_in_phase == self.chain_from_iter:
             self.snapshot = {k: v.detach().clone() for k, v in lora_state_dict(self.model).items()}
-        if self.stop_requested():
+        signum = self.stop.received(next(self.model.parameters()).device)
+        if signum is not None:
             self.checkpointer.save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
-            message = (f"Swap: stopped by {self.stop.received or 'another process'} after iteration "
+            message = (f"Swap: stopped by {signal.Signals(signum).name} after iteration "
                        f"{self.trainer.iter}, with a checkpoint: --resume goes on from there.")
             logger.warning(message)
             raise KeyboardInterrupt(message)
@@ -181,11 +166,6 @@ class SwapHook(HookBase):
                 report.tick()
                 report.write(self.out_dir)
                 logger.info("Swap report with the audit:\n" + report.to_markdown())
-
-    def stop_requested(self) -> bool:
-        """Whether this process, or any other (they stop at the same step), received SIGINT or SIGTERM."""
-        received = self.stop.received is not None
-        return any(comm.all_gather(received)) if comm.get_world_size() > 1 else received
 
     def put_scores(self, scores: dict[str, float] | None) -> None:
         """Log the sets' mIoU in the trainer's EventStorage as ``swap/<set>`` (when this process holds them),

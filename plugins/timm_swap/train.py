@@ -32,12 +32,11 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from kswap import CheckpointMismatchError, SwapConfigError, atomic_save, load_checkpoint
+from kswap import CheckpointMismatchError, StopRequests, SwapConfigError, atomic_save, load_checkpoint
 
 from .context import Step, TrainContext
 from .data import check_image_folder, image_folder, resolve_split, resumable_loader
 from .evaluation import evaluate_top1
-from .interrupt import StopRequests
 from .models import architecture_kwargs, classifier_heads, creation_kwargs, wrong_model
 from .plugins import load_plugins
 from .timm_args import ParseKwargs, add_timm_arguments, check_timm_args

@@ -21,14 +21,23 @@ class StopRequests:
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopRequests:
+    def install(self) -> None:
+        """Take SIGINT and SIGTERM over (a host whose hooks start and end the run, e.g. detectron2's)."""
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def uninstall(self) -> None:
+        """Give the process's own handlers back."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopRequests:
+        self.install()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        self.uninstall()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._signal is not None:
