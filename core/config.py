@@ -64,64 +64,6 @@ class PhaseLength:
 
 
 @dataclass(frozen=True)
-class LossWeights:
-    """Weights of one phase's loss: ``w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS``.
-
-    What ``PhaseLoss`` computes with; a config sets them per phase kind (``LearnLoss``, ``ForgetLoss``), a joint
-    phase taking its forgetting from the forget loss and its learn weight from the learn loss.
-
-    Args:
-        retain_weight: weight ``w_R`` of the task loss on the retain-side batch.
-        learn_weight: weight ``w_L`` of the task loss on the learn batch (learn and joint phases).
-        beta: weight of the bounded forgetting term (forget and joint phases).
-        bnd: bound on the forget-set task loss; the forgetting term is zero once the loss exceeds it.
-        alpha: weight of the group-sparse penalty on the LoRA groups.
-        bnd_relative: read ``bnd`` as a multiple of the forget-set task loss measured at the start of the forget
-            phase (``bnd=3`` ascends until that loss has tripled) instead of an absolute value (the reference).
-        distill: weight of a distillation term keeping the retain-side outputs at those of the model at the phase
-            start (``distillation_loss``): in a forget phase it protects what the learn phase just taught.
-            0 is the reference. timm only: mmdet and detectron2 refuse a non-zero weight.
-        feature_mmd: weight of ``feature_mmd_loss``, pulling the forget images' classifier-input features into the
-            retain batch's feature distribution (forget and joint phases). 0 is the reference. timm only.
-    """
-
-    retain_weight: float = 1.0
-    learn_weight: float = 1.0
-    beta: float = 0.2
-    bnd: float = 105.0
-    alpha: float = 0.01
-    bnd_relative: bool = False
-    distill: float = 0.0
-    feature_mmd: float = 0.0
-
-    def validate(self, where: str) -> None:
-        for name in ("retain_weight", "learn_weight", "beta", "alpha", "distill", "feature_mmd"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise SwapConfigError(f"{where}.{name} must be >= 0, got {value}.")
-        if not self.bnd > 0:
-            raise SwapConfigError(
-                f"{where}.bnd must be > 0, got {self.bnd}: it bounds the forget-set task loss from above "
-                "(reference: 105 classification, 15 detection, 115 segmentation)."
-            )
-        if self.bnd_relative and not self.bnd > 1:
-            raise SwapConfigError(
-                f"{where}.bnd={self.bnd} with bnd_relative must be > 1: the bound is that multiple of the forget "
-                "loss measured at the phase start, and a bound at or below it forgets nothing (try 2-5)."
-            )
-        if self.beta > 10:
-            raise SwapConfigError(f"{where}.beta={self.beta} is out of range (0..10; reference 0.2).")
-        if self.alpha > 10:
-            raise SwapConfigError(f"{where}.alpha={self.alpha} is out of range (0..10; reference 0.005-0.01).")
-
-    def resolve_bound(self, measured_forget_loss: float) -> LossWeights:
-        """These weights with an absolute ``bnd``: a relative bound becomes that multiple of the measured loss."""
-        if not self.bnd_relative:
-            return self
-        return dataclasses.replace(self, bnd=self.bnd * measured_forget_loss, bnd_relative=False)
-
-
-@dataclass(frozen=True)
 class LearnLoss:
     """Weights of a learn phase's loss: ``w_R·T(R) + w_L·T(L) + alpha·GS``.
 
@@ -181,6 +123,48 @@ class ForgetLoss:
 
     def validate(self, where: str) -> None:
         self.weights().validate(where)
+
+
+@dataclass(frozen=True)
+class LossWeights(ForgetLoss):
+    """What ``PhaseLoss`` computes a phase's loss with: ``w_R·T(R) + w_L·T(L) + beta·relu(bnd − T(F)) + alpha·GS``.
+
+    A forget loss's terms and a learn weight: a learn phase has no forgetting term (``LearnLoss.weights``), a forget
+    phase no learn batch, a joint phase both (``SwapConfig.joint_loss``).
+
+    Args:
+        learn_weight: weight ``w_L`` of the task loss on the learn batch (learn and joint phases).
+    """
+
+    learn_weight: float = 1.0
+
+    def validate(self, where: str) -> None:
+        for name in ("retain_weight", "learn_weight", "beta", "alpha", "distill", "feature_mmd"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise SwapConfigError(f"{where}.{name} must be >= 0, got {value}.")
+        if not self.bnd > 0:
+            raise SwapConfigError(
+                f"{where}.bnd must be > 0, got {self.bnd}: it bounds the forget-set task loss from above "
+                "(reference: 105 classification, 15 detection, 115 segmentation)."
+            )
+        if self.bnd_relative and not self.bnd > 1:
+            raise SwapConfigError(
+                f"{where}.bnd={self.bnd} with bnd_relative must be > 1: the bound is that multiple of the forget "
+                "loss measured at the phase start, and a bound at or below it forgets nothing (try 2-5)."
+            )
+        if self.beta > 10:
+            raise SwapConfigError(f"{where}.beta={self.beta} is out of range (0..10; reference 0.2).")
+        if self.alpha > 10:
+            raise SwapConfigError(f"{where}.alpha={self.alpha} is out of range (0..10; reference 0.005-0.01).")
+
+    def resolve_bound(self, measured_forget_loss: float) -> LossWeights:
+        """These weights with an absolute ``bnd``: a relative bound becomes that multiple of the measured loss."""
+        if not self.bnd_relative:
+            return self
+        return dataclasses.replace(self, bnd=self.bnd * measured_forget_loss, bnd_relative=False)
+
+
 
 
 @dataclass(frozen=True)
