@@ -109,7 +109,8 @@ class SwapTrainLoop(BaseLoop):
         swap.finish(runner)
         return runner.model
 
-    def _after_train_iter(self, data_batch: dict, outputs: Mapping[str, torch.Tensor], ended: Phase | None) -> bool:
+    def _after_train_iter(self, data_batch: dict, outputs: Mapping[str, torch.Tensor],
+                         ended: Phase | None) -> bool:
         """mmengine's ``after_train_iter`` on every hook, the checkpoint hooks last; a phase that ``ended`` at
         this step is scored (and logged) before they run, so that a checkpoint they write holds its scores.
 
