@@ -181,21 +181,27 @@ def grow_checkpoint_rows(state: dict[str, torch.Tensor], model_state: dict[str, 
     return done
 
 
-def check_checkpoint_rows(state: Mapping[str, torch.Tensor], grown: Mapping[str, GrownRows], hint: str = "") -> None:
-    """Refuse a checkpoint whose class rows are neither the pretrained nor the grown count, naming the pretrained
-    size (a shape check after growing would compare it with the grown head's, which means nothing to the user).
+def check_checkpoint_rows(state: Mapping[str, torch.Tensor], grown: Mapping[str, GrownRows], hint: str = "",
+                          grown_ok: bool = True) -> None:
+    """Refuse a checkpoint whose class rows are neither the pretrained nor (with ``grown_ok``) the grown count,
+    naming the pretrained size (a shape check after growing would compare it with the grown head's, which means
+    nothing to the user).
 
     Args:
         hint: the host's way to fix it, appended to the message.
+        grown_ok: accept the grown count (the swap's own resume checkpoints); ``False`` where the checkpoint must be
+            the pretrained model, so that a swapped model (as many rows as the grown head) is not swapped again
+            unnoticed.
     """
     for key, rows in grown.items():
-        if key not in state or state[key].shape[0] in (rows.old, rows.new):  # pretrained, or a swap's own
+        if key not in state or state[key].shape[0] == rows.old or (grown_ok and state[key].shape[0] == rows.new):
             continue
         classes = rows.old - rows.trailing
         trailing = f"{classes} + {rows.trailing} trailing = " if rows.trailing else ""
+        more = " (more rows than the pretrained classes: a swapped model?)" if state[key].shape[0] > rows.old else ""
         raise CheckpointMismatchError(
             f"The checkpoint's {key} has {state[key].shape[0]} rows, but the pretrained label space has {classes} "
-            f"classes ({trailing}{rows.old} rows). {hint}".rstrip())
+            f"classes ({trailing}{rows.old} rows){more}. {hint}".rstrip())
 
 
 def _hide_rows_hook(dim: int, rows: GrownRows):

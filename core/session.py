@@ -128,19 +128,20 @@ def adapt_model(model: nn.Module, config: SwapConfig, grown: dict[str, GrownRows
 
 
 def adapt_checkpoint(state: Mapping[str, torch.Tensor], model: nn.Module, grown: Mapping[str, GrownRows],
-                     hint: str = "") -> dict[str, torch.Tensor]:
+                     hint: str = "", grown_ok: bool = True) -> dict[str, torch.Tensor]:
     """A pretrained (or resumed) checkpoint's state dict for a prepared model: a DDP wrapper's ``module.`` prefix
     stripped, the class rows grown as the heads were, mapped to the LoRA-injected keys and checked to fit.
 
     Args:
         hint: how the host's user points at the right checkpoint, for the error on class rows of another size.
+        grown_ok: accept class rows already grown (a resume); ``False`` for a checkpoint that must be pretrained.
 
     Raises:
         CheckpointMismatchError: class rows of another label space; a key other than LoRA's missing, unexpected
             or of another shape.
     """
     plain = {k.removeprefix("module."): v for k, v in state.items()}
-    check_checkpoint_rows(plain, grown, hint)
+    check_checkpoint_rows(plain, grown, hint, grown_ok)
     grow_checkpoint_rows(plain, model.state_dict(), dict(grown))
     return validate_lora_state(model, plain)
 

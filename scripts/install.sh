@@ -22,7 +22,8 @@ PIP_PIN="pip==24.3.1"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 BUILD_PINS=("setuptools>=77.0.3,<81" wheel)
 TIMM_PINS=(timm==1.0.31 peft==0.21.2 pluggy==1.7.0 wandb==0.31.0)
-OPENMMLAB_PINS=(pycocotools==2.0.11 mmengine==0.10.7 mmdet==3.3.0)
+# fairscale: the activation checkpointing of DINO's encoder (num_cp), which the DDP test runs.
+OPENMMLAB_PINS=(pycocotools==2.0.11 mmengine==0.10.7 mmdet==3.3.0 fairscale==0.4.13)
 TOOL_PINS=(scikit-learn matplotlib pyyaml tqdm pytest ninja ruff)
 MMCV=mmcv==2.1.0
 # The patched build carries a local version label (scripts/patch_detectron2_sdist.py VERSION).

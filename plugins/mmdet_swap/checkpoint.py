@@ -1,4 +1,5 @@
-"""Local checkpoints of mmengine load under torch >= 2.6, where ``torch.load`` defaults to ``weights_only=True``.
+"""Local checkpoints of mmengine load under torch >= 2.6, where ``torch.load`` defaults to ``weights_only=True``;
+the global random states a resumed swap restores.
 
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, and its own checkpoints hold a message hub
 (``HistoryBuffer`` objects and NumPy arrays), so ``load_from`` and ``resume`` fail on them. Rather than turning
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os.path as osp
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,3 +46,26 @@ def local_checkpoint_loader() -> Iterator[None]:
         yield
     finally:
         CheckpointLoader.register_scheme(prefixes="", force=True)(previous)
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states a swap step draws from, as tensors and Python values (``weights_only`` loads them):
+    torch's (DINO's denoising queries), NumPy's and Python's (the pipeline's random transforms, e.g. mmdet's
+    ``RandomFlip`` and ``RandomChoice``, in the main process)."""
+    numpy = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(),
+            "numpy": {**numpy, "state": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+                                         "pos": numpy["state"]["pos"]}},
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any] | torch.Tensor) -> None:
+    """Restore ``rng_states()``; a bare tensor (a checkpoint of an earlier kswap) is torch's state alone."""
+    if isinstance(states, torch.Tensor):
+        torch.set_rng_state(states)
+        return
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    np.random.set_state({**numpy, "state": {"key": numpy["state"]["key"].numpy().astype(np.uint32),
+                                            "pos": numpy["state"]["pos"]}})
+    random.setstate(states["python"])

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -31,9 +32,13 @@ from typing import Any
 import torch
 from mmdet.registry import DATASETS
 from mmengine.config import Config
+from mmengine.fileio import exists, join_path
 from mmengine.hooks import Hook
+from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, LOOPS, OPTIM_WRAPPERS, OPTIMIZERS
+from mmengine.utils import is_abs
+from torch import nn
 from torch.utils.data import ConcatDataset
 
 from kswap import (
@@ -48,21 +53,51 @@ from kswap import (
     adapt_model,
     atomic_write_text,
     check_head_size,
-    loss_key,
     parent_of,
     score_key,
 )
 
 from .audit import PROBE_IMAGES, audit_detector
-from .checkpoint import local_checkpoint_loader
+from .checkpoint import local_checkpoint_loader, rng_states, set_rng_states
 from .detector import extend_dino_classes, make_swap_detector
 from .evaluation import SetScorer
 from .loop import SwapTrainLoop  # noqa: F401  (registers the loop the hook builds)
 from .msda import msda_routed_to_kswap
 
 SETS = ("forget", "retain", "learn")
-# The phase-loss terms in the message hub: mmengine's RuntimeInfoHook files train_step's outputs under "train/".
-HUB_TERMS = "train/" + loss_key("")
+CHECKPOINT_HINT = ("Set load_from to the pretrained detector (trained on the train dataset's metainfo classes); a "
+                   f"swapped model ({MODEL_FILE}) runs with the swapped_config.py written next to it.")
+# IterTimerHook's scalars in the message hub (mmengine files training scalars under "train/").
+TIMER_SCALARS = ("train/time", "train/data_time")
+
+
+def without_paramwise_lines(record: logging.LogRecord) -> bool:
+    """A logging filter: drops mmengine's ``paramwise_options -- <param>:<key>=<value>`` lines."""
+    return not str(record.msg).startswith("paramwise_options -- ")
+
+
+def checkpoints_trainable(model: nn.Module) -> bool:
+    """Whether activation checkpointing (mmdet's ``with_cp``, or ``num_cp`` of DETR encoders) re-runs the forward
+    of a module holding trainable parameters (LoRA) in the backward."""
+    return any((getattr(m, "with_cp", False) or getattr(m, "num_cp", 0) > 0)
+               and any(p.requires_grad for p in m.parameters()) for m in model.modules())
+
+
+def swap_wrapper_cfg(cfg: Config, model: nn.Module) -> dict[str, Any]:
+    """The config's DDP wrapper (mmengine's default one where it has none) for the swapped model.
+
+    On CPU (gloo) DDP takes no ``device_ids``. Checkpointing re-runs a forward in the backward, so DDP would see
+    LoRA's gradients ready twice ("mark a variable ready only once") unless ``static_graph`` tells it that every
+    step uses the same parameters.
+    """
+    wrapper = copy.deepcopy(dict(cfg.get("model_wrapper_cfg") or dict(
+        type="MMDistributedDataParallel", broadcast_buffers=False,
+        find_unused_parameters=cfg.get("find_unused_parameters", False))))
+    if next(model.parameters()).device.type == "cpu":
+        wrapper["device_ids"] = None
+    if checkpoints_trainable(model):
+        wrapper.setdefault("static_graph", True)
+    return wrapper
 
 
 def set_spec(value: Mapping[str, Any] | Sequence[str] | None) -> dict[str, Any]:
@@ -141,6 +176,12 @@ class SwapHook(Hook):
         self.session: SwapSession | None = None
         self.pretrained_buffers: dict[str, torch.Tensor] | None = None
         self._run_patches = contextlib.ExitStack()
+        # mmengine builds the config's optimizer after the hooks and before before_run, logging a line for every
+        # parameter its paramwise_cfg matches (hundreds on DINO); before_run replaces it by one over LoRA, so those
+        # lines would describe nothing that trains. Quiet until the run ends.
+        logger = MMLogger.get_current_instance()
+        logger.addFilter(without_paramwise_lines)
+        self._run_patches.callback(logger.removeFilter, without_paramwise_lines)
 
     # -- surgery -------------------------------------------------------------------------------------------------
     def before_run(self, runner: Any) -> None:
@@ -159,8 +200,11 @@ class SwapHook(Hook):
         make_swap_detector(model, lambda task: self.session.phase_loss(task))
         model.dataset_meta = {**(getattr(model, "dataset_meta", None) or {}), "classes": self.space.names}
         self.model = model
-        runner.model = runner.wrap_model(runner.cfg.get("model_wrapper_cfg"), model) if runner.distributed else model
+        runner.model = runner.wrap_model(swap_wrapper_cfg(runner.cfg, model), model) if runner.distributed else model
         runner.optim_wrapper = self._lora_optim_wrapper(runner)
+        if "paramwise_cfg" in runner.cfg.optim_wrapper:
+            runner.logger.info("SwapHook: the config's optimizer is rebuilt over the LoRA parameters alone; its "
+                               "paramwise_cfg does not apply to them.")
         # The reference keeps the detection LR constant; the config's epoch-based schedule does not apply.
         runner.param_schedulers = []
         if self.config.restart_lr_schedule:
@@ -211,20 +255,21 @@ class SwapHook(Hook):
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         """Map the checkpoint onto the grown, LoRA-injected model (refusing one that does not fit); on resume,
         restore the swap's position, data order and report."""
-        checkpoint["state_dict"] = adapt_checkpoint(
-            checkpoint["state_dict"], self.model, self.grown,
-            hint="Set load_from to the detector trained on those classes (the train dataset's metainfo classes).")
         saved = checkpoint.get("swap")
+        # Only the swap's own checkpoints (a resume) may hold the grown class rows: a swapped model is not swapped
+        # again as if it were the pretrained one.
+        checkpoint["state_dict"] = adapt_checkpoint(checkpoint["state_dict"], self.model, self.grown,
+                                                    hint=CHECKPOINT_HINT, grown_ok=saved is not None)
         if saved is not None:  # resume: the report's run time goes on from the saved one
-            torch.set_rng_state(saved["rng"])  # DINO's denoising queries draw from it
+            set_rng_states(saved["rng"])
             self.session.load_state_dict(saved)
             self.pretrained_buffers = saved.get("pretrained_buffers")
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        """The session's state plus what mmdet needs besides: the global RNG (denoising noise) and, for the
-        audit, the pretrained buffers."""
+        """The session's state plus what mmdet needs besides: the global RNGs (denoising noise, the pipeline's
+        random transforms) and, for the audit, the pretrained buffers."""
         # The session's report ticks its run time: a resumed run goes on adding.
-        checkpoint["swap"] = {**self.session.state_dict(), "rng": torch.get_rng_state()}
+        checkpoint["swap"] = {**self.session.state_dict(), "rng": rng_states()}
         if self.pretrained_buffers is not None:
             checkpoint["swap"]["pretrained_buffers"] = self.pretrained_buffers
 
@@ -237,9 +282,9 @@ class SwapHook(Hook):
         if runner.rank == 0:
             atomic_write_text(Path(runner.work_dir) / "last_checkpoint", str(Path(runner.work_dir) / name))
 
-    def after_step(self, runner: Any) -> None:
-        if self.checkpoint_interval and runner.train_loop.iter % self.checkpoint_interval == 0:
-            self.save()
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether ``checkpoint_interval`` asks for a checkpoint after ``step`` steps."""
+        return bool(self.checkpoint_interval) and step % self.checkpoint_interval == 0
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _dataset_cfg(self, runner: Any, name: str, split: str, every_object: bool = False) -> dict:
@@ -252,11 +297,25 @@ class SwapHook(Hook):
         cfg.update(type="SwapCocoDataset", keep_classes=keep, metainfo=dict(classes=self.space.names))
         return cfg
 
+    def _check_ann_file(self, cfg: Mapping[str, Any], name: str, split: str) -> None:
+        """Refuse a set whose COCO file is missing, naming the set and the key that sets its path (pycocotools'
+        own error names neither)."""
+        ann_file, data_root = cfg.get("ann_file", ""), cfg.get("data_root", "")
+        path = join_path(data_root, ann_file) if ann_file and data_root and not is_abs(ann_file) else ann_file
+        if exists(path, backend_args=cfg.get("backend_args")):
+            return
+        root = f" (relative to data_root {data_root})" if data_root and not is_abs(ann_file) else ""
+        raise SwapConfigError(f"SwapHook: the {name} set's {split} annotation file {path!r} does not exist: set "
+                              f"SwapHook's {name}=dict({split}=dict(ann_file=...)){root} to its COCO file.")
+
     def _build_data(self, runner: Any) -> None:
         self.train_sets = {name: self._dataset_cfg(runner, name, "train") for name in SETS}
         # Scoring keeps every labelled object of the sets' test images (see evaluation.py); sets read from the
         # same files share one dataset.
         self.eval_cfgs = {name: self._dataset_cfg(runner, name, "val", every_object=True) for name in SETS}
+        for split, cfgs in (("train", self.train_sets), ("val", self.eval_cfgs)):
+            for name, cfg in cfgs.items():
+                self._check_ann_file(cfg, name, split)
         built: dict[str, Any] = {}
         datasets = {}
         for name, cfg in self.eval_cfgs.items():
@@ -304,11 +363,14 @@ class SwapHook(Hook):
         runner = self.runner
         if phase.index > 0 and self.config.reset_optimizer_between_phases:
             runner.optim_wrapper = self._lora_optim_wrapper(runner)
-        # The logger reports every train scalar of the message hub: drop the last phase's terms (e.g. learn/task
-        # in a forget phase) so that only this phase's are logged.
-        hub = runner.message_hub.log_scalars
-        for key in [k for k in hub if k.startswith(HUB_TERMS)]:
-            del hub[key]
+        # The logger reports every train scalar of the message hub, each a running mean: drop the last phase's
+        # (the loss, its terms such as learn/task in a forget phase, the gradient norm) so that this phase's
+        # lines show this phase alone. IterTimerHook's step times go on (they feed the ETA).
+        hub = runner.message_hub
+        for key in [k for k in hub.log_scalars if k.startswith("train/") and k not in TIMER_SCALARS]:
+            del hub.log_scalars[key]
+            # A resumable key without a value would be warned about as the run is resumed.
+            hub._resumed_keys.pop(key, None)
         runner.logger.info(f"SwapHook: phase {phase.name} ({self.session.scheduler.phase_steps[phase.index]} steps)")
 
     def log_scores(self, runner: Any, scores: Mapping[str, float]) -> None:
@@ -316,7 +378,8 @@ class SwapHook(Hook):
         backends (the file LoggerHook writes the training scalars to, TensorBoard, ...); the session logs the line."""
         logged = {score_key(k): v for k, v in scores.items()}
         runner.message_hub.update_scalars(logged)
-        runner.visualizer.add_scalars(logged, step=runner.iter, file_path=f"{runner.timestamp}.json")
+        runner.visualizer.add_scalars(logged, step=self.session.scheduler.global_step,
+                                      file_path=f"{runner.timestamp}.json")
 
     def finish(self, runner: Any) -> None:
         if runner.rank != 0:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from mmengine.dist import all_reduce
-from mmengine.hooks import IterTimerHook
+from mmengine.hooks import CheckpointHook, IterTimerHook
 from mmengine.registry import LOOPS
 from mmengine.runner import BaseLoop
 
@@ -41,7 +41,8 @@ class SwapTrainLoop(BaseLoop):
 
     The runner's hooks are called as by mmengine's loops (``before/after_train``, one ``before/after_train_epoch``
     around the whole swap, ``before/after_train_iter``); the session scores the three sets (the swap hook's
-    ``score``) before the swap and at phase ends, where the hook saves; the hook writes the outputs.
+    ``score``) before the swap and at phase ends, where the hook saves unless a ``CheckpointHook`` of the config
+    saved that step; the hook writes the outputs.
     """
 
     def __init__(self, runner: Any, swap: SwapHook) -> None:
@@ -95,18 +96,41 @@ class SwapTrainLoop(BaseLoop):
             # The hooks (message hub, logger) see the phase-loss terms under their log keys.
             outputs = log_outputs(runner.model.train_step(data_batch, optim_wrapper=runner.optim_wrapper))
             self._observe_forget_loss(phase, outputs)
-            runner.call_hook("after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
+            # Counted before the hooks run: a checkpoint a CheckpointHook saves now holds this step's position.
+            ended = session.count_step()
+            hook_saved = self._after_train_iter(data_batch, outputs, phase if ended else None)
             self._iter += 1
-            scores = session.step_done()  # at a phase end: the sets scored, then the hook's save
-            if scores is not None:
-                swap.log_scores(runner, scores)
+            if not hook_saved and (ended or swap.checkpoint_due(self._iter)):
+                swap.save()
+            if ended:  # scoring and saving are no part of the next step's time
                 restart_iter_timers(runner)
-            if not (session.done or session.scheduler.at_phase_start):  # within a phase
-                swap.after_step(runner)
         runner.call_hook("after_train_epoch")
         runner.call_hook("after_train")
         swap.finish(runner)
         return runner.model
+
+    def _after_train_iter(self, data_batch: dict, outputs: Mapping[str, torch.Tensor],
+                         ended: Phase | None) -> bool:
+        """mmengine's ``after_train_iter`` on every hook, the checkpoint hooks last; a phase that ``ended`` at
+        this step is scored (and logged) before they run, so that a checkpoint they write holds its scores.
+
+        Returns:
+            Whether a checkpoint hook saved at this step (then the swap does not save the same step again).
+        """
+        runner = self.runner
+        savers = [h for h in runner.hooks if isinstance(h, CheckpointHook)]
+        kwargs = dict(batch_idx=self._iter, data_batch=data_batch, outputs=outputs)
+        for hook in runner.hooks:
+            if hook not in savers:
+                hook.after_train_iter(runner, **kwargs)
+        if ended is not None:
+            scores = self.session.score_phase_end(ended, self.session.scheduler.global_step)
+            if scores is not None:
+                self.swap.log_scores(runner, scores)
+        last = runner.message_hub.get_info("last_ckpt")
+        for hook in savers:
+            hook.after_train_iter(runner, **kwargs)
+        return runner.message_hub.get_info("last_ckpt") != last
 
     def _observe_forget_loss(self, phase: Phase, outputs: Mapping[str, torch.Tensor]) -> None:
         """The forget loss of a forget phase's first step, its mean over the ranks (every rank resolves the same

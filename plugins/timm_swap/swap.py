@@ -398,7 +398,8 @@ class SwapPlugin:
             with teacher.active(ctx.model) as model:
                 teacher_logits = model(step.batch["retain"][0].to(ctx.device))
         # One forward over all roles' images: DDP sees each parameter used once before the backward.
-        with captured_input(ctx.model.get_classifier()) as head_input:
+        # The first head's input: a distilled DeiT's second head reads the distillation token, not the features.
+        with captured_input(next(iter(classifier_heads(ctx.model).values()))) as head_input:
             logits = dict(zip(roles, ctx.train_model(images).split(sizes), strict=True))
         task = {r: F.cross_entropy(logits[r], step.batch[r][1].to(ctx.device)) for r in roles}
         distill = distillation_loss(logits["retain"], teacher_logits) if teacher is not None else None

@@ -338,7 +338,9 @@ def train_tool_run(glyphs, pretrained_dino, tmp_path_factory):
     cfg = swap_cfg(glyphs, pretrained_dino, root / "work")
     cfg.custom_hooks[0].update(learn_length="6steps", forget_length="6steps", forget_loss=dict(bnd=0.5))
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
-    cfg.log_processor = dict(by_epoch=False, window_size=1)  # each step's own time, not a running mean
+    # Each step's own values (time, loss), and the loss's running mean over 10 steps, as mmengine logs by default.
+    cfg.log_processor = dict(by_epoch=False, window_size=1, custom_cfg=[
+        dict(data_src="loss", log_name="loss_mean", method_name="mean", window_size=10)])
     # A schedule that would move the LR at every step: the swap keeps the optimizer's LR.
     cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=1000)]
     cfg.dump(str(root / "swap_dino.py"))
@@ -361,6 +363,24 @@ def test_log_holds_only_the_current_phase_terms(train_tool_run):
     for it, line in lines.items():  # 1-6: learn phase (retain, learn); 7-12: forget phase (retain, forget)
         assert f" {loss_key('retain/task')}: " in line and f" {loss_key('group_sparse')}: " in line, line
         assert (loss_key("learn/task") in line) == (it <= 6) and (loss_key("forget/task") in line) == (it > 6), line
+
+
+def test_log_loss_means_cover_the_phase_alone(train_tool_run):
+    """The logged running mean of the loss restarts with each phase: a forget-phase line averages forget steps."""
+    _, log = train_tool_run
+    lines = iteration_lines(log)
+    losses = {it: float(re.search(r" loss: ([-\d.]+)", line).group(1)) for it, line in lines.items()}
+    for it, line in lines.items():
+        first = 1 if it <= 6 else 7
+        mean = statistics.fmean(losses[i] for i in range(first, it + 1))
+        assert float(re.search(r" loss_mean: ([-\d.]+)", line).group(1)) == pytest.approx(mean, abs=2e-4), line
+
+
+def test_log_leaves_out_the_discarded_optimizer(train_tool_run):
+    """The config's optimizer (its paramwise_cfg) is replaced by one over LoRA: none of its per-parameter lines."""
+    _, log = train_tool_run
+    assert "paramwise_options" not in log
+    assert log.count("SwapHook: the config's optimizer is rebuilt over the LoRA parameters alone") == 1
 
 
 def test_scores_logged_under_swap_keys(train_tool_run):
@@ -534,17 +554,35 @@ class OptimizerProbe(Hook):
         self.seen.append((optimizer, len(optimizer.state)))
 
 
+class SaveProbe(Hook):
+    """Records every checkpoint saved: its step, the swap position it holds and the phases it has scored."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[int, tuple[int, int], list[str]]] = []
+
+    def before_save_checkpoint(self, runner, checkpoint) -> None:
+        swap = checkpoint["swap"]
+        self.saved.append((checkpoint["meta"]["iter"], (swap["scheduler"]["phase_index"],
+                                                        swap["scheduler"]["step_in_phase"]),
+                           [p["name"] for p in swap["report"]["metrics"]["phases"]]))
+
+
 def test_phase_settings_are_honoured(glyphs, pretrained_dino, tmp_path):
     """forget_retains_learned=False: the forget phase retains R alone; reset_optimizer_between_phases: a fresh
     optimizer (no moments) at the forget phase start; restart_lr_schedule is reported to have no effect. The
-    message hub holds each set's score and only the current phase's loss terms."""
+    message hub holds each set's score and only the current phase's loss terms. The config's CheckpointHook saving
+    every step: each step saved once, holding that step's position and, at a phase end, its scores."""
     cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "run", forget_retains_learned=False,
                    reset_optimizer_between_phases=True, restart_lr_schedule=True)
     cfg.custom_hooks[0].update(learn_length="2steps", forget_length="2steps")
+    cfg.default_hooks.checkpoint.interval = 1
     runner = Runner.from_cfg(cfg)
-    probe = OptimizerProbe()
+    probe, saves = OptimizerProbe(), SaveProbe()
     runner.register_hook(probe)
+    runner.register_hook(saves)
     runner.train()
+    assert saves.saved == [(1, (0, 1), []), (2, (1, 0), ["0_learn"]), (3, (1, 1), ["0_learn"]),
+                           (4, (2, 0), ["0_learn", "1_forget"])], saves.saved
     swap = next(h for h in runner.hooks if isinstance(h, SwapHook))
     assert swap.config.reset_optimizer_between_phases and not swap.config.forget_retains_learned
     retain = swap.session.loaders[1]["retain"].loader.dataset
@@ -565,13 +603,17 @@ def test_phase_settings_are_honoured(glyphs, pretrained_dino, tmp_path):
     (lambda cfg: cfg.custom_hooks[0].update(forget=dict(classes=("7",))), r"forget set names \['7'\]"),
     (lambda cfg: cfg.custom_hooks[0].update(retain=dict(classes=("0", "1"))), "both the forget and the retain"),
     (lambda cfg: cfg.model.bbox_head.update(num_classes=4), "bbox_head has 4 outputs, but 3 pretrained classes"),
-    (lambda cfg: cfg.custom_hooks[0]["learn"]["train"].update(ann_file="missing.json"), "missing.json"),
+    (lambda cfg: cfg.custom_hooks[0]["learn"]["train"].update(ann_file="missing.json"),
+     r"the learn set's train annotation file '.*/missing.json' does not exist: set SwapHook's "
+     r"learn=dict\(train=dict\(ann_file=...\)\) \(relative to data_root .*\) to its COCO file"),
+    (lambda cfg: cfg.custom_hooks[0].update(forget=dict(classes=("0",), val=dict(ann_file="gone.json"))),
+     r"the forget set's val annotation file '.*/gone.json' does not exist: set SwapHook's forget=dict\(val="),
 ])
 def test_bad_input_fails_before_training(glyphs, pretrained_dino, tmp_path, change, message):
     cfg = swap_cfg(glyphs, pretrained_dino, tmp_path / "bad")
     change(cfg)
     runner = Runner.from_cfg(copy.deepcopy(cfg))
-    with pytest.raises((SwapConfigError, FileNotFoundError), match=message):
+    with pytest.raises(SwapConfigError, match=message):
         runner.train()
     assert not list((tmp_path / "bad").glob("*.pth"))
 
@@ -589,6 +631,19 @@ def test_checkpoint_with_wrong_head_is_refused(glyphs, pretrained_dino, tmp_path
                                                       "Set load_from"):
         runner.train()
     assert_run_patches_undone(runner)  # mmengine's load_or_resume raised, after before_run installed them
+
+
+def test_swapped_model_is_not_swapped_again(glyphs, swap_run, tmp_path):
+    """model_swapped.pth (3 + 2 class rows, as many as the grown head) in the 3-class config: refused before
+    training, naming the problem and both fixes."""
+    _, work = swap_run
+    runner = Runner.from_cfg(swap_cfg(glyphs, work / MODEL_FILE, tmp_path / "again"))
+    with pytest.raises(CheckpointMismatchError, match=r"cls_branches.0.weight has 5 rows, but the pretrained label "
+                                                      r"space has 3 classes \(3 rows\) \(more rows than the "
+                                                      r"pretrained classes: a swapped model\?\)\. Set load_from to "
+                                                      r"the pretrained detector .*swapped_config.py"):
+        runner.train()
+    assert not list((tmp_path / "again").glob("*.pth"))
 
 
 def swap_step_inputs(tmp_path: Path) -> tuple[torch.nn.Module, dict[str, dict]]:
@@ -684,6 +739,9 @@ def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
     cfg.randomness = dict(seed=0)
     cfg.custom_hooks[0].update(learn_length="20steps", forget_length="20steps")
     cfg.custom_hooks.append(dict(type=stop.__name__, at=35))
+    # The stock DINO pipeline's RandomFlip draws from NumPy's global RNG, which the checkpoint restores too.
+    flip = next(t for t in Config.fromfile(str(DINO_CONFIG)).train_pipeline if t["type"] == "RandomFlip")
+    cfg.train_dataloader.dataset.pipeline.insert(2, flip)
     with pytest.raises(KeyboardInterrupt):
         Runner.from_cfg(copy.deepcopy(cfg)).train()
     last = (work / "last_checkpoint").read_text().strip()
@@ -701,7 +759,11 @@ def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
     runner = Runner.from_cfg(copy.deepcopy(cfg))
     runner.train()
     assert runner.iter == 40
-    # same data order and denoising noise: the resumed run ends where the uninterrupted one does
+    (log,) = Path(runner.log_dir).glob("*.log")
+    # Nothing about message hub keys the swap dropped (mmengine's warning on the resumed dataset metainfo remains).
+    warnings = [line for line in log.read_text().splitlines() if " - WARNING - " in line and "message_hub" in line]
+    assert not warnings, warnings
+    # same data order, flips and denoising noise: the resumed run ends where the uninterrupted one does
     ours, theirs = runner.model.state_dict(), full.model.state_dict()
     for key in [k for k in theirs if "lora_" in k]:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6, msg=key)
@@ -715,25 +777,35 @@ def test_resume_continues_the_phase(glyphs, pretrained_dino, tmp_path):
     assert saved_timing["run_s"] < report["timing"]["run_s"]
 
 
+# README's command for two CPU processes (the config file and the tools folder aside).
+GLOO_TRAIN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmdet_swap.gloo_launch"]
+GLOO_OPTIONS = ["--launcher", "pytorch", "--cfg-options", "model_wrapper_cfg.type=MMDistributedDataParallel",
+                "model_wrapper_cfg.device_ids=None"]
+
+
 @pytest.mark.ddp
-def test_ddp_two_processes(glyphs, pretrained_dino, tmp_path):
-    """torchrun, 2 CPU processes (gloo): the hook re-wraps the LoRA model in DDP and the run completes."""
+def test_ddp_two_cpu_processes_with_encoder_checkpointing(glyphs, pretrained_dino, tmp_path):
+    """mmdet's tools/train.py in 2 CPU processes (torchrun on a free port, gloo) with the encoder layer
+    checkpointed (num_cp): the hook re-wraps the LoRA model in DDP (no device_ids, static_graph) and the run
+    completes with LoRA trained."""
     import os
 
     work = tmp_path / "ddp"
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(__file__).parents[1] / "swap_testing" / "dist_swap_dino.py"), str(glyphs), str(pretrained_dino),
-         str(work)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
+    cfg = swap_cfg(glyphs, pretrained_dino, work)
+    cfg.custom_hooks[0].update(learn_length="10steps", forget_length="10steps")
+    cfg.model.encoder.num_cp = 1
+    cfg.dump(str(tmp_path / "swap_dino.py"))
+    out = subprocess.run([sys.executable, *GLOO_TRAIN, str(MMDET_TOOLS / "train.py"), str(tmp_path / "swap_dino.py"),
+                          *GLOO_OPTIONS], env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
     report = json.loads((work / "swap_report.json").read_text())
     assert [p["end_step"] for p in report["metrics"]["phases"]] == [10, 20]
     state = load_local_checkpoint(str(work / "iter_20.pth"))
     assert not any(k.startswith("module.") for k in state["state_dict"])
     lora_b = [v for k, v in state["state_dict"].items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA trained through DDP
+    assert any(k.startswith("encoder.layers.0.") for k in state["state_dict"] if "lora_B" in k)  # checkpointed
 
 
 @pytest.fixture(scope="session")
