@@ -35,8 +35,10 @@ def previous_round(checkpoint: str | None, base: list[str], learn_classes: list[
     """
     if not checkpoint:
         return None
-    # mmap: only the small metadata is read, not the weights.
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    try:  # mmap: only the small metadata is read, not the weights.
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours (which load with weights_only): timm's train.py pickles its args, or safetensors
+        return None
     if not isinstance(saved, dict) or "class_names" not in saved:
         return None
     classes = tuple(map(str, saved["class_names"]))

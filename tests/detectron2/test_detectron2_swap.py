@@ -295,7 +295,7 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path
     from detectron2.modeling.meta_arch.semantic_seg import SemanticSegmentor, SemSegFPNHead
 
     from detectron2_swap import DetectionRoleLoader, SetScorer, SwapDataLoader, SwapHook, prepare_swap_model
-    from kswap import LoraSettings, LossWeights, SwapConfig
+    from kswap import ForgetLoss, LoraSettings, SwapConfig
 
     from swap_testing.d2_models import GlyphViT
 
@@ -304,7 +304,7 @@ def test_lazyconfig_composes_the_same_pieces(glyph_spec, d2_pretrained, tmp_path
         config=L(SwapConfig.preset)(
             task="segmentation", forget=["3"], learn=["trouser", "bag"], learn_length="4steps",
             forget_length="4steps", lora=L(LoraSettings)(targets=r"backbone\.blocks\.\d+\.ffn\.linear[12]"),
-            forget_loss=L(LossWeights)(bnd=3.0, alpha=1e-4)),
+            forget_loss=L(ForgetLoss)(bnd=3.0, alpha=1e-4)),
         pretrained_dataset="glyph_digits_train",
         train=dict(forget=digits, retain=digits, learn=clothes),
         test=dict(forget=["glyph_digits_val"], retain=["glyph_digits_val"], learn=["glyph_clothes_val"]))
