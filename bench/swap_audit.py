@@ -15,7 +15,8 @@ score is what 5 shots teach a model that never learned them.
 The ``goal`` block (issue 25) is per MMD row, worst over seeds: probe and revival gap to the oracle (points;
 goal <= 3 and <= 5), retain and learn cost against the default row (goal <= 1 each).
 
-Usage: ``python bench/swap_audit.py [--seeds 0 1] [--no-demo-seed] [--mmd-weights 5] [--out FILE.json]``
+Usage: ``python bench/swap_audit.py [--seeds 0 1] [--no-demo-seed] [--mmd-weights 5] [--out FILE.json] [--add]``
+(``--add``: add the seeds run to those ``--out`` holds, e.g. seeds 0 and 1 to an earlier run of the demo's seed)
 (``--smoke``: 60 train images per class and 4-step phases, to check the bench runs; its numbers mean nothing).
 """
 
@@ -190,6 +191,8 @@ def main() -> None:
     parser.add_argument("--revival-steps", type=int, default=50)
     parser.add_argument("--revival-lr", type=float, default=1e-4)
     parser.add_argument("--smoke", action="store_true", help="60 train images per class and 4-step phases")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the seeds --out already holds (a run of other seeds) and add these to them")
     args = parser.parse_args()
     settings = {"relearn_shots": 5, "relearn_steps": args.relearn_steps, "relearn_lr": args.relearn_lr,
                 "revival_shots": 10, "revival_steps": args.revival_steps, "revival_lr": args.revival_lr,
@@ -199,6 +202,9 @@ def main() -> None:
                                                                                      per_class_val=300)
     command = shlex.join(["python", "bench/swap_audit.py", *sys.argv[1:]])
     per_seed: dict[str, dict] = {}
+    if args.add:
+        earlier = json.loads(Path(args.out).read_text())
+        command, per_seed = f"{earlier['command']} && {command}", earlier["per_seed"]
 
     def saved(**more: object) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
