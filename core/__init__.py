@@ -85,7 +85,7 @@ from .losses import (
     group_sparse_loss,
     sum_task_loss,
 )
-from .metrics import AccuracyMeter, swap_hmean, top1_accuracy
+from .metrics import SETS, AccuracyMeter, swap_hmean, top1_accuracy
 from .phases import Phase, PhaseKind, PhaseScheduler, plan_phases
 from .report import SwapReport
 from .session import (
@@ -102,19 +102,19 @@ from .session import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTER_FILE", "MODEL_FILE", "PERIODIC_SCORE_IMAGES", "PRESETS", "ROLE_KEY", "TARGET_PRESETS", "AccuracyMeter",
-    "AppliedAdapter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets", "ConfigField",
-    "ForgetLoss", "GrownRows", "InfiniteLoader", "LabelSpace", "LearnLoss", "LoraSettings", "LoraSnapshot",
-    "LossWeights", "Order", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput", "PhaseScheduler",
-    "PreparedModel", "ResumableSampler", "StopRequests", "SwapAdapter", "SwapConfig", "SwapConfigError", "SwapHost",
-    "SwapReport", "SwapRound", "SwapSession", "adapt_checkpoint", "adapt_model", "apply_adapter", "arg_docs",
-    "atomic_save", "atomic_write_text", "bounded_forget_loss", "captured_input", "check_head_size", "config_fields",
-    "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices", "earlier_round_sets",
-    "extend_embedding", "extend_head", "feature_mmd_loss", "file_sha256", "freeze_all_but_lora_", "group_sparse_loss",
-    "grow_checkpoint_rows", "grow_head", "hidden_new_classes", "imprinted_rows", "inject_lora", "load_checkpoint",
-    "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key", "matching_linears", "merge_and_export",
-    "merge_role_batches", "parent_of", "plan_phases", "prepare_model", "pretrained_model", "reinit_lora_",
-    "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit", "score_key", "sigmoid_prior_bias",
-    "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy", "validate_lora_state",
-    "write_adapter", "write_merged_model",
+    "ADAPTER_FILE", "MODEL_FILE", "PERIODIC_SCORE_IMAGES", "PRESETS", "ROLE_KEY", "SETS", "TARGET_PRESETS",
+    "AccuracyMeter", "AppliedAdapter", "AuditHost", "AuditSettings", "CheckpointMismatchError", "ClassSets",
+    "ConfigField", "ForgetLoss", "GrownRows", "InfiniteLoader", "LabelSpace", "LearnLoss", "LoraSettings",
+    "LoraSnapshot", "LossWeights", "Order", "Phase", "PhaseKind", "PhaseLength", "PhaseLoss", "PhaseLossOutput",
+    "PhaseScheduler", "PreparedModel", "ResumableSampler", "StopRequests", "SwapAdapter", "SwapConfig",
+    "SwapConfigError", "SwapHost", "SwapReport", "SwapRound", "SwapSession", "adapt_checkpoint", "adapt_model",
+    "apply_adapter", "arg_docs", "atomic_save", "atomic_write_text", "bounded_forget_loss", "captured_input",
+    "check_head_size", "config_fields", "config_from_fields", "discover_groups", "distillation_loss", "drawn_indices",
+    "earlier_round_sets", "extend_embedding", "extend_head", "feature_mmd_loss", "file_sha256", "freeze_all_but_lora_",
+    "group_sparse_loss", "grow_checkpoint_rows", "grow_head", "hidden_new_classes", "imprinted_rows", "inject_lora",
+    "load_checkpoint", "load_lora_model_state", "lora_groups", "lora_state_dict", "loss_key", "matching_linears",
+    "merge_and_export", "merge_role_batches", "parent_of", "plan_phases", "prepare_model", "pretrained_model",
+    "reinit_lora_", "replace_module", "revert_adapter", "role_rows", "rounds_of", "run_audit", "score_key",
+    "sigmoid_prior_bias", "sum_task_loss", "swap_hmean", "to_injected_keys", "to_plain_keys", "top1_accuracy",
+    "validate_lora_state", "write_adapter", "write_merged_model",
 ]

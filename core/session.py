@@ -254,13 +254,14 @@ class SwapSession:
         phase = phase or self.phase
         return "forget" in phase.sources and phase.name not in self.report.forget_bounds
 
-    def observe_forget_loss(self, forget_loss: float, phase: Phase | None = None) -> None:
-        """Record the forget-set task loss of a forget phase's first step (a DDP host passes the mean over its
-        ranks) against the bound: it resolves a relative bound, and an inactive bound is warned about."""
+    def observe_forget_loss(self, forget_loss: float | torch.Tensor, phase: Phase | None = None) -> None:
+        """Record the forget-set task loss of a forget phase's first step against the bound: it resolves a relative
+        bound, and an inactive bound is warned about. Under DDP every rank calls it with its own batch's loss and
+        the mean over the ranks is recorded, so that every rank resolves the same bound."""
         phase = phase or self.phase
         if not self.awaits_forget_loss(phase):
             return
-        warning = self.report.start_forget_phase(phase.name, phase.loss, forget_loss)
+        warning = self.report.start_forget_phase(phase.name, phase.loss, mean_over_ranks(forget_loss))
         if warning:
             self._log(logging.WARNING, warning)
 
@@ -389,3 +390,17 @@ def _fmt(scores: Mapping[str, float]) -> str:
     """The scores as logged: ``swap/forget: 12.3456  swap/retain: ...``, the three sets first, then any extra."""
     ordered = [*SETS, *(k for k in scores if k not in SETS)]
     return "  ".join(f"{score_key(k)}: {scores[k]:.4f}" for k in ordered)
+
+
+def mean_over_ranks(value: float | torch.Tensor) -> float:
+    """``value`` averaged over the processes of the default ``torch.distributed`` group (itself outside one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        device = value.device
+    else:  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+            else torch.device("cpu")
+    total = torch.as_tensor(value, dtype=torch.float64).detach().to(device).clone()
+    torch.distributed.all_reduce(total)
+    return float(total) / torch.distributed.get_world_size()

@@ -135,9 +135,7 @@ class SwapHook(HookBase):
     def after_step(self) -> None:
         session = self.session
         if session.awaits_forget_loss():
-            # Every process resolves a relative bound from the same mean.
-            measured = comm.all_gather(self.trainer.storage.history(loss_key("forget/task")).latest())
-            session.observe_forget_loss(sum(measured) / len(measured))
+            session.observe_forget_loss(self.trainer.storage.history(loss_key("forget/task")).latest())
         # At a phase end: the whole sets scored, then ``save`` (a checkpoint).
         self.put_scores(session.step_done())
         if self.unwritten_scores:

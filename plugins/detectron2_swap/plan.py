@@ -18,11 +18,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from kswap import LabelSpace, Phase, SwapConfig, SwapConfigError, plan_phases
+from kswap import SETS, LabelSpace, Phase, SwapConfig, SwapConfigError, plan_phases
 
 from .config import swap_config_from_cfg
 
-SETS = ("forget", "retain", "learn")
 SOURCE_KEY = "swap_source"
 
 

@@ -43,6 +43,7 @@ from torch.utils.data import ConcatDataset
 
 from kswap import (
     MODEL_FILE,
+    SETS,
     AuditSettings,
     LabelSpace,
     Phase,
@@ -64,7 +65,6 @@ from .evaluation import SetScorer
 from .loop import SwapTrainLoop  # noqa: F401  (registers the loop the hook builds)
 from .msda import msda_routed_to_kswap
 
-SETS = ("forget", "retain", "learn")
 CHECKPOINT_HINT = ("Set load_from to the pretrained detector (trained on the train dataset's metainfo classes); a "
                    f"swapped model ({MODEL_FILE}) runs with the swapped_config.py written next to it.")
 # IterTimerHook's scalars in the message hub (mmengine files training scalars under "train/").

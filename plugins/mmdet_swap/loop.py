@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from mmengine.dist import all_reduce
 from mmengine.hooks import CheckpointHook, IterTimerHook
 from mmengine.registry import LOOPS
 from mmengine.runner import BaseLoop
@@ -95,7 +94,8 @@ class SwapTrainLoop(BaseLoop):
             runner.model.train()
             # The hooks (message hub, logger) see the phase-loss terms under their log keys.
             outputs = log_outputs(runner.model.train_step(data_batch, optim_wrapper=runner.optim_wrapper))
-            self._observe_forget_loss(phase, outputs)
+            if session.awaits_forget_loss(phase):
+                self.session.observe_forget_loss(outputs[loss_key("forget/task")].detach(), phase)
             # Counted before the hooks run: a checkpoint a CheckpointHook saves now holds this step's position.
             ended = session.count_step()
             hook_saved = self._after_train_iter(data_batch, outputs, phase if ended else None)
@@ -132,11 +132,3 @@ class SwapTrainLoop(BaseLoop):
             hook.after_train_iter(runner, **kwargs)
         return runner.message_hub.get_info("last_ckpt") != last
 
-    def _observe_forget_loss(self, phase: Phase, outputs: Mapping[str, torch.Tensor]) -> None:
-        """The forget loss of a forget phase's first step, its mean over the ranks (every rank resolves the same
-        relative bound), to the session's bound check."""
-        if not self.session.awaits_forget_loss(phase):
-            return
-        measured = outputs[loss_key("forget/task")].detach().clone().float()
-        all_reduce(measured, op="mean")
-        self.session.observe_forget_loss(float(measured), phase)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
@@ -420,20 +419,11 @@ class SwapPlugin:
     def after_step(self, ctx: TrainContext, step: Step, losses: dict[str, float]) -> None:
         phase = self.session.phases[step.period_index]
         if self.session.awaits_forget_loss(phase):
-            self._observe_forget_loss(ctx, phase, losses[loss_key("forget/task")])
+            self.session.observe_forget_loss(losses[loss_key("forget/task")], phase)
         interval = ctx.args.swap_eval_interval
         if interval and (step.global_step + 1) % interval == 0 and not step.ends_period:
             scores = self.session.score_during(phase, step.global_step + 1)
             ctx.log({score_key(k): v for k, v in scores.items()}, step.global_step + 1)
-
-    def _observe_forget_loss(self, ctx: TrainContext, phase: Phase, forget_loss: float) -> None:
-        """The forget loss of the phase's first step, averaged over the ranks' batches (every rank resolves the
-        same bound), to the session's bound check."""
-        if ctx.distributed:
-            measured = torch.tensor(forget_loss, dtype=torch.float64, device=ctx.device)
-            dist.all_reduce(measured)
-            forget_loss = float(measured) / ctx.world_size
-        self.session.observe_forget_loss(forget_loss, phase)
 
     @hookimpl
     def evaluate(self, ctx: TrainContext, step: Step) -> dict[str, float]:

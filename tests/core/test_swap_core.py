@@ -36,6 +36,7 @@ from kswap import (
     rounds_of,
     top1_accuracy,
 )
+from kswap.session import mean_over_ranks
 
 from swap_testing.models import tiny_vit
 
@@ -284,3 +285,20 @@ def test_apply_adapter_refuses_a_model_of_another_head_size(exported):
     fix = r"round 1 does not fit.*head.weight has 10 rows, the swap's model had 8.*Apply it to the model that round"
     with pytest.raises(CheckpointMismatchError, match=fix):
         apply_adapter(tiny_vit(num_classes=10), exported / ADAPTER_FILE)
+
+
+def _rank_means(rank: int, world_size: int, init_file: str, out: dict) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        out[rank] = (mean_over_ranks(float(rank)), mean_over_ranks(torch.tensor(2.0 * rank)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_the_forget_loss_is_averaged_over_the_ranks(tmp_path):
+    # The one rank mean every host's bound check goes through: floats (timm, detectron2) and tensors (mmdet).
+    assert mean_over_ranks(3.5) == 3.5  # no process group: the value itself
+    out = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_rank_means, args=(2, str(tmp_path / "init"), out), nprocs=2)
+    assert dict(out) == {0: (0.5, 1.0), 1: (0.5, 1.0)}
